@@ -1,0 +1,478 @@
+//! Deterministic, keyed masking tokens.
+//!
+//! Token format (printable ASCII, fits `varchar(256)` for plaintexts up to [`MAX_PLAINTEXT_BYTES`]):
+//!
+//! ```text
+//! enc:<key_id>:<base64url(nonce[12] || ciphertext || tag[16])>   reversible (AES-256-GCM, synthetic IV)
+//! hmac:<key_id>:<base64url(HMAC-SHA256[32])>                      irreversible
+//! ```
+//!
+//! `enc`: the nonce is `HMAC-SHA256(siv_key, key_id || plaintext)[..12]`, so equal plaintexts under one key give
+//! equal tokens (deterministic encryption, as in AES-SIV). The AAD binds the method and key id, and decryption
+//! re-derives the nonce from the recovered plaintext and compares it, so a token whose nonce, tag, key id or
+//! ciphertext was altered is refused rather than decrypted to garbage.
+//!
+//! Each 256-bit master key is expanded into independent subkeys by HMAC-SHA256 with distinct labels, so the
+//! `hmac` method never reveals the `enc` nonce of the same value.
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::fmt;
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Master key length (AES-256).
+pub const KEY_BYTES: usize = 32;
+/// Largest value a token is guaranteed to fit `varchar(256)` for: `enc:` + 10-digit key id + 208 base64 chars.
+pub const MAX_PLAINTEXT_BYTES: usize = 128;
+/// Longest token [`mask`] produces for a [`MAX_PLAINTEXT_BYTES`] input and any `i32` key id.
+pub const MAX_TOKEN_CHARS: usize = 4 + 10 + 1 + 208;
+
+const NONCE_BYTES: usize = 12;
+const TAG_BYTES: usize = 16;
+
+/// Masking method. `Encrypt` is reversible by `unmask`; `Hmac` is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Encrypt,
+    Hmac,
+}
+
+impl Method {
+    pub fn parse(name: &str) -> Result<Method, MaskError> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "encrypt" | "enc" => Ok(Method::Encrypt),
+            "hmac" => Ok(Method::Hmac),
+            _ => Err(MaskError::UnknownMethod(name.chars().take(32).collect())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Encrypt => "encrypt",
+            Method::Hmac => "hmac",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Method::Encrypt => "enc",
+            Method::Hmac => "hmac",
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MaskError {
+    #[error("unknown masking method \"{0}\"")]
+    UnknownMethod(String),
+    #[error("value is {0} bytes; masking accepts at most {MAX_PLAINTEXT_BYTES}")]
+    PlaintextTooLong(usize),
+    #[error("not a masking token: expected \"enc:<key id>:<payload>\" or \"hmac:<key id>:<payload>\"")]
+    Malformed,
+    #[error("token was masked with method hmac, which is irreversible")]
+    Irreversible,
+    #[error("token refers to key id {0}, which does not exist in this database")]
+    UnknownKey(i32),
+    #[error("token failed verification: it was altered, truncated, or made with another key")]
+    Tampered,
+    #[error("master key must be exactly {KEY_BYTES} bytes")]
+    BadKeyLength,
+}
+
+/// A parsed token: method, key id and raw payload bytes. Says nothing about validity until [`Keyring::unmask`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub method: Method,
+    pub key_id: i32,
+    pub payload: Vec<u8>,
+}
+
+impl Token {
+    pub fn parse(text: &str) -> Result<Token, MaskError> {
+        let mut parts = text.splitn(3, ':');
+        let (Some(prefix), Some(kid), Some(payload)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(MaskError::Malformed);
+        };
+        let method = match prefix {
+            "enc" => Method::Encrypt,
+            "hmac" => Method::Hmac,
+            _ => return Err(MaskError::Malformed),
+        };
+        if kid.is_empty() || kid.len() > 10 || !kid.bytes().all(|b| b.is_ascii_digit()) || kid.starts_with('0') {
+            return Err(MaskError::Malformed);
+        }
+        let key_id: i32 = kid.parse().map_err(|_| MaskError::Malformed)?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| MaskError::Malformed)?;
+        let well_sized = match method {
+            Method::Encrypt => payload.len() >= NONCE_BYTES + TAG_BYTES,
+            Method::Hmac => payload.len() == 32,
+        };
+        if !well_sized {
+            return Err(MaskError::Malformed);
+        }
+        Ok(Token { method, key_id, payload })
+    }
+}
+
+/// The subkeys of one master key, ready to use (AES key schedule and HMAC states precomputed).
+#[derive(Clone)]
+pub struct KeyMaterial {
+    id: i32,
+    siv_mac: HmacSha256,
+    siv_aead: Aes256Gcm,
+    hmac: HmacSha256,
+    blob_aead: Aes256Gcm,
+}
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print key bytes, not even in debug output.
+        f.debug_struct("KeyMaterial").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+fn subkey(master: &[u8], label: &[u8]) -> Zeroizing<[u8; 32]> {
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(master).expect("HMAC accepts any key length");
+    mac.update(b"sqs_ingest/v1/");
+    mac.update(label);
+    Zeroizing::new(mac.finalize().into_bytes().into())
+}
+
+impl KeyMaterial {
+    pub fn new(id: i32, master: &[u8]) -> Result<KeyMaterial, MaskError> {
+        if master.len() != KEY_BYTES {
+            return Err(MaskError::BadKeyLength);
+        }
+        let mac = |label: &[u8]| <HmacSha256 as Mac>::new_from_slice(&*subkey(master, label)).expect("any length");
+        let aead = |label: &[u8]| Aes256Gcm::new_from_slice(&*subkey(master, label)).expect("32 bytes");
+        Ok(KeyMaterial {
+            id,
+            siv_mac: mac(b"siv-mac"),
+            siv_aead: aead(b"siv-enc"),
+            hmac: mac(b"hmac"),
+            blob_aead: aead(b"blob"),
+        })
+    }
+
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    fn synthetic_nonce(&self, plaintext: &[u8]) -> [u8; NONCE_BYTES] {
+        let mut mac = self.siv_mac.clone();
+        mac.update(&self.id.to_be_bytes());
+        mac.update(plaintext);
+        let full = mac.finalize().into_bytes();
+        let mut nonce = [0u8; NONCE_BYTES];
+        nonce.copy_from_slice(&full[..NONCE_BYTES]);
+        nonce
+    }
+
+    fn aad(method: Method, id: i32) -> String {
+        format!("{}:{}", method.prefix(), id)
+    }
+
+    /// Masks `plaintext` into a token. Deterministic for a given key, method and plaintext.
+    pub fn mask(&self, method: Method, plaintext: &[u8]) -> Result<String, MaskError> {
+        if plaintext.len() > MAX_PLAINTEXT_BYTES {
+            return Err(MaskError::PlaintextTooLong(plaintext.len()));
+        }
+        let payload = match method {
+            Method::Hmac => {
+                let mut mac = self.hmac.clone();
+                mac.update(plaintext);
+                mac.finalize().into_bytes().to_vec()
+            }
+            Method::Encrypt => {
+                let nonce = self.synthetic_nonce(plaintext);
+                let aad = Self::aad(method, self.id);
+                let sealed = self
+                    .siv_aead
+                    .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: aad.as_bytes() })
+                    .expect("AES-GCM encryption of a bounded input cannot fail");
+                let mut out = Vec::with_capacity(NONCE_BYTES + sealed.len());
+                out.extend_from_slice(&nonce);
+                out.extend_from_slice(&sealed);
+                out
+            }
+        };
+        let mut token = String::with_capacity(16 + payload.len() * 4 / 3 + 4);
+        token.push_str(method.prefix());
+        token.push(':');
+        token.push_str(&self.id.to_string());
+        token.push(':');
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
+        Ok(token)
+    }
+
+    /// Reverses an `enc` token made with this key. Verifies the tag and that the nonce matches the plaintext.
+    pub fn unmask(&self, token: &Token) -> Result<Vec<u8>, MaskError> {
+        if token.method == Method::Hmac {
+            return Err(MaskError::Irreversible);
+        }
+        if token.key_id != self.id {
+            return Err(MaskError::UnknownKey(token.key_id));
+        }
+        let (nonce, sealed) = token.payload.split_at(NONCE_BYTES);
+        let aad = Self::aad(Method::Encrypt, self.id);
+        let plaintext = self
+            .siv_aead
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: aad.as_bytes() })
+            .map_err(|_| MaskError::Tampered)?;
+        let expected = self.synthetic_nonce(&plaintext);
+        if !bool::from(expected.ct_eq(nonce)) {
+            return Err(MaskError::Tampered);
+        }
+        Ok(plaintext)
+    }
+
+    /// Encrypts an arbitrary blob (a dead letter's body) with a caller-supplied random nonce.
+    pub fn seal_blob(&self, nonce: [u8; NONCE_BYTES], plaintext: &[u8]) -> Vec<u8> {
+        let aad = format!("blob:{}", self.id);
+        let sealed = self
+            .blob_aead
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: aad.as_bytes() })
+            .expect("AES-GCM encryption of an in-memory blob cannot fail");
+        let mut out = Vec::with_capacity(NONCE_BYTES + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Decrypts a blob made by [`KeyMaterial::seal_blob`] with this key.
+    pub fn open_blob(&self, sealed: &[u8]) -> Result<Vec<u8>, MaskError> {
+        if sealed.len() < NONCE_BYTES + TAG_BYTES {
+            return Err(MaskError::Tampered);
+        }
+        let (nonce, body) = sealed.split_at(NONCE_BYTES);
+        let aad = format!("blob:{}", self.id);
+        self.blob_aead.decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad: aad.as_bytes() }).map_err(|_| MaskError::Tampered)
+    }
+}
+
+/// All keys of a database: the active one masks, every one unmasks.
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    keys: Vec<KeyMaterial>,
+    active: Option<usize>,
+}
+
+impl Keyring {
+    pub fn new() -> Keyring {
+        Keyring::default()
+    }
+
+    /// Adds a key; the one added with `active = true` last becomes the active key.
+    pub fn add(&mut self, key: KeyMaterial, active: bool) {
+        self.keys.push(key);
+        if active {
+            self.active = Some(self.keys.len() - 1);
+        }
+    }
+
+    pub fn active(&self) -> Option<&KeyMaterial> {
+        self.active.map(|i| &self.keys[i])
+    }
+
+    pub fn get(&self, id: i32) -> Option<&KeyMaterial> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+
+    pub fn unmask(&self, text: &str) -> Result<(i32, Vec<u8>), MaskError> {
+        let token = Token::parse(text)?;
+        let key = self.get(token.key_id).ok_or(MaskError::UnknownKey(token.key_id))?;
+        key.unmask(&token).map(|p| (token.key_id, p))
+    }
+}
+
+/// A fresh 256-bit key from the operating system's CSPRNG.
+pub fn generate_key() -> Zeroizing<[u8; KEY_BYTES]> {
+    let mut key = Zeroizing::new([0u8; KEY_BYTES]);
+    getrandom::getrandom(&mut *key).expect("the OS random number generator is available");
+    key
+}
+
+/// A fresh random nonce for [`KeyMaterial::seal_blob`].
+pub fn random_nonce() -> [u8; NONCE_BYTES] {
+    let mut nonce = [0u8; NONCE_BYTES];
+    getrandom::getrandom(&mut nonce).expect("the OS random number generator is available");
+    nonce
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: i32, byte: u8) -> KeyMaterial {
+        KeyMaterial::new(id, &[byte; KEY_BYTES]).unwrap()
+    }
+
+    #[test]
+    fn encrypt_is_deterministic_and_reversible() {
+        let k = key(1, 7);
+        let a = k.mask(Method::Encrypt, b"199.172.111.135").unwrap();
+        let b = k.mask(Method::Encrypt, b"199.172.111.135").unwrap();
+        assert_eq!(a, b);
+        assert!(a.starts_with("enc:1:"));
+        assert_ne!(a, k.mask(Method::Encrypt, b"199.172.111.136").unwrap());
+        assert_eq!(k.unmask(&Token::parse(&a).unwrap()).unwrap(), b"199.172.111.135");
+    }
+
+    #[test]
+    fn hmac_is_deterministic_and_irreversible() {
+        let k = key(3, 7);
+        let a = k.mask(Method::Hmac, b"593-47-5928").unwrap();
+        assert_eq!(a, k.mask(Method::Hmac, b"593-47-5928").unwrap());
+        assert!(a.starts_with("hmac:3:"));
+        assert_eq!(k.unmask(&Token::parse(&a).unwrap()), Err(MaskError::Irreversible));
+    }
+
+    #[test]
+    fn tokens_differ_between_keys_and_methods() {
+        let (k1, k2) = (key(1, 1), key(2, 2));
+        let v = b"10.0.0.1";
+        let enc1 = k1.mask(Method::Encrypt, v).unwrap();
+        let enc2 = k2.mask(Method::Encrypt, v).unwrap();
+        assert_ne!(enc1[6..], enc2[6..]);
+        let h = k1.mask(Method::Hmac, v).unwrap();
+        let enc_nonce = &Token::parse(&enc1).unwrap().payload[..12];
+        assert_ne!(&Token::parse(&h).unwrap().payload[..12], enc_nonce, "hmac must not reveal the enc nonce");
+        // Same key id, other key bytes: a foreign token is refused, not decrypted to garbage.
+        let foreign = key(1, 9).mask(Method::Encrypt, v).unwrap();
+        assert_eq!(k1.unmask(&Token::parse(&foreign).unwrap()), Err(MaskError::Tampered));
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let k = key(1, 5);
+        let token = k.mask(Method::Encrypt, b"241.6.88.151").unwrap();
+        let parsed = Token::parse(&token).unwrap();
+        for byte in 0..parsed.payload.len() {
+            for bit in 0..8 {
+                let mut t = parsed.clone();
+                t.payload[byte] ^= 1 << bit;
+                assert_eq!(k.unmask(&t), Err(MaskError::Tampered), "byte {byte} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn nonce_must_match_the_plaintext() {
+        // Re-encrypt another plaintext under the first token's nonce: the GCM tag is valid, the SIV check is not.
+        let k = key(1, 5);
+        let t = Token::parse(&k.mask(Method::Encrypt, b"1.1.1.1").unwrap()).unwrap();
+        let nonce = &t.payload[..12];
+        let sealed = k
+            .siv_aead
+            .encrypt(Nonce::from_slice(nonce), Payload { msg: b"2.2.2.2", aad: b"enc:1" })
+            .unwrap();
+        let forged = Token { method: Method::Encrypt, key_id: 1, payload: [nonce, &sealed].concat() };
+        assert_eq!(k.unmask(&forged), Err(MaskError::Tampered));
+    }
+
+    #[test]
+    fn key_id_is_bound_to_the_token() {
+        let (k1, k2) = (key(1, 5), key(2, 5));
+        let mut ring = Keyring::new();
+        ring.add(k1.clone(), false);
+        ring.add(k2, true);
+        let token = k1.mask(Method::Encrypt, b"8.8.8.8").unwrap();
+        let relabelled = token.replacen("enc:1:", "enc:2:", 1);
+        assert_eq!(ring.unmask(&relabelled), Err(MaskError::Tampered));
+        assert_eq!(ring.unmask(&token).unwrap(), (1, b"8.8.8.8".to_vec()));
+    }
+
+    #[test]
+    fn truncated_and_foreign_tokens_are_malformed() {
+        let k = key(1, 5);
+        let token = k.mask(Method::Encrypt, b"8.8.8.8").unwrap();
+        for cut in 0..token.len() {
+            let r = Token::parse(&token[..cut]).and_then(|t| k.unmask(&t));
+            assert!(matches!(r, Err(MaskError::Malformed) | Err(MaskError::Tampered)), "cut at {cut}: {r:?}");
+        }
+        for junk in ["", "hello", "enc::AAAA", "enc:01:AAAA", "enc:-1:AAAA", "sha256:1:AAAA", "enc:1:***", "enc:99999999999:AA"] {
+            assert_eq!(Token::parse(junk), Err(MaskError::Malformed), "{junk}");
+        }
+    }
+
+    #[test]
+    fn rotation_keeps_old_tokens_readable() {
+        let mut ring = Keyring::new();
+        ring.add(key(1, 1), true);
+        let old = ring.active().unwrap().mask(Method::Encrypt, b"4.4.4.4").unwrap();
+        ring.add(key(2, 2), true);
+        assert_eq!(ring.active().unwrap().id(), 2);
+        let new = ring.active().unwrap().mask(Method::Encrypt, b"4.4.4.4").unwrap();
+        assert!(new.starts_with("enc:2:"));
+        assert_eq!(ring.unmask(&old).unwrap().1, b"4.4.4.4");
+        assert_eq!(ring.unmask(&new).unwrap().1, b"4.4.4.4");
+        assert_eq!(Keyring::new().unmask(&old), Err(MaskError::UnknownKey(1)));
+    }
+
+    #[test]
+    fn longest_input_with_largest_key_id_fits_varchar_256() {
+        let k = key(i32::MAX, 3);
+        let v = vec![0xffu8; MAX_PLAINTEXT_BYTES];
+        let enc = k.mask(Method::Encrypt, &v).unwrap();
+        let h = k.mask(Method::Hmac, &v).unwrap();
+        assert_eq!(enc.len(), MAX_TOKEN_CHARS);
+        assert!(enc.len() <= 256 && h.len() <= 256);
+        assert!(enc.bytes().chain(h.bytes()).all(|b| b.is_ascii_graphic()));
+        assert_eq!(k.mask(Method::Encrypt, &[0u8; MAX_PLAINTEXT_BYTES + 1]), Err(MaskError::PlaintextTooLong(129)));
+    }
+
+    #[test]
+    fn every_byte_value_round_trips() {
+        let k = key(1, 42);
+        for b in 0..=255u8 {
+            let v = [b, b, b];
+            let t = k.mask(Method::Encrypt, &v).unwrap();
+            assert_eq!(k.unmask(&Token::parse(&t).unwrap()).unwrap(), v, "byte {b}");
+        }
+        let all: Vec<u8> = (0..=255u8).collect();
+        for chunk in all.chunks(MAX_PLAINTEXT_BYTES) {
+            let t = k.mask(Method::Encrypt, chunk).unwrap();
+            assert_eq!(k.unmask(&Token::parse(&t).unwrap()).unwrap(), chunk);
+        }
+        assert_eq!(k.unmask(&Token::parse(&k.mask(Method::Encrypt, b"").unwrap()).unwrap()).unwrap(), b"");
+    }
+
+    #[test]
+    fn blobs_round_trip_and_detect_tampering() {
+        let k = key(4, 4);
+        let body = vec![b'x'; 1 << 20];
+        let sealed = k.seal_blob(random_nonce(), &body);
+        assert_eq!(k.open_blob(&sealed).unwrap(), body);
+        let mut bad = sealed.clone();
+        bad[20] ^= 1;
+        assert_eq!(k.open_blob(&bad), Err(MaskError::Tampered));
+        assert_eq!(key(5, 4).open_blob(&sealed), Err(MaskError::Tampered));
+        assert_ne!(k.seal_blob(random_nonce(), b"a"), k.seal_blob(random_nonce(), b"a"), "blobs use random nonces");
+    }
+
+    #[test]
+    fn generated_keys_are_random() {
+        assert_ne!(*generate_key(), *generate_key());
+    }
+
+    #[test]
+    fn debug_output_hides_key_bytes() {
+        let shown = format!("{:?}", key(9, 0xAB));
+        assert!(shown.contains("id: 9") && !shown.contains("171"), "{shown}");
+    }
+
+    #[test]
+    fn method_names_parse() {
+        assert_eq!(Method::parse("encrypt"), Ok(Method::Encrypt));
+        assert_eq!(Method::parse(" HMAC "), Ok(Method::Hmac));
+        assert!(matches!(Method::parse("sha256"), Err(MaskError::UnknownMethod(_))));
+    }
+}

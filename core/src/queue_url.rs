@@ -1,0 +1,177 @@
+//! Queue URL parsing: where to send requests, and which region to sign for.
+//!
+//! An AWS SQS host (`sqs.<region>.amazonaws.com`, `<region>.queue.amazonaws.com`, `queue.amazonaws.com`, and the
+//! `.amazonaws.com.cn` forms) gives the region and lets the SDK resolve the endpoint. Any other host (LocalStack,
+//! ElasticMQ, a VPC endpoint) becomes the endpoint itself, so `http://localhost:4566/000000000000/login-queue` works.
+
+use std::fmt;
+use thiserror::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueUrl {
+    /// The URL exactly as given (used as the SQS QueueUrl parameter and as the queue's identity).
+    pub url: String,
+    /// `scheme://host[:port]` for non-AWS hosts; `None` for AWS hosts.
+    pub endpoint: Option<String>,
+    /// Region named by an AWS host; `None` for other hosts (the `sqs_ingest.region` GUC applies).
+    pub region: Option<String>,
+    pub account: String,
+    pub name: String,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum QueueUrlError {
+    #[error("queue URL must start with http:// or https://")]
+    Scheme,
+    #[error("queue URL must not contain user information (credentials belong in the AWS credential chain)")]
+    UserInfo,
+    #[error("queue URL has no host")]
+    NoHost,
+    #[error("queue URL must not have a query string or fragment")]
+    Query,
+    #[error("queue URL path must be /<account id>/<queue name>")]
+    Path,
+    #[error("queue name must be 1-80 characters of A-Z, a-z, 0-9, '-' and '_' (optionally ending in .fifo)")]
+    Name,
+    #[error("queue URL port is not a number between 1 and 65535")]
+    Port,
+}
+
+impl fmt::Display for QueueUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+fn aws_region(host: &str) -> Option<Option<String>> {
+    let host = host.to_ascii_lowercase();
+    let base = host.strip_suffix(".amazonaws.com").or_else(|| host.strip_suffix(".amazonaws.com.cn"))?;
+    if base == "queue" {
+        return Some(Some("us-east-1".into()));
+    }
+    if let Some(region) = base.strip_prefix("sqs.").or_else(|| base.strip_prefix("sqs-fips.")) {
+        return Some(Some(region.to_string()));
+    }
+    if let Some(region) = base.strip_suffix(".queue") {
+        return Some(Some(region.to_string()));
+    }
+    // Some other amazonaws.com host (e.g. a VPC endpoint name): AWS, but the region must come from the GUC.
+    Some(None)
+}
+
+fn valid_name(name: &str) -> bool {
+    let stem = name.strip_suffix(".fifo").unwrap_or(name);
+    !stem.is_empty()
+        && name.len() <= 80
+        && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl QueueUrl {
+    pub fn parse(text: &str) -> Result<QueueUrl, QueueUrlError> {
+        let text = text.trim();
+        let (scheme, rest) = if let Some(r) = text.strip_prefix("https://") {
+            ("https", r)
+        } else if let Some(r) = text.strip_prefix("http://") {
+            ("http", r)
+        } else {
+            return Err(QueueUrlError::Scheme);
+        };
+        if rest.contains('?') || rest.contains('#') {
+            return Err(QueueUrlError::Query);
+        }
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.contains('@') {
+            return Err(QueueUrlError::UserInfo);
+        }
+        let host = match authority.rsplit_once(':') {
+            Some((h, port)) if !h.ends_with(']') || authority.starts_with('[') => {
+                match port.parse::<u16>() {
+                    Ok(p) if p > 0 => h,
+                    _ => return Err(QueueUrlError::Port),
+                }
+            }
+            _ => authority,
+        };
+        if host.is_empty() {
+            return Err(QueueUrlError::NoHost);
+        }
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+        let [account, name] = segments.as_slice() else {
+            return Err(QueueUrlError::Path);
+        };
+        if account.is_empty() || !account.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(QueueUrlError::Path);
+        }
+        if !valid_name(name) {
+            return Err(QueueUrlError::Name);
+        }
+        let (endpoint, region) = match aws_region(host) {
+            Some(region) => (None, region),
+            None => (Some(format!("{scheme}://{authority}")), None),
+        };
+        Ok(QueueUrl {
+            url: text.trim_end_matches('/').to_string(),
+            endpoint,
+            region,
+            account: account.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    pub fn is_aws(&self) -> bool {
+        self.endpoint.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localstack_url_becomes_the_endpoint() {
+        let q = QueueUrl::parse("http://localhost:4566/000000000000/login-queue").unwrap();
+        assert_eq!(q.endpoint.as_deref(), Some("http://localhost:4566"));
+        assert_eq!(q.region, None);
+        assert_eq!(q.account, "000000000000");
+        assert_eq!(q.name, "login-queue");
+        assert!(!q.is_aws());
+    }
+
+    #[test]
+    fn aws_hosts_give_the_region() {
+        let cases = [
+            ("https://sqs.eu-west-1.amazonaws.com/123456789012/q", Some("eu-west-1")),
+            ("https://eu-central-1.queue.amazonaws.com/123456789012/q.fifo", Some("eu-central-1")),
+            ("https://queue.amazonaws.com/123456789012/q", Some("us-east-1")),
+            ("https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q", Some("cn-north-1")),
+            ("https://sqs-fips.us-gov-west-1.amazonaws.com/123456789012/q", Some("us-gov-west-1")),
+            ("https://vpce-1.sqs.amazonaws.com/123456789012/q", None),
+        ];
+        for (url, region) in cases {
+            let q = QueueUrl::parse(url).unwrap();
+            assert!(q.is_aws(), "{url}");
+            assert_eq!(q.region.as_deref(), region, "{url}");
+        }
+    }
+
+    #[test]
+    fn malformed_urls_are_refused() {
+        assert_eq!(QueueUrl::parse("localhost:4566/0/q"), Err(QueueUrlError::Scheme));
+        assert_eq!(QueueUrl::parse("ftp://h/0/q"), Err(QueueUrlError::Scheme));
+        assert_eq!(QueueUrl::parse("http:///0/q"), Err(QueueUrlError::NoHost));
+        assert_eq!(QueueUrl::parse("http://user:secret@h/0/q"), Err(QueueUrlError::UserInfo));
+        assert_eq!(QueueUrl::parse("http://h/0/q?x=1"), Err(QueueUrlError::Query));
+        assert_eq!(QueueUrl::parse("http://h/q"), Err(QueueUrlError::Path));
+        assert_eq!(QueueUrl::parse("http://h/0/q/extra"), Err(QueueUrlError::Path));
+        assert_eq!(QueueUrl::parse("http://h:99999/0/q"), Err(QueueUrlError::Port));
+        assert_eq!(QueueUrl::parse("http://h:abc/0/q"), Err(QueueUrlError::Port));
+        assert_eq!(QueueUrl::parse("http://h/0/bad name"), Err(QueueUrlError::Name));
+        assert_eq!(QueueUrl::parse(&format!("http://h/0/{}", "q".repeat(81))), Err(QueueUrlError::Name));
+        assert_eq!(QueueUrl::parse("http://h/0/.fifo"), Err(QueueUrlError::Name));
+    }
+
+    #[test]
+    fn trailing_slash_is_tolerated() {
+        assert_eq!(QueueUrl::parse("http://h:1/0/q/").unwrap().url, "http://h:1/0/q");
+    }
+}

@@ -1,0 +1,1 @@
+//! Harness helpers shared by the end-to-end tests.
