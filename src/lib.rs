@@ -1,1 +1,86 @@
+//! sqs_ingest: a PostgreSQL extension that ingests user-login events from AWS SQS into `user_logins`,
+//! masking `ip` and `device_id` inside the database, transactionally with deleting the messages.
+//!
+//! Layout: `sqs_ingest_core` (pure Rust) decides; this crate is glue. `gucs` settings, `error` SQLSTATEs,
+//! `privilege` owner context, `keys` key store, `sqs` network, `hold` post-commit deletes, `target` the
+//! destination table, `bookkeeping` internal tables, `ingest` the loop, `api` the SQL surface, `worker` the
+//! background workers.
 
+use pgrx::prelude::*;
+
+mod api;
+mod bookkeeping;
+mod error;
+mod gucs;
+mod hold;
+mod ingest;
+mod keys;
+mod privilege;
+mod sqs;
+mod target;
+mod worker;
+
+pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    worker::register_static_workers();
+}
+
+use error::OrRaise;
+
+/// Drains a queue into the target table in the current transaction; messages are deleted after COMMIT.
+#[pg_extern(name = "sqs_ingest", volatile, parallel_unsafe)]
+fn sqs_ingest_fn(
+    queue_url: &str,
+    max_messages: default!(Option<i64>, "NULL"),
+    method: default!(Option<&str>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(received, i64),
+        name!(inserted, i64),
+        name!(duplicates, i64),
+        name!(dead_lettered, i64),
+        name!(deleted, i64),
+        name!(elapsed_ms, f64),
+    ),
+> {
+    let (queue, max_messages, method) = ingest::parse_args(queue_url, max_messages, method).or_raise();
+    let opts = ingest::Options {
+        max_messages,
+        method,
+        worker: String::new(),
+        confirm_wait_s: gucs::wait_time_s(),
+        return_after_wake: false,
+        progress_notices: true,
+    };
+    let s = match ingest::ingest(&queue, &opts) {
+        Ok(s) => s,
+        Err(e) => {
+            ingest::remember_error(&queue.url, "", &e);
+            e.raise()
+        }
+    };
+    TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.deleted, s.elapsed_ms))
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    include!("pg_tests.rs");
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,1 +1,144 @@
-//! Harness helpers shared by the end-to-end tests.
+//! Harness for the end-to-end tests: a live Postgres cluster (library preloaded) and a live LocalStack, both
+//! started by `scripts/test.sh`, which passes their coordinates in environment variables and tears them down.
+//!
+//! Each test works in its own database and its own queue, so tests run in parallel without sharing state.
+
+use postgres::{Client, NoTls};
+use std::time::{Duration, Instant};
+
+pub struct Harness {
+    pub host: String,
+    pub port: u16,
+    pub endpoint: String,
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the end-to-end tests through `make test` (scripts/test.sh), which starts Postgres and LocalStack")
+    })
+}
+
+pub fn harness() -> Harness {
+    Harness {
+        host: env("SQS_INGEST_PGHOST"),
+        port: env("SQS_INGEST_PGPORT").parse().expect("port"),
+        endpoint: env("SQS_INGEST_SQS_ENDPOINT"),
+    }
+}
+
+/// The real 100 messages of the original take-home queue, if the shared data file is present.
+pub fn real_messages() -> Option<Vec<String>> {
+    let path = std::env::var("SQS_INGEST_SAMPLE_DATA").ok()?;
+    let text = std::fs::read_to_string(&path).ok()?;
+    Some(text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect())
+}
+
+/// A well-formed login body with a distinct user id.
+pub fn login(i: usize) -> String {
+    serde_json::json!({
+        "user_id": format!("00000000-0000-4000-8000-{i:012}"),
+        "app_version": format!("{}.{}.{}", i % 10, i % 100, i % 7),
+        "device_type": if i % 2 == 0 { "android" } else { "ios" },
+        "ip": format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
+        "locale": if i % 3 == 0 { serde_json::Value::Null } else { "DE".into() },
+        "device_id": format!("{:03}-{:02}-{:04}", i % 1000, i % 100, i % 10000),
+    })
+    .to_string()
+}
+
+impl Harness {
+    pub fn connect(&self, db: &str) -> Client {
+        postgres::Config::new()
+            .host_path(&self.host)
+            .port(self.port)
+            .user("postgres")
+            .dbname(db)
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to database {db}: {e}"))
+    }
+
+    /// A new, empty database with the extension created (dropped first if a previous run left it).
+    pub fn fresh_db(&self, name: &str) -> Client {
+        let mut admin = self.connect("postgres");
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let mut c = self.connect(name);
+        c.batch_execute("CREATE EXTENSION sqs_ingest").unwrap();
+        c
+    }
+
+    /// Creates a fresh queue (deleting leftovers of a previous run) and returns its URL.
+    pub fn fresh_queue(&self, c: &mut Client, name: &str, visibility_timeout: i32) -> String {
+        let url = format!("{}/000000000000/{name}", self.endpoint);
+        let _ = c.execute("SELECT sqs_ingest.bench_raw_drain($1, 1000000)", &[&url]);
+        let row = c.query_one("SELECT sqs_ingest.queue_create($1, $2)", &[&url, &visibility_timeout]).unwrap();
+        let created: String = row.get(0);
+        assert!(created.ends_with(name), "{created}");
+        // A reused queue keeps its old VisibilityTimeout; drain leftovers so every test starts empty.
+        c.execute("SELECT sqs_ingest.bench_raw_drain($1, 1000000)", &[&url]).unwrap();
+        url
+    }
+
+    pub fn send(&self, c: &mut Client, url: &str, bodies: &[String]) {
+        for chunk in bodies.chunks(1000) {
+            let v: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let sent: i64 = c.query_one("SELECT sqs_ingest.queue_send($1, $2)", &[&url, &v]).unwrap().get(0);
+            assert_eq!(sent as usize, chunk.len(), "SQS accepted fewer messages than sent");
+        }
+    }
+}
+
+/// Commits the first masking key and `user_logins` up front: a first ingest creates both, and concurrent
+/// sessions wait for that transaction to commit before they can use them.
+pub fn create_user_logins(c: &mut Client) {
+    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute(
+        "CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+           masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)",
+    )
+    .unwrap();
+}
+
+/// (visible, in_flight) messages of a queue.
+pub fn depth(c: &mut Client, url: &str) -> (i64, i64) {
+    let r = c.query_one("SELECT visible, in_flight FROM sqs_ingest.queue_depth($1)", &[&url]).unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// Waits until `f` holds (SQS counters are approximate and settle within a moment).
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for: {what}");
+}
+
+/// Counts returned by `SELECT * FROM sqs_ingest(...)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub received: i64,
+    pub inserted: i64,
+    pub duplicates: i64,
+    pub dead_lettered: i64,
+    pub deleted: i64,
+}
+
+pub fn ingest(c: &mut Client, url: &str) -> Counts {
+    let r = c
+        .query_one("SELECT received, inserted, duplicates, dead_lettered, deleted FROM sqs_ingest($1)", &[&url])
+        .unwrap();
+    Counts { received: r.get(0), inserted: r.get(1), duplicates: r.get(2), dead_lettered: r.get(3), deleted: r.get(4) }
+}
+
+pub fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// The SQLSTATE of a failed statement.
+pub fn sqlstate(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}

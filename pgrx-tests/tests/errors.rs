@@ -1,0 +1,112 @@
+//! Bad arguments and unusable endpoints: a clear ERROR with SQLSTATE and hint, before any side effect.
+
+use sqs_ingest_e2e::*;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+fn error_of(c: &mut postgres::Client, sql: &str, url: &str) -> postgres::error::DbError {
+    let e = c.query(sql, &[&url]).expect_err("expected an error");
+    e.as_db_error().cloned().unwrap_or_else(|| panic!("not a database error: {e}"))
+}
+
+fn assert_no_side_effects(c: &mut postgres::Client) {
+    assert_eq!(count(c, "SELECT count(*) FROM pg_class WHERE relname = 'user_logins'"), 0);
+    assert_eq!(count(c, "SELECT count(*) FROM sqs_ingest.keys"), 0);
+}
+
+#[test]
+fn bad_arguments_and_endpoints_raise_before_side_effects() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_errors");
+    let q = "SELECT * FROM sqs_ingest($1)";
+
+    let e = error_of(&mut c, q, "localhost:4566/000000000000/login-queue");
+    assert_eq!(e.code().code(), "22023");
+    assert!(e.hint().is_some());
+
+    let e = error_of(&mut c, q, "http://127.0.0.1:1/000000000000/login-queue");
+    assert_eq!(e.code().code(), "08001", "{}", e.message());
+    assert!(e.hint().unwrap().contains("reachable"));
+
+    let missing = format!("{}/000000000000/e2e-does-not-exist", h.endpoint);
+    let e = error_of(&mut c, q, &missing);
+    assert_eq!(e.code().code(), "42704", "{}", e.message());
+
+    let e = c.query("SELECT * FROM sqs_ingest($1, 0)", &[&missing]).unwrap_err();
+    assert_eq!(sqlstate(&e), "22023");
+    let e = c.query("SELECT * FROM sqs_ingest($1, NULL, 'sha256')", &[&missing]).unwrap_err();
+    assert_eq!(sqlstate(&e), "22023");
+
+    // Half-configured static credentials.
+    c.batch_execute("SET sqs_ingest.aws_access_key_id = 'AKIAIOSFODNN7EXAMPLE'").unwrap();
+    let e = error_of(&mut c, q, &missing);
+    assert_eq!(e.code().code(), "22023");
+    assert!(!e.message().contains("AKIAIOSFODNN7EXAMPLE"));
+    c.batch_execute("RESET sqs_ingest.aws_access_key_id").unwrap();
+    assert_no_side_effects(&mut c);
+}
+
+/// An endpoint that answers like LocalStack < 3 (legacy query/XML protocol only): XML error for any JSON call.
+fn legacy_endpoint() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = std::io::Read::read_exact(&mut reader, &mut body);
+            let xml = "<?xml version=\"1.0\"?><ErrorResponse><Error><Type>Sender</Type><Code>InvalidAction</Code><Message>Missing Action</Message></Error><RequestId>1</RequestId></ErrorResponse>";
+            let mut s = stream;
+            let _ = write!(s, "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}", xml.len());
+        }
+    });
+    port
+}
+
+#[test]
+fn legacy_xml_only_endpoint_is_named_as_such() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_legacy");
+    let port = legacy_endpoint();
+    let url = format!("http://127.0.0.1:{port}/000000000000/login-queue");
+    let e = error_of(&mut c, "SELECT * FROM sqs_ingest($1)", &url);
+    assert_eq!(e.code().code(), "0A000", "{}", e.message());
+    assert!(e.message().contains("legacy"), "{}", e.message());
+    assert!(e.hint().unwrap().contains("LocalStack 3"));
+    assert_no_side_effects(&mut c);
+}
+
+#[test]
+fn cancel_and_statement_timeout_interrupt_a_long_poll() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_cancel");
+    let url = h.fresh_queue(&mut c, "e2e-cancel", 30);
+    c.batch_execute("SET sqs_ingest.wait_time = 20; SET statement_timeout = '500ms'").unwrap();
+    let started = Instant::now();
+    let e = c.query("SELECT * FROM sqs_ingest($1)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+
+    c.batch_execute("SET statement_timeout = 0").unwrap();
+    let cancel = c.cancel_token();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        cancel.cancel_query(postgres::NoTls).unwrap();
+    });
+    let started = Instant::now();
+    let e = c.query("SELECT * FROM sqs_ingest($1)", &[&url]).unwrap_err();
+    t.join().unwrap();
+    assert_eq!(sqlstate(&e), "57014");
+    assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
+}

@@ -1,0 +1,147 @@
+//! Privileges around keys and unmask, proven with real roles: who may unmask, that it is audited, and that
+//! no key material or secret reaches an ordinary role through any catalog, view, setting or error.
+
+use sqs_ingest_e2e::*;
+
+fn roles(c: &mut postgres::Client, suffix: &str) -> (String, String) {
+    let (plain, granted) = (format!("e2e_plain_{suffix}"), format!("e2e_unmasker_{suffix}"));
+    for r in [&plain, &granted] {
+        c.batch_execute(&format!("DROP ROLE IF EXISTS {r}; CREATE ROLE {r} LOGIN")).unwrap();
+    }
+    c.batch_execute(&format!("GRANT sqs_ingest_unmasker TO {granted}")).unwrap();
+    c.batch_execute(&format!("GRANT USAGE ON SCHEMA public TO {plain}, {granted}")).unwrap();
+    (plain, granted)
+}
+
+#[test]
+fn only_granted_roles_unmask_and_every_call_is_audited() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_security");
+    let (plain, granted) = roles(&mut c, "a");
+    let token: String = c.query_one("SELECT sqs_ingest.mask('203.0.113.9')", &[]).unwrap().get(0);
+
+    // An ordinary role: 42501 on unmask, on mask (an equality oracle), on the keys, on the audit trail.
+    c.batch_execute(&format!("SET ROLE {plain}")).unwrap();
+    for sql in [
+        format!("SELECT sqs_ingest.unmask('{token}')"),
+        "SELECT sqs_ingest.mask('x')".to_string(),
+        "SELECT * FROM sqs_ingest.keys".to_string(),
+        "SELECT * FROM sqs_ingest.unmask_audit".to_string(),
+        "SELECT sqs_ingest.rotate_key()".to_string(),
+        "SELECT * FROM sqs_ingest('http://localhost:1/0/q')".to_string(),
+        "SHOW sqs_ingest.aws_secret_access_key".to_string(),
+    ] {
+        let e = c.batch_execute(&sql).expect_err(&sql);
+        assert_eq!(sqlstate(&e), "42501", "{sql}: {e}");
+    }
+    c.batch_execute("RESET ROLE").unwrap();
+
+    // A role granted sqs_ingest_unmasker: succeeds, and the call is audited with both role names.
+    c.batch_execute(&format!("SET ROLE {granted}")).unwrap();
+    let clear: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap().get(0);
+    assert_eq!(clear, "203.0.113.9");
+    for sql in ["UPDATE sqs_ingest.unmask_audit SET succeeded = false", "DELETE FROM sqs_ingest.unmask_audit", "TRUNCATE sqs_ingest.unmask_audit"] {
+        let e = c.batch_execute(sql).expect_err(sql);
+        assert_eq!(sqlstate(&e), "42501", "{sql}");
+    }
+    // A tampered token: a clear 22023 error, no garbage, and the refusal is audited too.
+    let mut tampered = token.clone().into_bytes();
+    let last = tampered.len() - 2;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    let e = tx.query_one("SELECT sqs_ingest.unmask($1)", &[&tampered]).unwrap_err();
+    assert_eq!(sqlstate(&e), "22023");
+    assert!(e.to_string().contains("verification"), "{e}");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    tx.commit().unwrap();
+    // The refusal's own row rolled back with its statement; the session's next call writes it.
+    let again: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap().get(0);
+    assert_eq!(again, clear);
+    c.batch_execute("RESET ROLE").unwrap();
+    let audit: Vec<(String, String, bool)> = c
+        .query("SELECT session_role, effective_role, succeeded FROM sqs_ingest.unmask_audit ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(audit.len(), 3, "{audit:?}");
+    assert!(audit.iter().all(|(s, e, _)| s == "postgres" && *e == granted), "{audit:?}");
+    assert_eq!(audit.iter().filter(|a| a.2).count(), 2);
+}
+
+#[test]
+fn no_key_material_or_secret_is_visible_to_an_ordinary_role() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_no_leaks");
+    let (plain, _) = roles(&mut c, "b");
+    c.batch_execute("SELECT sqs_ingest.mask('seed a key')").unwrap();
+    let key_hex: String = c.query_one("SELECT encode(key_bytes, 'hex') FROM sqs_ingest.keys", &[]).unwrap().get(0);
+    let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+    c.batch_execute(&format!("ALTER DATABASE e2e_no_leaks SET sqs_ingest.aws_secret_access_key = '{secret}'")).unwrap();
+    drop(c);
+    let mut c = h.connect("e2e_no_leaks");
+    c.batch_execute(&format!("SET ROLE {plain}")).unwrap();
+    let settings: Vec<String> = c
+        .query("SELECT name || '=' || coalesce(setting, '') FROM pg_settings WHERE name LIKE 'sqs_ingest.%'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!settings.iter().any(|s| s.contains(secret) || s.contains("aws_secret")), "{settings:?}");
+    let e = c.batch_execute("SHOW sqs_ingest.aws_secret_access_key").unwrap_err();
+    assert!(!e.to_string().contains(secret));
+    // Nothing readable by the role holds the key bytes: scan every column of every table and view it can read.
+    let readable: Vec<String> = c
+        .query(
+            "SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables
+              WHERE table_schema NOT IN ('pg_catalog', 'information_schema')
+                AND has_table_privilege(format('%I.%I', table_schema, table_name), 'SELECT')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for t in readable {
+        let hits = count(&mut c, &format!("SELECT count(*) FROM {t} AS r WHERE r::text LIKE '%{key_hex}%'"));
+        assert_eq!(hits, 0, "{t} shows key material");
+    }
+    // Errors raised with a secret configured never quote it.
+    c.batch_execute("RESET ROLE").unwrap();
+    let e = c.query("SELECT * FROM sqs_ingest('http://127.0.0.1:1/000000000000/q')", &[]).unwrap_err();
+    let db = e.as_db_error().unwrap();
+    let text = format!("{} {:?} {:?}", db.message(), db.detail(), db.hint());
+    assert!(!text.contains(secret) && !text.contains(&key_hex), "{text}");
+}
+
+#[test]
+fn rotation_keeps_old_tokens_and_rekey_moves_them_to_the_active_key() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_rotation");
+    let url = h.fresh_queue(&mut c, "e2e-rotation", 30);
+    h.send(&mut c, &url, &(0..5).map(login).collect::<Vec<_>>());
+    ingest(&mut c, &url);
+    let before: Vec<String> =
+        c.query("SELECT sqs_ingest.unmask(masked_ip) FROM user_logins ORDER BY user_id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let new_key: i32 = c.query_one("SELECT sqs_ingest.rotate_key()", &[]).unwrap().get(0);
+    assert_eq!(new_key, 2);
+    // Old tokens still unmask; new masks use key 2.
+    let still: Vec<String> =
+        c.query("SELECT sqs_ingest.unmask(masked_ip) FROM user_logins ORDER BY user_id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(before, still);
+    let t: String = c.query_one("SELECT sqs_ingest.mask('x')", &[]).unwrap().get(0);
+    assert!(t.starts_with("enc:2:"), "{t}");
+    let moved: i64 = c.query_one("SELECT sqs_ingest.rekey()", &[]).unwrap().get(0);
+    assert_eq!(moved, 10, "5 ips and 5 device ids");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins WHERE masked_ip LIKE 'enc:2:%' AND masked_device_id LIKE 'enc:2:%'"), 5);
+    let after: Vec<String> =
+        c.query("SELECT sqs_ingest.unmask(masked_ip) FROM user_logins ORDER BY user_id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(before, after);
+    assert_eq!(c.query_one("SELECT sqs_ingest.rekey('user_logins')", &[]).unwrap().get::<_, i64>(0), 0);
+    // Deleting the keys is detected, not papered over with a new key.
+    c.batch_execute("DELETE FROM sqs_ingest.keys").unwrap();
+    let e = c.query("SELECT sqs_ingest.mask('x')", &[]).unwrap_err();
+    assert_eq!(sqlstate(&e), "XX001", "{e}");
+}

@@ -1,0 +1,184 @@
+-- sqs_ingest bootstrap: the extension's own tables, roles and views.
+-- Runs before any function is created. Everything here lives in schema sqs_ingest and belongs to the
+-- extension; the target table (user_logins) does not, so DROP EXTENSION never drops ingested data.
+
+CREATE SCHEMA IF NOT EXISTS sqs_ingest;
+COMMENT ON SCHEMA sqs_ingest IS 'sqs_ingest: keys, ledger, dead letters, audit trail, stats and functions';
+REVOKE ALL ON SCHEMA sqs_ingest FROM PUBLIC;
+
+-- Roles are cluster-wide: create them only if an earlier database did not.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'sqs_ingest_unmasker') THEN
+        CREATE ROLE sqs_ingest_unmasker NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'sqs_ingest_masker') THEN
+        CREATE ROLE sqs_ingest_masker NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'sqs_ingest_operator') THEN
+        CREATE ROLE sqs_ingest_operator NOLOGIN;
+    END IF;
+END
+$roles$;
+COMMENT ON ROLE sqs_ingest_unmasker IS 'May call sqs_ingest.unmask() (every call is audited) and sqs_ingest.mask()';
+COMMENT ON ROLE sqs_ingest_masker IS 'May call sqs_ingest.mask() to look rows up by a clear value';
+COMMENT ON ROLE sqs_ingest_operator IS 'May run ingest, read stats and dead-letter metadata, redrive, control workers';
+GRANT USAGE ON SCHEMA sqs_ingest TO sqs_ingest_unmasker, sqs_ingest_masker, sqs_ingest_operator;
+
+-- Keys -----------------------------------------------------------------------------------------------------
+CREATE SEQUENCE sqs_ingest.key_id_seq AS integer;
+CREATE TABLE sqs_ingest.keys (
+    key_id     integer PRIMARY KEY DEFAULT pg_catalog.nextval('sqs_ingest.key_id_seq'),
+    key_bytes  bytea NOT NULL CHECK (pg_catalog.length(key_bytes) = 32),
+    active     boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+ALTER SEQUENCE sqs_ingest.key_id_seq OWNED BY sqs_ingest.keys.key_id;
+CREATE UNIQUE INDEX keys_one_active ON sqs_ingest.keys (active) WHERE active;
+REVOKE ALL ON sqs_ingest.keys, sqs_ingest.key_id_seq FROM PUBLIC;
+COMMENT ON TABLE sqs_ingest.keys IS 'Masking master keys (256-bit). Readable only by the extension owner. Back this table up: losing it loses the PII';
+COMMENT ON COLUMN sqs_ingest.keys.key_id IS 'Key id embedded in every token (enc:<key_id>:..., hmac:<key_id>:...)';
+COMMENT ON COLUMN sqs_ingest.keys.key_bytes IS 'The secret key; subkeys for SIV, HMAC and dead-letter encryption are derived from it';
+COMMENT ON COLUMN sqs_ingest.keys.active IS 'The one key new tokens are made with; older keys still unmask';
+COMMENT ON COLUMN sqs_ingest.keys.created_at IS 'When the key was generated';
+
+CREATE TABLE sqs_ingest.key_events (
+    key_id   integer NOT NULL,
+    event    text NOT NULL CHECK (event IN ('generated', 'activated', 'retired')),
+    at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    by_role  text NOT NULL DEFAULT CURRENT_USER
+);
+REVOKE ALL ON sqs_ingest.key_events FROM PUBLIC;
+COMMENT ON TABLE sqs_ingest.key_events IS 'History of key generation and rotation (no key material); also tells a lost key table from a new install';
+COMMENT ON COLUMN sqs_ingest.key_events.key_id IS 'Key the event is about';
+COMMENT ON COLUMN sqs_ingest.key_events.event IS 'generated, activated or retired (no longer used for new tokens)';
+COMMENT ON COLUMN sqs_ingest.key_events.at IS 'Transaction time';
+COMMENT ON COLUMN sqs_ingest.key_events.by_role IS 'Role that caused it';
+
+-- Ledger of ingested MessageIds ---------------------------------------------------------------------------
+CREATE TABLE sqs_ingest.ledger (
+    queue_url   text NOT NULL,
+    message_id  text NOT NULL,
+    outcome     text NOT NULL CHECK (outcome IN ('stored', 'dead_letter', 'redriven')),
+    ingested_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (queue_url, message_id)
+);
+CREATE INDEX ledger_age ON sqs_ingest.ledger (queue_url, ingested_at);
+REVOKE ALL ON sqs_ingest.ledger FROM PUBLIC;
+COMMENT ON TABLE sqs_ingest.ledger IS 'Every MessageId ingested, written in the same transaction as its row: a redelivered message is a duplicate. Pruned after the queue retention';
+COMMENT ON COLUMN sqs_ingest.ledger.queue_url IS 'Queue the message came from';
+COMMENT ON COLUMN sqs_ingest.ledger.message_id IS 'SQS MessageId';
+COMMENT ON COLUMN sqs_ingest.ledger.outcome IS 'stored, dead_letter, or redriven (stored later from a dead letter)';
+COMMENT ON COLUMN sqs_ingest.ledger.ingested_at IS 'Transaction time of ingest';
+
+-- Dead letters ---------------------------------------------------------------------------------------------
+CREATE TABLE sqs_ingest.dead_letters (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue_url      text NOT NULL,
+    message_id     text NOT NULL,
+    received_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    sent_at        timestamptz,
+    receive_count  integer,
+    reason_code    text NOT NULL,
+    reason         text NOT NULL,
+    key_id         integer NOT NULL,
+    body_encrypted bytea NOT NULL,
+    body_bytes     integer NOT NULL,
+    redriven_at    timestamptz,
+    UNIQUE (queue_url, message_id)
+);
+REVOKE ALL ON sqs_ingest.dead_letters FROM PUBLIC;
+GRANT SELECT (id, queue_url, message_id, received_at, sent_at, receive_count, reason_code, reason, body_bytes, redriven_at)
+    ON sqs_ingest.dead_letters TO sqs_ingest_operator;
+COMMENT ON TABLE sqs_ingest.dead_letters IS 'Messages that could not be stored, with the reason; the body is encrypted because it may hold PII';
+COMMENT ON COLUMN sqs_ingest.dead_letters.id IS 'Surrogate key';
+COMMENT ON COLUMN sqs_ingest.dead_letters.queue_url IS 'Queue the message came from';
+COMMENT ON COLUMN sqs_ingest.dead_letters.message_id IS 'SQS MessageId (argument of sqs_ingest.redrive)';
+COMMENT ON COLUMN sqs_ingest.dead_letters.received_at IS 'When it was dead-lettered';
+COMMENT ON COLUMN sqs_ingest.dead_letters.sent_at IS 'SQS SentTimestamp';
+COMMENT ON COLUMN sqs_ingest.dead_letters.receive_count IS 'SQS ApproximateReceiveCount when it was dead-lettered';
+COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large';
+COMMENT ON COLUMN sqs_ingest.dead_letters.reason IS 'Precise reason, naming the field (never its value)';
+COMMENT ON COLUMN sqs_ingest.dead_letters.key_id IS 'Key the body is encrypted with';
+COMMENT ON COLUMN sqs_ingest.dead_letters.body_encrypted IS 'AES-256-GCM encrypted body (random nonce); readable only through sqs_ingest.dead_letter_body() by the owner';
+COMMENT ON COLUMN sqs_ingest.dead_letters.body_bytes IS 'Size of the original body';
+COMMENT ON COLUMN sqs_ingest.dead_letters.redriven_at IS 'When sqs_ingest.redrive() stored it';
+
+-- Unmask audit trail ---------------------------------------------------------------------------------------
+CREATE TABLE sqs_ingest.unmask_audit (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    called_at    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    session_role text NOT NULL,
+    effective_role text NOT NULL,
+    backend_pid  integer NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
+    key_id       integer,
+    succeeded    boolean NOT NULL,
+    failure      text
+);
+REVOKE ALL ON sqs_ingest.unmask_audit FROM PUBLIC;
+COMMENT ON TABLE sqs_ingest.unmask_audit IS 'One row per sqs_ingest.unmask() call; written as the extension owner, not modifiable by callers';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.id IS 'Surrogate key';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.called_at IS 'Wall-clock time of the call';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.session_role IS 'session_user of the caller';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.effective_role IS 'current_user of the caller (differs under SET ROLE or SECURITY DEFINER)';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.backend_pid IS 'Backend that made the call';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.key_id IS 'Key id named by the token (NULL if the token was unreadable)';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.succeeded IS 'Whether the value was revealed';
+COMMENT ON COLUMN sqs_ingest.unmask_audit.failure IS 'Why it was refused';
+
+-- Counters behind sqs_ingest.stats -------------------------------------------------------------------------
+CREATE TABLE sqs_ingest.counters (
+    queue_url         text NOT NULL,
+    worker            text NOT NULL,
+    backend_pid       integer NOT NULL,
+    hour              timestamptz NOT NULL,
+    received          bigint NOT NULL DEFAULT 0,
+    inserted          bigint NOT NULL DEFAULT 0,
+    duplicates        bigint NOT NULL DEFAULT 0,
+    dead_lettered     bigint NOT NULL DEFAULT 0,
+    deleted           bigint NOT NULL DEFAULT 0,
+    delete_failures   bigint NOT NULL DEFAULT 0,
+    last_success_at   timestamptz,
+    last_error        text,
+    last_error_at     timestamptz,
+    approximate_depth bigint,
+    depth_at          timestamptz,
+    PRIMARY KEY (queue_url, worker, backend_pid, hour)
+);
+REVOKE ALL ON sqs_ingest.counters FROM PUBLIC;
+COMMENT ON TABLE sqs_ingest.counters IS 'Per queue, worker, backend and hour counters; one row per backend so concurrent ingests never wait on each other';
+COMMENT ON COLUMN sqs_ingest.counters.worker IS 'Empty for SQL sessions, "worker N" for background workers';
+COMMENT ON COLUMN sqs_ingest.counters.last_error IS 'Last error, scrubbed of secrets';
+
+CREATE VIEW sqs_ingest.stats AS
+SELECT c.queue_url,
+       c.worker,
+       pg_catalog.sum(c.received)::bigint        AS received,
+       pg_catalog.sum(c.inserted)::bigint        AS inserted,
+       pg_catalog.sum(c.duplicates)::bigint      AS duplicates,
+       pg_catalog.sum(c.dead_lettered)::bigint   AS dead_lettered,
+       pg_catalog.sum(c.deleted)::bigint         AS deleted,
+       pg_catalog.sum(c.delete_failures)::bigint AS delete_failures,
+       pg_catalog.max(c.last_success_at)         AS last_success_at,
+       (SELECT e.last_error FROM sqs_ingest.counters e
+         WHERE e.queue_url = c.queue_url AND e.worker = c.worker AND e.last_error IS NOT NULL
+         ORDER BY e.last_error_at DESC LIMIT 1)  AS last_error,
+       pg_catalog.max(c.last_error_at)           AS last_error_at,
+       (SELECT d.approximate_depth FROM sqs_ingest.counters d
+         WHERE d.queue_url = c.queue_url AND d.depth_at IS NOT NULL
+         ORDER BY d.depth_at DESC LIMIT 1)       AS approximate_depth
+  FROM sqs_ingest.counters c
+ GROUP BY c.queue_url, c.worker;
+REVOKE ALL ON sqs_ingest.stats FROM PUBLIC;
+GRANT SELECT ON sqs_ingest.stats TO sqs_ingest_operator;
+COMMENT ON VIEW sqs_ingest.stats IS 'Ingest counters per queue and worker, last success, last error (scrubbed), and the queue depth seen at the last ingest';
+COMMENT ON COLUMN sqs_ingest.stats.deleted IS 'Messages handed to the commit hook for deletion; failures after commit are in delete_failures';
+
+-- pg_dump includes these tables, so a dump restores keys, ledger, dead letters and the audit trail.
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.key_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.key_events', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.unmask_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.counters', '');

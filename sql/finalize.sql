@@ -1,0 +1,89 @@
+-- sqs_ingest finalize: runs after every function exists. Privileges, the drain procedure, comments.
+
+-- Re-key with the documented signature: target defaults to the configured table, resolved when called.
+CREATE FUNCTION sqs_ingest.rekey(target regclass DEFAULT 'user_logins'::text::regclass)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+AS $$ SELECT sqs_ingest.rekey_table(target::oid) $$;
+
+-- Drain a large queue in many transactions: each batch commits (and is deleted from SQS) before the next.
+CREATE PROCEDURE sqs_ingest_drain(
+    queue_url       text,
+    max_messages    bigint  DEFAULT NULL,
+    method          text    DEFAULT NULL,
+    batch_messages  integer DEFAULT 1000,
+    INOUT received      bigint DEFAULT NULL,
+    INOUT inserted      bigint DEFAULT NULL,
+    INOUT duplicates    bigint DEFAULT NULL,
+    INOUT dead_lettered bigint DEFAULT NULL,
+    INOUT deleted       bigint DEFAULT NULL,
+    INOUT delete_failures bigint DEFAULT NULL,
+    INOUT elapsed_ms    double precision DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    r         record;
+    d         record;
+    want      bigint;
+    started   timestamptz := pg_catalog.clock_timestamp();
+BEGIN
+    IF batch_messages IS NULL OR batch_messages < 1 THEN
+        RAISE EXCEPTION 'batch_messages must be at least 1, not %', batch_messages
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a batch of 100 to 10000 messages.';
+    END IF;
+    IF max_messages IS NOT NULL AND max_messages < 1 THEN
+        RAISE EXCEPTION 'max_messages must be at least 1 (or NULL for no limit), not %', max_messages
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to drain the whole queue.';
+    END IF;
+    received := 0; inserted := 0; duplicates := 0; dead_lettered := 0; deleted := 0; delete_failures := 0;
+    LOOP
+        want := CASE WHEN max_messages IS NULL THEN batch_messages
+                     ELSE LEAST(batch_messages, max_messages - received) END;
+        EXIT WHEN want <= 0;
+        SELECT * INTO r FROM sqs_ingest(queue_url, want, method);
+        COMMIT;  -- the commit hook deletes this batch's messages from SQS now
+        SELECT * INTO d FROM sqs_ingest.last_commit_deletes();
+        received := received + r.received;
+        inserted := inserted + r.inserted;
+        duplicates := duplicates + r.duplicates;
+        dead_lettered := dead_lettered + r.dead_lettered;
+        IF r.received > 0 THEN
+            deleted := deleted + d.deleted;
+            delete_failures := delete_failures + d.failed;
+        END IF;
+        EXIT WHEN r.received < want;  -- the queue was confirmed empty
+    END LOOP;
+    PERFORM sqs_ingest.flush_stats();
+    elapsed_ms := EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - started) * 1000;
+END
+$$;
+
+-- Privileges: nothing but app_version_text is PUBLIC.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sqs_ingest FROM PUBLIC;
+REVOKE ALL ON FUNCTION sqs_ingest(text, bigint, text) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sqs_ingest.app_version_text(integer) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION sqs_ingest.unmask(text) TO sqs_ingest_unmasker;
+GRANT EXECUTE ON FUNCTION sqs_ingest.mask(text, text) TO sqs_ingest_unmasker, sqs_ingest_masker;
+GRANT EXECUTE ON FUNCTION sqs_ingest(text, bigint, text) TO sqs_ingest_operator;
+GRANT EXECUTE ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.last_commit_deletes() TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.flush_stats() TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.redrive(text, text) TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.queue_depth(text) TO sqs_ingest_operator;
+
+COMMENT ON FUNCTION sqs_ingest(text, bigint, text) IS 'Drain an SQS queue into the target table (sqs_ingest.target_table) in this transaction; messages are deleted from SQS after COMMIT';
+COMMENT ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) IS 'Drain a queue committing every batch_messages messages (for large queues); CALL it outside an explicit transaction block';
+COMMENT ON FUNCTION sqs_ingest.mask(text, text) IS 'Mask a value with the active key: encrypt (reversible, default from sqs_ingest.masking_method) or hmac';
+COMMENT ON FUNCTION sqs_ingest.unmask(text) IS 'Reveal the value of an enc: token; audited in sqs_ingest.unmask_audit; granted via role sqs_ingest_unmasker';
+COMMENT ON FUNCTION sqs_ingest.rotate_key() IS 'Generate a new active masking key; tokens of older keys still unmask';
+COMMENT ON FUNCTION sqs_ingest.rekey(regclass) IS 'Rewrite enc: tokens of older keys in the table to the active key; returns how many tokens changed';
+COMMENT ON FUNCTION sqs_ingest.rekey_table(oid) IS 'Implementation of sqs_ingest.rekey';
+COMMENT ON FUNCTION sqs_ingest.app_version_text(integer) IS 'Print a packed app_version (M*10000+m*100+p) as M.m.p';
+COMMENT ON FUNCTION sqs_ingest.redrive(text, text) IS 'Re-process one dead letter by message id (after fixing its cause); true if it is now stored';
+COMMENT ON FUNCTION sqs_ingest.last_commit_deletes() IS 'Messages deleted from SQS (and failures) after this session''s last committing ingest';
+COMMENT ON FUNCTION sqs_ingest.flush_stats() IS 'Write this session''s post-commit delete outcomes and remembered errors to sqs_ingest.stats';
+COMMENT ON FUNCTION sqs_ingest.queue_send(text, text[]) IS 'Send message bodies to a queue (operations and tests); superuser only by default';
+COMMENT ON FUNCTION sqs_ingest.queue_create(text, integer) IS 'Create the queue named by a queue URL at its endpoint; superuser only by default';
+COMMENT ON FUNCTION sqs_ingest.queue_depth(text) IS 'Approximate visible, in-flight and delayed message counts of a queue';
+COMMENT ON FUNCTION sqs_ingest.bench_raw_drain(text, bigint) IS 'Benchmark baseline: receive and DISCARD messages without touching tables; superuser only';

@@ -1,0 +1,331 @@
+//! The SQL surface in schema `sqs_ingest`: masking, keys, dead letters, queue tools and worker control.
+//! Privileges are set in `sql/finalize.sql`: nothing here but `app_version_text` is executable by PUBLIC.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+pub mod sqs_ingest {
+    use crate::error::{Error, OrRaise, Result};
+    use crate::ingest;
+    use crate::privilege::{as_owner, extension_owner, role_names};
+    use crate::{gucs, hold, keys, sqs, target};
+    use pgrx::prelude::*;
+    use sqs_ingest_core::event;
+    use sqs_ingest_core::mask::{MaskError, Method, Token};
+    use sqs_ingest_core::version;
+    use std::cell::RefCell;
+
+    thread_local! {
+        static METHOD_CACHE: RefCell<Option<(String, Method)>> = const { RefCell::new(None) };
+    }
+
+    fn method_of(name: Option<&str>) -> Result<Method> {
+        match name {
+            Some("encrypt") => Ok(Method::Encrypt),
+            Some("hmac") => Ok(Method::Hmac),
+            Some(other) => Ok(Method::parse(other)?),
+            None => {
+                let configured = gucs::masking_method();
+                if let Some(m) = METHOD_CACHE.with(|c| c.borrow().as_ref().filter(|(n, _)| *n == configured).map(|(_, m)| *m)) {
+                    return Ok(m);
+                }
+                let m = Method::parse(&configured)?;
+                METHOD_CACHE.with(|c| *c.borrow_mut() = Some((configured, m)));
+                Ok(m)
+            }
+        }
+    }
+
+    /// Masks a value with the active key: `encrypt` (reversible, default) or `hmac` (irreversible).
+    #[pg_extern(stable, parallel_restricted)]
+    fn mask(value: Option<&str>, method: default!(Option<&str>, "NULL")) -> Option<String> {
+        let value = value?;
+        let method = method_of(method).or_raise();
+        let (ring, id) = keys::active_key().or_raise();
+        let key = ring.get(id).expect("active key is in the ring");
+        Some(key.mask(method, value.as_bytes()).map_err(Error::from).or_raise())
+    }
+
+    thread_local! {
+        /// Refused unmask calls whose transaction rolled back, written by this backend's next unmask.
+        static REFUSED: RefCell<Vec<(String, String, Option<i32>, String)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn audit(rows: Vec<(String, String, Option<i32>, bool, Option<String>)>) -> Result<()> {
+        let owner = extension_owner();
+        as_owner(owner, || {
+            for (session, current, key_id, ok, failure) in rows {
+                Spi::run_with_args(
+                    "INSERT INTO sqs_ingest.unmask_audit (session_role, effective_role, key_id, succeeded, failure)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[session.into(), current.into(), key_id.into(), ok.into(), failure.into()],
+                )
+                .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reverses an `enc:` token. Every call is audited in `sqs_ingest.unmask_audit` and the server log.
+    #[pg_extern(volatile, parallel_unsafe, strict)]
+    fn unmask(token: &str) -> String {
+        let (current, session) = role_names();
+        let key_id = Token::parse(token).ok().map(|t| t.key_id);
+        let result: Result<String> = keys::keyring(false).and_then(|ring| {
+            let (_, bytes) = ring.unmask(token)?;
+            String::from_utf8(bytes).map_err(|_| Error::Mask(MaskError::Tampered))
+        });
+        let mut rows: Vec<_> = REFUSED
+            .with(|r| std::mem::take(&mut *r.borrow_mut()))
+            .into_iter()
+            .map(|(s, c, k, f)| (s, c, k, false, Some(f)))
+            .collect();
+        match result {
+            Ok(value) => {
+                log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} succeeded");
+                rows.push((session, current, key_id, true, None));
+                audit(rows).or_raise();
+                value
+            }
+            Err(e) => {
+                let why = e.to_string();
+                log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} refused: {why}");
+                // Written now (kept if the caller's transaction survives) and again by the next call if not.
+                REFUSED.with(|r| r.borrow_mut().push((session.clone(), current.clone(), key_id, why.clone())));
+                rows.push((session, current, key_id, false, Some(why)));
+                let _ = audit(rows);
+                e.raise()
+            }
+        }
+    }
+
+    /// Makes a freshly generated key the active one; older keys still unmask. Returns the new key id.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn rotate_key() -> i32 {
+        keys::rotate().or_raise()
+    }
+
+    /// Rewrites the reversible tokens of `target` that use an older key to the active key. Returns the count.
+    #[pg_extern(volatile, parallel_unsafe, name = "rekey_table")]
+    fn rekey_table(target_oid: pg_sys::Oid) -> i64 {
+        rekey(target_oid).or_raise()
+    }
+
+    fn rekey(target_oid: pg_sys::Oid) -> Result<i64> {
+        let name = Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[target_oid.into()])
+            .map_err(|e| Error::Target(e.to_string()))?
+            .ok_or_else(|| Error::Target("no such table".into()))?;
+        let t = target::resolve_existing(&name)?;
+        let (ring, active) = keys::active_key()?;
+        let key = ring.get(active).expect("active key");
+        let current = format!("enc:{active}:%");
+        let sql = format!(
+            "SELECT ctid::text, masked_ip, masked_device_id FROM {} WHERE (masked_ip LIKE 'enc:%' AND masked_ip NOT LIKE $1) OR (masked_device_id LIKE 'enc:%' AND masked_device_id NOT LIKE $1)",
+            t.name
+        );
+        let rows: Vec<(String, Option<String>, Option<String>)> = Spi::connect(|c| {
+            c.select(&sql, None, &[current.clone().into()]).map(|rows| {
+                rows.map(|r| (r.get(1).ok().flatten().unwrap_or_default(), r.get(2).ok().flatten(), r.get(3).ok().flatten()))
+                    .collect()
+            })
+        })
+        .map_err(|e| Error::Target(e.to_string()))?;
+        let mut rewritten = 0i64;
+        let (mut ctids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
+        let mut rekey_one = |token: Option<String>| -> Result<Option<String>> {
+            match token {
+                Some(t) if t.starts_with("enc:") && !t.starts_with(&current[..current.len() - 1]) => {
+                    let (_, clear) = ring.unmask(&t)?;
+                    rewritten += 1;
+                    Ok(Some(key.mask(Method::Encrypt, &clear)?))
+                }
+                other => Ok(other),
+            }
+        };
+        for (ctid, ip, device) in rows {
+            ctids.push(ctid);
+            ips.push(rekey_one(ip)?);
+            devices.push(rekey_one(device)?);
+        }
+        if !ctids.is_empty() {
+            let update = format!(
+                "UPDATE {} AS t SET masked_ip = u.ip, masked_device_id = u.dev
+                   FROM unnest($1::text[]::tid[], $2::text[], $3::text[]) AS u(ctid, ip, dev)
+                  WHERE t.ctid = u.ctid",
+                t.name
+            );
+            Spi::run_with_args(&update, &[ctids.into(), ips.into(), devices.into()]).map_err(|e| Error::Target(e.to_string()))?;
+        }
+        Ok(rewritten)
+    }
+
+    /// Prints a packed app_version (M*10000 + m*100 + p) as "M.m.p".
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn app_version_text(code: i32) -> Option<String> {
+        version::unpack(code)
+    }
+
+    /// Re-processes one dead letter (after its cause was fixed). Returns true if it is now stored.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn redrive(message_id: &str, queue_url: default!(Option<&str>, "NULL")) -> bool {
+        redrive_one(message_id, queue_url).or_raise()
+    }
+
+    fn redrive_one(message_id: &str, queue_url: Option<&str>) -> Result<bool> {
+        let owner = extension_owner();
+        let found = as_owner(owner, || {
+            Spi::connect(|c| {
+                let rows = c.select(
+                    "SELECT queue_url, key_id, body_encrypted, sent_at IS NULL,
+                            (EXTRACT(EPOCH FROM sent_at) * 1000)::int8, redriven_at IS NOT NULL
+                       FROM sqs_ingest.dead_letters
+                      WHERE message_id = $1 AND ($2::text IS NULL OR queue_url = $2)
+                      ORDER BY received_at DESC LIMIT 1",
+                    None,
+                    &[message_id.into(), queue_url.map(str::to_string).into()],
+                )?;
+                Ok::<_, pgrx::spi::SpiError>(rows.into_iter().next().map(|r| {
+                    (
+                        r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                        r.get::<i32>(2).ok().flatten().unwrap_or_default(),
+                        r.get::<Vec<u8>>(3).ok().flatten().unwrap_or_default(),
+                        r.get::<i64>(5).ok().flatten(),
+                        r.get::<bool>(6).ok().flatten().unwrap_or(false),
+                    )
+                }))
+            })
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        let Some((url, key_id, sealed, sent_ms, already)) = found else {
+            return Err(Error::InvalidArgument(format!("no dead letter with message id \"{message_id}\"")));
+        };
+        if already {
+            notice!("dead letter {message_id} was already redriven");
+            return Ok(false);
+        }
+        let ring = keys::keyring(true)?;
+        let key = ring.get(key_id).ok_or(Error::Mask(MaskError::UnknownKey(key_id)))?;
+        let body = String::from_utf8(key.open_blob(&sealed)?).map_err(|_| Error::Mask(MaskError::Tampered))?;
+        let t = target::resolve_or_create(&gucs::target_table())?;
+        match event::parse(&body).and_then(|e| event::validate(&e, &t.limits).map(|v| (e, v))) {
+            Err(reason) => {
+                notice!("dead letter {message_id} still cannot be stored: {reason}");
+                as_owner(owner, || {
+                    Spi::run_with_args(
+                        "UPDATE sqs_ingest.dead_letters SET reason_code = $3, reason = $4 WHERE queue_url = $1 AND message_id = $2",
+                        &[url.clone().into(), message_id.into(), reason.code().into(), reason.to_string().into()],
+                    )
+                })
+                .map_err(|e| Error::Internal(e.to_string()))?;
+                Ok(false)
+            }
+            Ok((e, v)) => {
+                let (ring, active) = keys::active_key()?;
+                let mut rows = ingest::Rows::default();
+                rows.push(ring.get(active).expect("active"), method_of(None)?, e, v, sent_ms)?;
+                rows.insert(&t)?;
+                as_owner(owner, || {
+                    Spi::run_with_args(
+                        "UPDATE sqs_ingest.dead_letters SET redriven_at = pg_catalog.now() WHERE queue_url = $1 AND message_id = $2;",
+                        &[url.clone().into(), message_id.into()],
+                    )?;
+                    Spi::run_with_args(
+                        "UPDATE sqs_ingest.ledger SET outcome = 'redriven' WHERE queue_url = $1 AND message_id = $2",
+                        &[url.clone().into(), message_id.into()],
+                    )
+                })
+                .map_err(|e| Error::Internal(e.to_string()))?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Delete outcome after this backend's last commit that held messages: (deleted, failed).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn last_commit_deletes() -> TableIterator<'static, (name!(deleted, i64), name!(failed, i64))> {
+        let o = hold::last_commit();
+        TableIterator::once((o.succeeded as i64, o.failed as i64))
+    }
+
+    /// Sends message bodies to a queue (batches of 10). Returns how many SQS accepted.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn queue_send(queue_url: &str, bodies: Vec<Option<String>>) -> i64 {
+        let (queue, _, _) = ingest::parse_args(queue_url, None, Some("encrypt")).or_raise();
+        let client = sqs::client(&queue).or_raise();
+        let bodies: Vec<String> = bodies.into_iter().flatten().collect();
+        sqs::block_on(sqs::send(&client, &queue.url, &bodies, 8)).or_raise().or_raise() as i64
+    }
+
+    /// Creates a queue named by the last segment of `queue_url` at its endpoint. Returns the queue URL SQS reports.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn queue_create(queue_url: &str, visibility_timeout: default!(i32, 30)) -> String {
+        let (queue, _, _) = ingest::parse_args(queue_url, None, Some("encrypt")).or_raise();
+        let client = sqs::client(&queue).or_raise();
+        let name = queue.name.clone();
+        let out = sqs::block_on(async move {
+            client
+                .create_queue()
+                .queue_name(name)
+                .attributes(aws_sdk_sqs::types::QueueAttributeName::VisibilityTimeout, visibility_timeout.to_string())
+                .send()
+                .await
+                .map_err(|e| sqs::classify("CreateQueue", e))
+        })
+        .or_raise()
+        .or_raise();
+        out.queue_url.unwrap_or_default()
+    }
+
+    /// Approximate message counts of a queue: visible, in flight (received, not deleted), delayed.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn queue_depth(
+        queue_url: &str,
+    ) -> TableIterator<'static, (name!(visible, i64), name!(in_flight, i64), name!(delayed, i64))> {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let (queue, _, _) = ingest::parse_args(queue_url, None, Some("encrypt")).or_raise();
+        let client = sqs::client(&queue).or_raise();
+        let url = queue.url.clone();
+        let attrs = sqs::block_on(async move {
+            client
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(A::ApproximateNumberOfMessages)
+                .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+                .attribute_names(A::ApproximateNumberOfMessagesDelayed)
+                .send()
+                .await
+                .map_err(|e| sqs::classify("GetQueueAttributes", e))
+        })
+        .or_raise()
+        .or_raise();
+        let get = |n: A| attrs.attributes().and_then(|a| a.get(&n)).and_then(|v| v.parse().ok()).unwrap_or(0i64);
+        TableIterator::once((
+            get(A::ApproximateNumberOfMessages),
+            get(A::ApproximateNumberOfMessagesNotVisible),
+            get(A::ApproximateNumberOfMessagesDelayed),
+        ))
+    }
+
+    /// Benchmark baseline: receives and deletes (discards!) up to `max_messages` with the same client and
+    /// concurrency as ingest, touching no table. Superuser only.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn bench_raw_drain(
+        queue_url: &str,
+        max_messages: i64,
+    ) -> TableIterator<'static, (name!(received, i64), name!(deleted, i64), name!(elapsed_ms, f64))> {
+        let (queue, _, _) = ingest::parse_args(queue_url, Some(max_messages), Some("encrypt")).or_raise();
+        let client = sqs::client(&queue).or_raise();
+        let started = std::time::Instant::now();
+        let (received, deleted) = sqs::block_on(sqs::raw_drain(client, queue.url.clone(), max_messages, gucs::receive_concurrency(), gucs::visibility_timeout_s()))
+            .or_raise()
+            .or_raise();
+        TableIterator::once((received, deleted, started.elapsed().as_secs_f64() * 1000.0))
+    }
+
+    /// Records counters for a queue (used by sqs_ingest_drain to add post-commit delete outcomes).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn flush_stats() {
+        let owner = extension_owner();
+        as_owner(owner, || ingest::flush_unreported("")).or_raise();
+    }
+}

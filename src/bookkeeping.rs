@@ -1,0 +1,135 @@
+//! The extension's own tables: the MessageId ledger, dead letters and the counters behind `sqs_ingest.stats`.
+//! Every statement here runs as the extension owner (see [`crate::privilege`]).
+
+use crate::error::{Error, Result};
+use pgrx::prelude::*;
+use std::collections::HashSet;
+
+/// Records MessageIds in the ledger; returns the ones that were not there before (the rest are duplicates).
+pub fn claim(queue_url: &str, ids: Vec<String>, outcomes: Vec<String>) -> Result<HashSet<String>> {
+    Spi::connect_mut(|client| {
+        let rows = client
+            .update(
+                "INSERT INTO sqs_ingest.ledger (queue_url, message_id, outcome)
+                 SELECT $1, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
+                 ON CONFLICT DO NOTHING
+                 RETURNING message_id",
+                None,
+                &[queue_url.into(), ids.into(), outcomes.into()],
+            )
+            .map_err(|e| Error::Internal(format!("ledger insert failed: {e}")))?;
+        Ok(rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+    })
+}
+
+/// Dead letters of one batch, as column arrays.
+#[derive(Default)]
+pub struct DeadLetters {
+    pub message_ids: Vec<String>,
+    pub sent_ms: Vec<Option<i64>>,
+    pub receive_counts: Vec<Option<i32>>,
+    pub reason_codes: Vec<String>,
+    pub reasons: Vec<String>,
+    pub bodies: Vec<Vec<u8>>,
+    pub body_bytes: Vec<i32>,
+}
+
+pub fn store_dead_letters(queue_url: &str, key_id: i32, d: DeadLetters) -> Result<()> {
+    if d.message_ids.is_empty() {
+        return Ok(());
+    }
+    Spi::run_with_args(
+        "INSERT INTO sqs_ingest.dead_letters
+            (queue_url, message_id, sent_at, receive_count, reason_code, reason, key_id, body_encrypted, body_bytes)
+         SELECT $1, m, pg_catalog.to_timestamp(s / 1000.0), c, rc, r, $2, b, n
+           FROM unnest($3::text[], $4::int8[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int4[])
+                AS u(m, s, c, rc, r, b, n)
+         ON CONFLICT (queue_url, message_id) DO UPDATE
+            SET reason_code = EXCLUDED.reason_code, reason = EXCLUDED.reason, key_id = EXCLUDED.key_id,
+                body_encrypted = EXCLUDED.body_encrypted, body_bytes = EXCLUDED.body_bytes,
+                received_at = pg_catalog.now(), redriven_at = NULL",
+        &[
+            queue_url.into(),
+            key_id.into(),
+            d.message_ids.into(),
+            d.sent_ms.into(),
+            d.receive_counts.into(),
+            d.reason_codes.into(),
+            d.reasons.into(),
+            d.bodies.into(),
+            d.body_bytes.into(),
+        ],
+    )
+    .map_err(|e| Error::Internal(format!("dead letter insert failed: {e}")))
+}
+
+/// Counter increments for one queue and worker label.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub received: i64,
+    pub inserted: i64,
+    pub duplicates: i64,
+    pub dead_lettered: i64,
+    pub deleted: i64,
+    pub delete_failures: i64,
+}
+
+/// Adds to this backend's counter row for the current hour. Rows are keyed by backend pid, so concurrent
+/// sessions never wait on each other's counter rows.
+pub fn add_counters(
+    queue_url: &str,
+    worker: &str,
+    c: Counters,
+    depth: Option<i64>,
+    error: Option<&str>,
+) -> Result<()> {
+    Spi::run_with_args(
+        "INSERT INTO sqs_ingest.counters AS k
+            (queue_url, worker, backend_pid, hour, received, inserted, duplicates, dead_lettered, deleted,
+             delete_failures, last_success_at, last_error, last_error_at, approximate_depth, depth_at)
+         VALUES ($1, $2, pg_catalog.pg_backend_pid(), pg_catalog.date_trunc('hour', pg_catalog.now()),
+                 $3, $4, $5, $6, $7, $8,
+                 CASE WHEN $9::text IS NULL THEN pg_catalog.now() END,
+                 $9, CASE WHEN $9::text IS NOT NULL THEN pg_catalog.now() END,
+                 $10, CASE WHEN $10::int8 IS NOT NULL THEN pg_catalog.now() END)
+         ON CONFLICT (queue_url, worker, backend_pid, hour) DO UPDATE SET
+            received = k.received + EXCLUDED.received,
+            inserted = k.inserted + EXCLUDED.inserted,
+            duplicates = k.duplicates + EXCLUDED.duplicates,
+            dead_lettered = k.dead_lettered + EXCLUDED.dead_lettered,
+            deleted = k.deleted + EXCLUDED.deleted,
+            delete_failures = k.delete_failures + EXCLUDED.delete_failures,
+            last_success_at = COALESCE(EXCLUDED.last_success_at, k.last_success_at),
+            last_error = COALESCE(EXCLUDED.last_error, k.last_error),
+            last_error_at = COALESCE(EXCLUDED.last_error_at, k.last_error_at),
+            approximate_depth = COALESCE(EXCLUDED.approximate_depth, k.approximate_depth),
+            depth_at = COALESCE(EXCLUDED.depth_at, k.depth_at)",
+        &[
+            queue_url.into(),
+            worker.into(),
+            c.received.into(),
+            c.inserted.into(),
+            c.duplicates.into(),
+            c.dead_lettered.into(),
+            c.deleted.into(),
+            c.delete_failures.into(),
+            error.map(str::to_string).into(),
+            depth.into(),
+        ],
+    )
+    .map_err(|e| Error::Internal(format!("counter update failed: {e}")))
+}
+
+/// Deletes ledger entries older than the queue's retention (plus a day): SQS can no longer redeliver them.
+pub fn prune_ledger(queue_url: &str, retention_s: i64) -> Result<i64> {
+    Spi::get_one_with_args::<i64>(
+        "WITH gone AS (
+            DELETE FROM sqs_ingest.ledger
+             WHERE queue_url = $1 AND ingested_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+            RETURNING 1)
+         SELECT pg_catalog.count(*) FROM gone",
+        &[queue_url.into(), ((retention_s + 86_400) as f64).into()],
+    )
+    .map(|n| n.unwrap_or(0))
+    .map_err(|e| Error::Internal(format!("ledger prune failed: {e}")))
+}

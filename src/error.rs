@@ -1,0 +1,134 @@
+//! The extension's errors, each with a chosen SQLSTATE and a hint, raised through [`Error::raise`].
+//!
+//! Texts are scrubbed of secrets here, the single exit point for anything that reaches a client or the log.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+use sqs_ingest_core::mask::MaskError;
+use sqs_ingest_core::queue_url::QueueUrlError;
+use sqs_ingest_core::scrub::scrub;
+use sqs_ingest_core::sqs_error::FailureClass;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("invalid queue URL \"{url}\": {source}")]
+    QueueUrl { url: String, source: QueueUrlError },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{summary}")]
+    Sqs { class: FailureClass, summary: String, detail: String },
+    #[error("canceling statement due to user request")]
+    Interrupted,
+    #[error("{0}")]
+    Mask(#[from] MaskError),
+    #[error("{0}")]
+    Keys(String),
+    #[error("{0}")]
+    Target(String),
+    #[error("{0}")]
+    NotPreloaded(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn sqlstate_of(class: FailureClass) -> PgSqlErrorCode {
+    use PgSqlErrorCode::*;
+    match class {
+        FailureClass::Unreachable => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+        FailureClass::NoSuchQueue => ERRCODE_UNDEFINED_OBJECT,
+        FailureClass::BadCredentials => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+        FailureClass::AccessDenied => ERRCODE_INSUFFICIENT_PRIVILEGE,
+        FailureClass::LegacyProtocol => ERRCODE_FEATURE_NOT_SUPPORTED,
+        FailureClass::Throttled => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+        FailureClass::Service => ERRCODE_SYSTEM_ERROR,
+    }
+}
+
+impl Error {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            Error::QueueUrl { .. } | Error::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            Error::Sqs { class, .. } => sqlstate_of(*class),
+            Error::Interrupted => ERRCODE_QUERY_CANCELED,
+            Error::Mask(MaskError::UnknownMethod(_)) => ERRCODE_INVALID_PARAMETER_VALUE,
+            Error::Mask(MaskError::PlaintextTooLong(_)) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            Error::Mask(MaskError::UnknownKey(_)) => ERRCODE_UNDEFINED_OBJECT,
+            Error::Mask(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            Error::Keys(_) => ERRCODE_DATA_CORRUPTED,
+            Error::Target(_) => ERRCODE_WRONG_OBJECT_TYPE,
+            Error::NotPreloaded(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            Error::Internal(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        let hint = match self {
+            Error::QueueUrl { .. } => "Pass the queue URL as SQS returns it, e.g. http://localhost:4566/000000000000/login-queue or https://sqs.us-east-1.amazonaws.com/123456789012/login-queue.",
+            Error::Sqs { class, .. } => class.hint(),
+            Error::Mask(MaskError::UnknownMethod(_)) => "Use 'encrypt' or 'hmac'.",
+            Error::Mask(MaskError::Irreversible) => "Only tokens of method encrypt (prefix enc:) can be unmasked.",
+            Error::Mask(MaskError::UnknownKey(_)) => "Restore the key from a backup of sqs_ingest.keys (pg_dump includes it).",
+            Error::Mask(MaskError::Tampered) | Error::Mask(MaskError::Malformed) => {
+                "Pass a token exactly as stored in user_logins.masked_ip or masked_device_id."
+            }
+            Error::Keys(_) => "Restore sqs_ingest.keys from backup; without the keys, reversible tokens cannot be unmasked.",
+            Error::Target(_) => "Point sqs_ingest.target_table at a table with the user_logins columns, or drop it to let ingest create it.",
+            Error::NotPreloaded(_) => "Add sqs_ingest to shared_preload_libraries in postgresql.conf and restart the server.",
+            _ => return None,
+        };
+        Some(hint.to_string())
+    }
+
+    /// Raises this error as a Postgres ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        let secrets = crate::gucs::configured_secrets();
+        let known: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let mut report = ErrorReport::new(self.sqlstate(), scrub(&self.to_string(), &known), "sqs_ingest");
+        if let Error::Sqs { detail, .. } = &self {
+            if !detail.is_empty() {
+                report = report.set_detail(scrub(detail, &known));
+            }
+        }
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ereport(ERROR) does not return")
+    }
+
+    /// The text stored in `sqs_ingest.stats.last_error`: scrubbed, with the SQLSTATE.
+    pub fn scrubbed(&self) -> String {
+        let secrets = crate::gucs::configured_secrets();
+        let known: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let mut text = format!("{}: {}", self.sqlstate_text(), self);
+        if let Error::Sqs { detail, .. } = self {
+            text.push_str(" — ");
+            text.push_str(detail);
+        }
+        scrub(&text, &known)
+    }
+
+    fn sqlstate_text(&self) -> String {
+        let code = self.sqlstate() as i32;
+        // Postgres packs SQLSTATE characters six bits each, lowest first.
+        (0..5).map(|i| (((code >> (6 * i)) & 0x3f) as u8 + b'0') as char).collect()
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Unwraps a result or raises its error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

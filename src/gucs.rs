@@ -1,0 +1,293 @@
+//! Every `sqs_ingest.*` setting, registered once from `_PG_init`.
+//!
+//! Settings that hold secrets are `Suset` + `SUPERUSER_ONLY` + `NO_SHOW_ALL`: ordinary roles can neither read
+//! them with SHOW nor see them in `pg_settings`. Worker settings are `Sighup` so `pg_reload_conf()` applies them.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::{CStr, CString};
+
+/// `encrypt` (reversible) or `hmac` (irreversible); default `encrypt`.
+static MASKING_METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"encrypt"));
+/// Table that ingest writes to; created with the standard schema on first ingest if missing.
+static TARGET_TABLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"user_logins"));
+/// Region for queue URLs whose host doesn't name one (LocalStack, VPC endpoints).
+static REGION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"us-east-1"));
+/// Optional static credentials; empty means the AWS default provider chain.
+static AWS_ACCESS_KEY_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static AWS_SECRET_ACCESS_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static AWS_SESSION_TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// ReceiveMessage calls kept in flight at once (each returns up to 10 messages).
+static RECEIVE_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(4);
+/// Visibility timeout requested on receive; held messages are extended before it runs out.
+static VISIBILITY_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// Extend the visibility of messages held by an open transaction (off: rely on visibility_timeout alone).
+static VISIBILITY_HEARTBEAT: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Long-poll wait used to confirm that a queue is empty (and by the worker between messages).
+static WAIT_TIME_S: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// Bound on every single SQS call (excluding the long-poll wait itself).
+static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Seconds between progress NOTICEs of a long ingest (0 disables them).
+static PROGRESS_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+
+// Background worker settings (read by the postmaster and by the workers on SIGHUP).
+static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(false);
+static WORKER_QUEUE_URLS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static WORKER_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static WORKER_COUNT: GucSetting<i32> = GucSetting::<i32>::new(1);
+static WORKER_BATCH_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(100);
+static WORKER_WAIT_S: GucSetting<i32> = GucSetting::<i32>::new(20);
+static WORKER_RESTART_S: GucSetting<i32> = GucSetting::<i32>::new(5);
+
+fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting.get().and_then(|c| c.into_string().ok()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+pub fn masking_method() -> String {
+    string(&MASKING_METHOD).unwrap_or_else(|| "encrypt".into())
+}
+pub fn target_table() -> String {
+    string(&TARGET_TABLE).unwrap_or_else(|| "user_logins".into())
+}
+pub fn region() -> String {
+    string(&REGION).unwrap_or_else(|| "us-east-1".into())
+}
+pub fn aws_access_key_id() -> Option<String> {
+    string(&AWS_ACCESS_KEY_ID)
+}
+pub fn aws_secret_access_key() -> Option<String> {
+    string(&AWS_SECRET_ACCESS_KEY)
+}
+pub fn aws_session_token() -> Option<String> {
+    string(&AWS_SESSION_TOKEN)
+}
+pub fn receive_concurrency() -> usize {
+    RECEIVE_CONCURRENCY.get() as usize
+}
+pub fn visibility_timeout_s() -> i32 {
+    VISIBILITY_TIMEOUT_S.get()
+}
+pub fn visibility_heartbeat() -> bool {
+    VISIBILITY_HEARTBEAT.get()
+}
+pub fn wait_time_s() -> i32 {
+    WAIT_TIME_S.get()
+}
+pub fn request_timeout_ms() -> u64 {
+    REQUEST_TIMEOUT_MS.get() as u64
+}
+pub fn progress_interval_s() -> u64 {
+    PROGRESS_INTERVAL_S.get() as u64
+}
+pub fn worker_enabled() -> bool {
+    WORKER_ENABLED.get()
+}
+pub fn worker_queue_urls() -> Vec<String> {
+    string(&WORKER_QUEUE_URLS)
+        .map(|s| s.split(',').map(|u| u.trim().to_string()).filter(|u| !u.is_empty()).collect())
+        .unwrap_or_default()
+}
+pub fn worker_database() -> String {
+    string(&WORKER_DATABASE).unwrap_or_else(|| "postgres".into())
+}
+pub fn worker_count() -> i32 {
+    WORKER_COUNT.get()
+}
+pub fn worker_batch_messages() -> i64 {
+    WORKER_BATCH_MESSAGES.get() as i64
+}
+pub fn worker_wait_s() -> i32 {
+    WORKER_WAIT_S.get()
+}
+pub fn worker_restart_s() -> i32 {
+    WORKER_RESTART_S.get()
+}
+
+/// Secret values currently configured, for [`sqs_ingest_core::scrub::scrub`].
+pub fn configured_secrets() -> Vec<String> {
+    [aws_access_key_id(), aws_secret_access_key(), aws_session_token()].into_iter().flatten().collect()
+}
+
+fn define_string(
+    name: &'static CStr,
+    short: &'static CStr,
+    long: &'static CStr,
+    setting: &'static GucSetting<Option<CString>>,
+    context: GucContext,
+    flags: GucFlags,
+) {
+    GucRegistry::define_string_guc(name, short, long, setting, context, flags);
+}
+
+pub fn init() {
+    let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
+    define_string(
+        c"sqs_ingest.masking_method",
+        c"Masking method for ip and device_id: encrypt (reversible by unmask) or hmac (irreversible).",
+        c"Default encrypt. Overridable per call with the method argument.",
+        &MASKING_METHOD,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    define_string(
+        c"sqs_ingest.target_table",
+        c"Table ingest writes login rows to (resolved with search_path; created on first ingest if missing).",
+        c"Default user_logins.",
+        &TARGET_TABLE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    define_string(
+        c"sqs_ingest.region",
+        c"AWS region for queue URLs whose host does not name one.",
+        c"Default us-east-1.",
+        &REGION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    define_string(
+        c"sqs_ingest.aws_access_key_id",
+        c"Static AWS access key id; empty uses the AWS default credential provider chain.",
+        c"Superuser-only and hidden from non-superusers.",
+        &AWS_ACCESS_KEY_ID,
+        GucContext::Suset,
+        secret,
+    );
+    define_string(
+        c"sqs_ingest.aws_secret_access_key",
+        c"Static AWS secret access key; empty uses the AWS default credential provider chain.",
+        c"Superuser-only and hidden from non-superusers.",
+        &AWS_SECRET_ACCESS_KEY,
+        GucContext::Suset,
+        secret,
+    );
+    define_string(
+        c"sqs_ingest.aws_session_token",
+        c"Static AWS session token to go with the static key pair.",
+        c"Superuser-only and hidden from non-superusers.",
+        &AWS_SESSION_TOKEN,
+        GucContext::Suset,
+        secret,
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.receive_concurrency",
+        c"ReceiveMessage calls kept in flight at once (each returns up to 10 messages).",
+        c"Default 4.",
+        &RECEIVE_CONCURRENCY,
+        1,
+        64,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.visibility_timeout",
+        c"Visibility timeout requested on receive; messages held by an open transaction are extended before it ends.",
+        c"Default 60 seconds.",
+        &VISIBILITY_TIMEOUT_S,
+        1,
+        43_200,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"sqs_ingest.visibility_heartbeat",
+        c"Extend the visibility timeout of messages held by a still-open transaction.",
+        c"Default on. Off relies on sqs_ingest.visibility_timeout alone: a transaction that outlives it lets SQS redeliver its messages (the ledger still stores each once).",
+        &VISIBILITY_HEARTBEAT,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.wait_time",
+        c"Long-poll wait used to confirm a queue is empty before sqs_ingest() returns.",
+        c"Default 1 second; 0 trusts a single short poll (exact on LocalStack, not on AWS).",
+        &WAIT_TIME_S,
+        0,
+        20,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.request_timeout",
+        c"Upper bound on one SQS call, excluding its long-poll wait.",
+        c"Default 10000 ms.",
+        &REQUEST_TIMEOUT_MS,
+        100,
+        600_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.progress_interval",
+        c"Seconds between progress NOTICEs of a long ingest; 0 disables them.",
+        c"Default 10 seconds.",
+        &PROGRESS_INTERVAL_S,
+        0,
+        3600,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"sqs_ingest.worker_enabled",
+        c"Start the background ingest workers (needs shared_preload_libraries = 'sqs_ingest').",
+        c"Default off.",
+        &WORKER_ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    define_string(
+        c"sqs_ingest.worker_queue_urls",
+        c"Comma-separated queue URLs the background workers ingest from.",
+        c"Default empty.",
+        &WORKER_QUEUE_URLS,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    define_string(
+        c"sqs_ingest.worker_database",
+        c"Database the background workers connect to (the one where CREATE EXTENSION sqs_ingest ran).",
+        c"Default postgres.",
+        &WORKER_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.worker_count",
+        c"Number of background workers started at server start.",
+        c"Default 1. Workers share the queue list; SQS hands each message to one of them.",
+        &WORKER_COUNT,
+        0,
+        64,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.worker_batch_messages",
+        c"Most messages a worker stores per transaction.",
+        c"Default 100.",
+        &WORKER_BATCH_MESSAGES,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.worker_wait_time",
+        c"Long-poll wait of a worker's ReceiveMessage when the queue is idle.",
+        c"Default 20 seconds (the SQS maximum).",
+        &WORKER_WAIT_S,
+        0,
+        20,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.worker_restart_delay",
+        c"Seconds before the postmaster restarts a worker that died.",
+        c"Default 5 seconds.",
+        &WORKER_RESTART_S,
+        1,
+        3600,
+        GucContext::Postmaster,
+        GucFlags::UNIT_S,
+    );
+}

@@ -1,0 +1,232 @@
+//! Messages held by the current transaction.
+//!
+//! Received messages stay invisible on the queue while their transaction runs: a background task extends their
+//! visibility before it expires. When the transaction commits, they are deleted (DeleteMessageBatch, positional
+//! ids, per-entry failures counted). When it aborts, or the subtransaction that received them rolls back, they
+//! are released (visibility 0) so another consumer can take them at once. Nothing here may raise after commit:
+//! failures become WARNINGs and counters.
+
+use crate::sqs::{self, BatchOutcome};
+use pgrx::pg_sys;
+use std::cell::{Cell, RefCell};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct Entry {
+    queue: usize,
+    receipt: String,
+    subxact: pg_sys::SubTransactionId,
+}
+
+#[derive(Default)]
+struct Shared {
+    queues: Vec<(aws_sdk_sqs::Client, String)>,
+    entries: Vec<Entry>,
+}
+
+struct Hold {
+    shared: Arc<Mutex<Shared>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+/// Delete outcomes of this backend's commits, waiting to be added to `sqs_ingest.stats` by its next ingest.
+#[derive(Debug, Clone, Default)]
+pub struct PostCommit {
+    pub queue_url: String,
+    pub outcome: BatchOutcome,
+}
+
+thread_local! {
+    static HOLD: RefCell<Option<Hold>> = const { RefCell::new(None) };
+    static REGISTERED: Cell<bool> = const { Cell::new(false) };
+    static LAST_COMMIT: Cell<BatchOutcome> = const { Cell::new(BatchOutcome { succeeded: 0, failed: 0 }) };
+    static UNREPORTED: RefCell<Vec<PostCommit>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Registers the transaction callbacks once per backend.
+pub fn ensure_callbacks() {
+    if REGISTERED.get() {
+        return;
+    }
+    // SAFETY: registering static callbacks with Postgres; called on the main thread.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+    REGISTERED.set(true);
+}
+
+/// Takes ownership of received messages for the current (sub)transaction.
+pub fn hold(client: &aws_sdk_sqs::Client, queue_url: &str, receipts: Vec<String>, visibility_s: i32) {
+    if receipts.is_empty() {
+        return;
+    }
+    ensure_callbacks();
+    // SAFETY: reading the current subtransaction id inside a transaction on the main thread.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    HOLD.with(|h| {
+        let mut h = h.borrow_mut();
+        let hold = h.get_or_insert_with(|| start(visibility_s));
+        let mut shared = hold.shared.lock().expect("hold lock");
+        let queue = match shared.queues.iter().position(|(_, u)| u == queue_url) {
+            Some(i) => i,
+            None => {
+                shared.queues.push((client.clone(), queue_url.to_string()));
+                shared.queues.len() - 1
+            }
+        };
+        shared.entries.extend(receipts.into_iter().map(|receipt| Entry { queue, receipt, subxact }));
+    });
+}
+
+/// How many messages the current transaction holds.
+pub fn held_count() -> usize {
+    HOLD.with(|h| h.borrow().as_ref().map_or(0, |hold| hold.shared.lock().map_or(0, |s| s.entries.len())))
+}
+
+fn start(visibility_s: i32) -> Hold {
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let for_task = shared.clone();
+    // Extend at a third of the timeout, so two extensions can fail before a message becomes visible again.
+    let period = Duration::from_millis((visibility_s.max(1) as u64 * 1000) / 3);
+    let enabled = crate::gucs::visibility_heartbeat();
+    let heartbeat = sqs::runtime().spawn(async move {
+        if !enabled {
+            return;
+        }
+        loop {
+            tokio::time::sleep(period).await;
+            let groups = snapshot(&for_task);
+            for (client, url, receipts) in groups {
+                sqs::change_visibility(&client, &url, &receipts, visibility_s, 4).await;
+            }
+        }
+    });
+    Hold { shared, heartbeat }
+}
+
+type Group = (aws_sdk_sqs::Client, String, Vec<String>);
+
+fn snapshot(shared: &Mutex<Shared>) -> Vec<Group> {
+    let Ok(s) = shared.lock() else { return Vec::new() };
+    group(&s.queues, s.entries.iter())
+}
+
+fn group<'a>(queues: &[(aws_sdk_sqs::Client, String)], entries: impl Iterator<Item = &'a Entry>) -> Vec<Group> {
+    let mut groups: Vec<Group> = queues.iter().map(|(c, u)| (c.clone(), u.clone(), Vec::new())).collect();
+    for e in entries {
+        groups[e.queue].2.push(e.receipt.clone());
+    }
+    groups.retain(|g| !g.2.is_empty());
+    groups
+}
+
+fn take() -> Option<(Vec<Group>, tokio::task::JoinHandle<()>)> {
+    let hold = HOLD.with(|h| h.borrow_mut().take())?;
+    let groups = hold.shared.lock().map(|s| group(&s.queues, s.entries.iter())).unwrap_or_default();
+    Some((groups, hold.heartbeat))
+}
+
+fn after_commit() {
+    let Some((groups, heartbeat)) = take() else { return };
+    heartbeat.abort();
+    let mut total = BatchOutcome::default();
+    for (client, url, receipts) in groups {
+        let outcome = sqs::block_on_uninterruptible(sqs::delete(&client, &url, &receipts, 8));
+        total.succeeded += outcome.succeeded;
+        total.failed += outcome.failed;
+        if outcome.failed > 0 {
+            pgrx::warning!(
+                "sqs_ingest: {} of {} messages stored by the committed transaction could not be deleted from {url}; they will be redelivered and recognised as duplicates",
+                outcome.failed,
+                receipts.len()
+            );
+        }
+        UNREPORTED.with(|u| u.borrow_mut().push(PostCommit { queue_url: url, outcome }));
+    }
+    LAST_COMMIT.set(total);
+}
+
+fn release(groups: Vec<Group>) {
+    for (client, url, receipts) in groups {
+        // Best effort: if this fails the messages reappear when their visibility timeout ends anyway.
+        sqs::block_on_uninterruptible(async {
+            let _ = tokio::time::timeout(Duration::from_secs(5), sqs::change_visibility(&client, &url, &receipts, 0, 8)).await;
+        });
+    }
+}
+
+fn after_abort() {
+    let Some((groups, heartbeat)) = take() else { return };
+    heartbeat.abort();
+    release(groups);
+}
+
+fn after_subxact_abort(my: pg_sys::SubTransactionId) {
+    let groups = HOLD.with(|h| {
+        let h = h.borrow();
+        let hold = h.as_ref()?;
+        let mut s = hold.shared.lock().ok()?;
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut s.entries).into_iter().partition(|e| e.subxact >= my);
+        s.entries = kept;
+        Some(group(&s.queues, gone.iter()))
+    });
+    if let Some(groups) = groups {
+        release(groups);
+    }
+}
+
+fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransactionId) {
+    HOLD.with(|h| {
+        if let Some(hold) = h.borrow().as_ref() {
+            if let Ok(mut s) = hold.shared.lock() {
+                s.entries.iter_mut().filter(|e| e.subxact >= my).for_each(|e| e.subxact = parent);
+            }
+        }
+    });
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_PREPARE if held_count() > 0 => {
+            pgrx::error!("sqs_ingest cannot be used in a transaction that is prepared for two-phase commit")
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            // Never raise after commit: a panic here would take the backend down.
+            let _ = std::panic::catch_unwind(after_commit);
+        }
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
+            let _ = std::panic::catch_unwind(after_abort);
+        }
+        _ => {}
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    my: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_ABORT_SUB => {
+            let _ = std::panic::catch_unwind(|| after_subxact_abort(my));
+        }
+        SUBXACT_EVENT_COMMIT_SUB => after_subxact_commit(my, parent),
+        _ => {}
+    }
+}
+
+/// Outcome of the deletes after this backend's last commit that held messages.
+pub fn last_commit() -> BatchOutcome {
+    LAST_COMMIT.get()
+}
+
+/// Post-commit delete outcomes not yet written to the counters (taken, so each is written once).
+pub fn take_unreported() -> Vec<PostCommit> {
+    UNREPORTED.with(|u| std::mem::take(&mut *u.borrow_mut()))
+}

@@ -1,0 +1,364 @@
+//! The ingest loop shared by `sqs_ingest()`, `sqs_ingest_drain()` and the background workers.
+//!
+//! Receives stay in flight on the runtime's worker thread while the main thread stores the previous batch, so
+//! the queue endpoint is never idle waiting on the database. Each batch is stored with one ledger insert, one
+//! multi-row insert into the target and one dead-letter insert; its messages are held by the transaction and
+//! deleted only after it commits (see [`crate::hold`]).
+
+use crate::bookkeeping::{self, Counters, DeadLetters};
+use crate::error::{Error, Result};
+use crate::privilege::{as_owner, extension_owner};
+use crate::sqs::{self, Received};
+use crate::target::{self, Target};
+use crate::{gucs, hold, keys};
+use pgrx::datum::Date;
+use pgrx::prelude::*;
+use sqs_ingest_core::event::{self, AppVersionColumn, AppVersionValue};
+use sqs_ingest_core::mask::{random_nonce, KeyMaterial, Method};
+use sqs_ingest_core::queue_url::QueueUrl;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How one ingest call behaves.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub max_messages: Option<i64>,
+    pub method: Method,
+    /// Label in `sqs_ingest.stats` (empty for SQL sessions, `worker N` for background workers).
+    pub worker: String,
+    /// Long-poll wait of the receive that confirms the queue is empty (0: trust one empty short poll).
+    pub confirm_wait_s: i32,
+    /// Return as soon as the confirming long poll delivered messages (workers commit promptly).
+    pub return_after_wake: bool,
+    pub progress_notices: bool,
+}
+
+/// Counts of one call, as returned by `sqs_ingest()`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    pub received: i64,
+    pub inserted: i64,
+    pub duplicates: i64,
+    pub dead_lettered: i64,
+    /// Messages this call hands to the commit hook for deletion (every message it processed).
+    pub deleted: i64,
+    pub elapsed_ms: f64,
+}
+
+thread_local! {
+    /// Errors of calls whose transaction rolled back, written to the counters by this backend's next call.
+    static UNREPORTED_ERRORS: RefCell<Vec<(String, String, String)>> = const { RefCell::new(Vec::new()) };
+    /// When this backend last pruned each queue's ledger.
+    static LAST_PRUNE: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
+}
+
+/// Parses the arguments every entry point shares; raises before any side effect.
+pub fn parse_args(queue_url: &str, max_messages: Option<i64>, method: Option<&str>) -> Result<(QueueUrl, Option<i64>, Method)> {
+    let queue = QueueUrl::parse(queue_url).map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })?;
+    if let Some(n) = max_messages {
+        if n < 1 {
+            return Err(Error::InvalidArgument(format!("max_messages must be at least 1 (or NULL for no limit), not {n}")));
+        }
+    }
+    let method = Method::parse(&method.map(str::to_string).unwrap_or_else(gucs::masking_method))?;
+    Ok((queue, max_messages, method))
+}
+
+/// Remembers the error of a failing call so the next call in this backend records it in the counters.
+pub fn remember_error(queue_url: &str, worker: &str, error: &Error) {
+    UNREPORTED_ERRORS.with(|e| e.borrow_mut().push((queue_url.to_string(), worker.to_string(), error.scrubbed())));
+}
+
+/// Writes what earlier transactions of this backend could not: post-commit delete outcomes and errors.
+pub fn flush_unreported(worker: &str) -> Result<()> {
+    let deletes = hold::take_unreported();
+    let errors = UNREPORTED_ERRORS.with(|e| std::mem::take(&mut *e.borrow_mut()));
+    for d in deletes {
+        let c = Counters { delete_failures: d.outcome.failed as i64, ..Default::default() };
+        if c.delete_failures > 0 {
+            bookkeeping::add_counters(&d.queue_url, worker, c, None, None)?;
+        }
+    }
+    for (url, w, text) in errors {
+        bookkeeping::add_counters(&url, &w, Counters::default(), None, Some(&text))?;
+    }
+    Ok(())
+}
+
+/// Ingests from one queue until it is empty or `max_messages` were received.
+pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
+    let started = Instant::now();
+    hold::ensure_callbacks();
+    let client = sqs::client(queue)?;
+    // Connectivity, existence and protocol are checked before anything is written.
+    let info = sqs::block_on(sqs::queue_info(&client, &queue.url))??;
+    let owner = extension_owner();
+    as_owner(owner, || flush_unreported(&opts.worker))?;
+    let target = target::resolve_or_create(&gucs::target_table())?;
+    let (ring, key_id) = keys::active_key()?;
+    let key = ring.get(key_id).expect("active key is in the ring").clone();
+
+    let mut run = Run { queue, client: &client, opts, owner, target: &target, key: &key, summary: Summary::default() };
+    run.pipeline(started)?;
+
+    let s = run.summary;
+    let counters = Counters {
+        received: s.received,
+        inserted: s.inserted,
+        duplicates: s.duplicates,
+        dead_lettered: s.dead_lettered,
+        deleted: s.deleted,
+        delete_failures: 0,
+    };
+    as_owner(owner, || -> Result<()> {
+        bookkeeping::add_counters(&queue.url, &opts.worker, counters, info.approximate_depth, None)?;
+        maybe_prune(&queue.url, info.retention_s)
+    })?;
+    let mut summary = s;
+    summary.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    Ok(summary)
+}
+
+fn maybe_prune(url: &str, retention_s: Option<i64>) -> Result<()> {
+    let due = LAST_PRUNE.with(|p| p.borrow().get(url).is_none_or(|t| t.elapsed() > Duration::from_secs(3600)));
+    if due {
+        bookkeeping::prune_ledger(url, retention_s.unwrap_or(4 * 86_400))?;
+        LAST_PRUNE.with(|p| p.borrow_mut().insert(url.to_string(), Instant::now()));
+    }
+    Ok(())
+}
+
+struct InFlight {
+    handle: tokio::task::JoinHandle<Result<Vec<Received>>>,
+    requested: i64,
+}
+
+struct Run<'a> {
+    queue: &'a QueueUrl,
+    client: &'a aws_sdk_sqs::Client,
+    opts: &'a Options,
+    owner: pg_sys::Oid,
+    target: &'a Target,
+    key: &'a KeyMaterial,
+    summary: Summary,
+}
+
+impl Run<'_> {
+    fn spawn(&self, n: i64, wait_s: i32) -> InFlight {
+        let fut = sqs::receive(self.client.clone(), self.queue.url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
+        InFlight { handle: sqs::runtime().spawn(fut), requested: n }
+    }
+
+    fn pipeline(&mut self, started: Instant) -> Result<()> {
+        let concurrency = gucs::receive_concurrency();
+        let mut unrequested = self.opts.max_messages.unwrap_or(i64::MAX);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut saw_empty = false;
+        let mut confirming = false;
+        let mut confirmed_once = false;
+        let progress_every = Duration::from_secs(gucs::progress_interval_s());
+        let mut next_progress = started + progress_every;
+        loop {
+            while !saw_empty && in_flight.len() < concurrency && unrequested > 0 {
+                let n = unrequested.min(10);
+                in_flight.push_back(self.spawn(n, 0));
+                unrequested -= n;
+            }
+            if in_flight.is_empty() {
+                if saw_empty && !confirming && !confirmed_once && self.opts.confirm_wait_s > 0 && unrequested > 0 {
+                    confirming = true;
+                    let n = unrequested.min(10);
+                    in_flight.push_back(self.spawn(n, self.opts.confirm_wait_s));
+                    unrequested -= n;
+                    continue;
+                }
+                break;
+            }
+            let mut done = vec![in_flight.pop_front().expect("non-empty")];
+            while in_flight.front().is_some_and(|f| f.handle.is_finished()) {
+                done.push(in_flight.pop_front().expect("non-empty"));
+            }
+            let mut batch = Vec::new();
+            let mut woke = false;
+            for f in done {
+                let got = sqs::block_on(f.handle)?.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??;
+                unrequested += f.requested - got.len() as i64;
+                if got.is_empty() {
+                    saw_empty = true;
+                } else if confirming {
+                    // The queue was not empty after all: resume draining (or hand the batch to a worker's commit).
+                    confirming = false;
+                    saw_empty = false;
+                    confirmed_once = self.opts.return_after_wake;
+                    woke = true;
+                }
+                batch.extend(got);
+            }
+            if confirming && saw_empty && in_flight.is_empty() {
+                confirmed_once = true;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            // Refill the pipeline before the database work, so receives overlap the inserts.
+            if !(woke && self.opts.return_after_wake) {
+                while !saw_empty && in_flight.len() < concurrency && unrequested > 0 {
+                    let n = unrequested.min(10);
+                    in_flight.push_back(self.spawn(n, 0));
+                    unrequested -= n;
+                }
+            } else {
+                unrequested = 0;
+            }
+            self.store(batch)?;
+            if self.opts.progress_notices && !progress_every.is_zero() && Instant::now() >= next_progress {
+                let s = &self.summary;
+                let secs = started.elapsed().as_secs_f64();
+                notice!(
+                    "sqs_ingest: {} received, {} inserted, {} duplicates, {} dead-lettered in {:.0} s ({:.0} msg/s)",
+                    s.received,
+                    s.inserted,
+                    s.duplicates,
+                    s.dead_lettered,
+                    secs,
+                    s.received as f64 / secs.max(0.001)
+                );
+                next_progress = Instant::now() + progress_every;
+            }
+        }
+        Ok(())
+    }
+
+    fn store(&mut self, batch: Vec<Received>) -> Result<()> {
+        let limits = self.target.limits;
+        let mut seen = HashSet::with_capacity(batch.len());
+        let mut receipts = Vec::with_capacity(batch.len());
+        let mut candidates = Vec::with_capacity(batch.len());
+        let (mut ids, mut outcomes) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
+        for mut m in batch {
+            self.summary.received += 1;
+            receipts.push(std::mem::take(&mut m.receipt));
+            if m.message_id.is_empty() {
+                self.summary.duplicates += 1; // SQS always sets MessageId; without one it cannot be deduplicated.
+                continue;
+            }
+            if !seen.insert(m.message_id.clone()) {
+                self.summary.duplicates += 1;
+                continue;
+            }
+            let verdict = event::parse(&m.body).and_then(|e| event::validate(&e, &limits).map(|v| (e, v)));
+            ids.push(m.message_id.clone());
+            outcomes.push(if verdict.is_ok() { "stored" } else { "dead_letter" }.to_string());
+            candidates.push((m, verdict));
+        }
+        let fresh = as_owner(self.owner, || bookkeeping::claim(&self.queue.url, ids, outcomes))?;
+
+        let mut rows = Rows::default();
+        let mut dead = DeadLetters::default();
+        for (m, verdict) in candidates {
+            if !fresh.contains(&m.message_id) {
+                self.summary.duplicates += 1;
+                continue;
+            }
+            match verdict {
+                Ok((e, version)) => {
+                    rows.push(self.key, self.opts.method, e, version, m.sent_timestamp_ms)?;
+                }
+                Err(reason) => {
+                    dead.message_ids.push(m.message_id);
+                    dead.sent_ms.push(m.sent_timestamp_ms);
+                    dead.receive_counts.push(m.receive_count);
+                    dead.reason_codes.push(reason.code().to_string());
+                    dead.reasons.push(reason.to_string());
+                    dead.body_bytes.push(m.body.len() as i32);
+                    dead.bodies.push(self.key.seal_blob(random_nonce(), m.body.as_bytes()));
+                }
+            }
+        }
+        let inserted = rows.len() as i64;
+        rows.insert(self.target)?;
+        let dead_count = dead.message_ids.len() as i64;
+        as_owner(self.owner, || bookkeeping::store_dead_letters(&self.queue.url, self.key.id(), dead))?;
+        self.summary.inserted += inserted;
+        self.summary.dead_lettered += dead_count;
+        self.summary.deleted += receipts.len() as i64;
+        hold::hold(self.client, &self.queue.url, receipts, gucs::visibility_timeout_s());
+        Ok(())
+    }
+}
+
+/// Column arrays of the rows of one batch.
+#[derive(Default)]
+pub struct Rows {
+    user_id: Vec<String>,
+    device_type: Vec<String>,
+    masked_ip: Vec<String>,
+    masked_device_id: Vec<String>,
+    locale: Vec<Option<String>>,
+    version_int: Vec<i32>,
+    version_text: Vec<String>,
+    create_date: Vec<Date>,
+}
+
+/// Days from 1970-01-01 to 2000-01-01, Postgres' date epoch.
+const PG_EPOCH_UNIX_DAYS: i64 = 10_957;
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.user_id.len()
+    }
+
+    pub fn push(
+        &mut self,
+        key: &KeyMaterial,
+        method: Method,
+        e: event::LoginEvent,
+        version: AppVersionValue,
+        sent_ms: Option<i64>,
+    ) -> Result<()> {
+        self.masked_ip.push(key.mask(method, e.ip.as_bytes())?);
+        self.masked_device_id.push(key.mask(method, e.device_id.as_bytes())?);
+        self.user_id.push(e.user_id);
+        self.device_type.push(e.device_type);
+        self.locale.push(e.locale);
+        match version {
+            AppVersionValue::Packed(v) => self.version_int.push(v),
+            AppVersionValue::Verbatim(v) => self.version_text.push(v),
+        }
+        let ms = sent_ms.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+        });
+        let days = ms.div_euclid(86_400_000) - PG_EPOCH_UNIX_DAYS;
+        self.create_date.push(Date::saturating_from_raw(days as i32));
+        Ok(())
+    }
+
+    /// One multi-row INSERT, as the calling role, so the target's own privileges apply.
+    pub fn insert(self, target: &Target) -> Result<()> {
+        if self.user_id.is_empty() {
+            return Ok(());
+        }
+        let integer = matches!(target.limits.app_version, AppVersionColumn::Integer);
+        let sql = format!(
+            "INSERT INTO {} (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::{}[], $7::date[])",
+            target.name,
+            if integer { "int4" } else { "text" }
+        );
+        let version: pgrx::datum::DatumWithOid = if integer { self.version_int.into() } else { self.version_text.into() };
+        Spi::run_with_args(
+            &sql,
+            &[
+                self.user_id.into(),
+                self.device_type.into(),
+                self.masked_ip.into(),
+                self.masked_device_id.into(),
+                self.locale.into(),
+                version,
+                self.create_date.into(),
+            ],
+        )
+        .map_err(|e| Error::Target(format!("insert into {} failed: {e}", target.name)))
+    }
+}

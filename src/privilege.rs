@@ -1,0 +1,76 @@
+//! Running the extension's own bookkeeping as the extension owner.
+//!
+//! Keys, the ledger, dead letters, the audit trail and the counters are readable and writable only by the
+//! extension owner. The functions ordinary (granted) roles call run as the caller, so the target table's normal
+//! privileges apply, and switch to the owner only around the statements that touch those internal tables —
+//! exactly what a SECURITY DEFINER function with `SET search_path` does, scoped to a closure.
+
+use pgrx::pg_sys;
+
+
+/// The `search_path` internal statements run under: nothing a caller can plant objects in.
+const SAFE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
+
+struct OwnerContext {
+    saved_user: pg_sys::Oid,
+    saved_context: i32,
+    guc_nest_level: i32,
+}
+
+impl Drop for OwnerContext {
+    fn drop(&mut self) {
+        // SAFETY: restores exactly what `enter` saved, on the main thread, inside the same transaction. On an
+        // ERROR the transaction abort also resets both, so a double restore is harmless.
+        unsafe {
+            pg_sys::AtEOXact_GUC(true, self.guc_nest_level);
+            pg_sys::SetUserIdAndSecContext(self.saved_user, self.saved_context);
+        }
+    }
+}
+
+/// The OID of the role that owns the extension.
+pub fn extension_owner() -> pg_sys::Oid {
+    pgrx::Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sqs_ingest'")
+        .ok()
+        .flatten()
+        // SAFETY: reading the current user id has no preconditions inside a transaction.
+        .unwrap_or_else(|| unsafe { pg_sys::GetUserId() })
+}
+
+/// Runs `f` as the extension owner with a pinned search_path, restoring the caller's identity afterwards.
+pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let mut saved_user = pg_sys::Oid::INVALID;
+    let mut saved_context = 0;
+    // SAFETY: plain reads and writes of backend-local state on the main thread inside a transaction; the
+    // guard below restores it on every exit path, including an unwinding ERROR.
+    let _guard = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut saved_user, &mut saved_context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            saved_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        let guc_nest_level = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            SAFE_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        OwnerContext { saved_user, saved_context, guc_nest_level }
+    };
+    f()
+}
+
+/// The current (effective) and session role names, for the audit trail.
+pub fn role_names() -> (String, String) {
+    let q = "SELECT current_user::text, session_user::text";
+    match pgrx::Spi::get_two::<String, String>(q) {
+        Ok((Some(current), Some(session))) => (current, session),
+        _ => (String::new(), String::new()),
+    }
+}
+

@@ -1,0 +1,415 @@
+//! The SQS client: a per-backend tokio runtime and SDK clients, created lazily after fork.
+//!
+//! Only the backend's main thread touches Postgres. Network futures run inside [`block_on`], which polls them on
+//! the main thread and wakes every 100 ms to service Postgres interrupts (cancel, `statement_timeout`,
+//! terminate), because an SDK call does not service them by itself. The runtime's single worker thread (signals
+//! blocked) drives background tasks: prefetching receives and extending the visibility of held messages.
+
+use crate::error::{Error, Result};
+use crate::gucs;
+use aws_sdk_sqs::config::{Credentials, Region};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageSystemAttributeName,
+    QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use futures_util::stream::{self, StreamExt};
+use pgrx::pg_sys;
+use sqs_ingest_core::queue_url::QueueUrl;
+use sqs_ingest_core::sqs_error::{FailureClass, Observed};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// One received message, reduced to what ingest needs.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub message_id: String,
+    pub receipt: String,
+    pub body: String,
+    pub sent_timestamp_ms: Option<i64>,
+    pub receive_count: Option<i32>,
+}
+
+/// Queue attributes ingest reads before it starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueInfo {
+    pub approximate_depth: Option<i64>,
+    pub retention_s: Option<i64>,
+}
+
+/// Outcome of deleting or changing visibility of a set of messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+
+thread_local! {
+    static CLIENTS: RefCell<HashMap<String, aws_sdk_sqs::Client>> = RefCell::new(HashMap::new());
+}
+
+fn block_signals_in_this_thread() {
+    // SAFETY: builds a full signal set and applies it to the calling (runtime) thread only, so Postgres'
+    // signals (SIGINT, SIGTERM, SIGUSR1, ...) are always delivered to the backend's main thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// The backend's runtime, created on first use (never in the postmaster).
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .thread_name("sqs_ingest-net")
+            .on_thread_start(block_signals_in_this_thread)
+            .enable_all()
+            .build()
+            .expect("cannot start the sqs_ingest network runtime")
+    })
+}
+
+/// Runs a future to completion on the main thread, servicing Postgres interrupts every 100 ms.
+pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
+    let rt = runtime();
+    let mut fut = Box::pin(fut);
+    loop {
+        let step = rt.block_on(async {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    out = &mut fut => return Some(out),
+                    _ = tick.tick() => {
+                        // SAFETY: a sig_atomic_t flag set by signal handlers; read on the main thread.
+                        if unsafe { pg_sys::InterruptPending } != 0 {
+                            return None;
+                        }
+                    }
+                }
+            }
+        });
+        match step {
+            Some(out) => return Ok(out),
+            None => {
+                // Raises for cancel/timeout/terminate; returns for harmless interrupts, and we keep waiting.
+                pgrx::check_for_interrupts!();
+                if crate::worker::shutdown_requested() {
+                    return Err(Error::Interrupted);
+                }
+            }
+        }
+    }
+}
+
+/// Runs a future to completion without servicing interrupts (used after commit, where nothing may raise).
+pub fn block_on_uninterruptible<F: Future>(fut: F) -> F::Output {
+    runtime().block_on(fut)
+}
+
+fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::tls;
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .build_https()
+}
+
+/// An SDK client for the queue's endpoint/region and the current credential settings (cached per backend).
+pub fn client(queue: &QueueUrl) -> Result<aws_sdk_sqs::Client> {
+    let region = queue.region.clone().unwrap_or_else(gucs::region);
+    let static_creds = match (gucs::aws_access_key_id(), gucs::aws_secret_access_key()) {
+        (Some(id), Some(secret)) => Some(Credentials::new(id, secret, gucs::aws_session_token(), None, "sqs_ingest GUCs")),
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidArgument(
+                "sqs_ingest.aws_access_key_id and sqs_ingest.aws_secret_access_key must be set together".into(),
+            ))
+        }
+    };
+    // Non-AWS endpoints (LocalStack, ElasticMQ) accept any signature: without configured credentials, sign
+    // with placeholders instead of waiting on instance-metadata lookups that cannot succeed.
+    let creds = static_creds.or_else(|| {
+        (!queue.is_aws() && std::env::var_os("AWS_ACCESS_KEY_ID").is_none())
+            .then(|| Credentials::new("test", "test", None, None, "sqs_ingest local endpoint"))
+    });
+    let timeout = gucs::request_timeout_ms();
+    let cache_key = format!(
+        "{}|{}|{}|{}",
+        queue.endpoint.as_deref().unwrap_or("aws"),
+        region,
+        timeout,
+        creds.as_ref().map(|c| format!("{:x}", fxhash(c.access_key_id(), c.secret_access_key()))).unwrap_or_default()
+    );
+    if let Some(c) = CLIENTS.with(|m| m.borrow().get(&cache_key).cloned()) {
+        return Ok(c);
+    }
+    let endpoint = queue.endpoint.clone();
+    let client = block_on_uninterruptible(async move {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(region))
+            .http_client(http_client())
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_millis(timeout.min(5_000)))
+                    .operation_attempt_timeout(Duration::from_millis(timeout + 20_000))
+                    .build(),
+            )
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(3));
+        if let Some(c) = creds {
+            loader = loader.credentials_provider(c);
+        }
+        if let Some(ep) = endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        aws_sdk_sqs::Client::new(&loader.load().await)
+    });
+    CLIENTS.with(|m| m.borrow_mut().insert(cache_key, client.clone()));
+    Ok(client)
+}
+
+fn fxhash(a: &str, b: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    a.hash(&mut h);
+    b.hash(&mut h);
+    h.finish()
+}
+
+/// Turns an SDK failure into an [`Error`] a DBA can act on.
+pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    operation: &str,
+    err: SdkError<E, HttpResponse>,
+) -> Error {
+    let raw = err.raw_response();
+    let content_type = raw.and_then(|r| r.headers().get("content-type")).map(str::to_string);
+    let body = raw.and_then(|r| r.body().bytes()).map(|b| b[..b.len().min(256)].to_vec());
+    let status = raw.map(|r| r.status().as_u16());
+    let no_response = matches!(err, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_));
+    let code = err.code().map(str::to_string);
+    let seen = Observed {
+        error_code: code.as_deref(),
+        http_status: status,
+        content_type: content_type.as_deref(),
+        body_start: body.as_deref(),
+        no_response,
+    };
+    let class = FailureClass::classify(&seen);
+    let mut detail = match (&err, code.as_deref()) {
+        (SdkError::ServiceError(_), Some(code)) => {
+            format!("{operation}: {code}: {}", err.message().unwrap_or("no message"))
+        }
+        _ => format!("{operation}: {}", error_chain(&err)),
+    };
+    if let (Some(s), FailureClass::LegacyProtocol) = (status, class) {
+        detail = format!("{operation}: HTTP {s} with an XML body to a JSON-protocol request");
+    }
+    Error::Sqs { class, summary: class.summary().to_string(), detail }
+}
+
+/// The Display texts of an error and its sources, without the Debug dump of the SDK's internals.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// Reads depth and retention; doubles as the connectivity and existence check before any side effect.
+pub async fn queue_info(client: &aws_sdk_sqs::Client, url: &str) -> Result<QueueInfo> {
+    let out = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::MessageRetentionPeriod)
+        .send()
+        .await
+        .map_err(|e| classify("GetQueueAttributes", e))?;
+    let attrs = out.attributes();
+    let num = |name: QueueAttributeName| attrs.and_then(|a| a.get(&name)).and_then(|v| v.parse().ok());
+    Ok(QueueInfo {
+        approximate_depth: num(QueueAttributeName::ApproximateNumberOfMessages),
+        retention_s: num(QueueAttributeName::MessageRetentionPeriod),
+    })
+}
+
+/// One ReceiveMessage call.
+pub async fn receive(
+    client: aws_sdk_sqs::Client,
+    url: String,
+    max: i32,
+    wait_s: i32,
+    visibility_s: i32,
+) -> Result<Vec<Received>> {
+    let out = client
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(max.clamp(1, 10))
+        .wait_time_seconds(wait_s)
+        .visibility_timeout(visibility_s)
+        .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+        .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+        .send()
+        .await
+        .map_err(|e| classify("ReceiveMessage", e))?;
+    Ok(out
+        .messages
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| {
+            let attr = |n: MessageSystemAttributeName| m.attributes.as_ref().and_then(|a| a.get(&n)).cloned();
+            Received {
+                sent_timestamp_ms: attr(MessageSystemAttributeName::SentTimestamp).and_then(|v| v.parse().ok()),
+                receive_count: attr(MessageSystemAttributeName::ApproximateReceiveCount).and_then(|v| v.parse().ok()),
+                message_id: m.message_id.unwrap_or_default(),
+                receipt: m.receipt_handle.unwrap_or_default(),
+                body: m.body.unwrap_or_default(),
+            }
+        })
+        .collect())
+}
+
+/// Deletes messages in batches of 10 (positional ids), several batches in flight; counts per-entry failures.
+pub async fn delete(client: &aws_sdk_sqs::Client, url: &str, receipts: &[String], concurrency: usize) -> BatchOutcome {
+    let mut calls = Vec::new();
+    for chunk in receipts.chunks(10) {
+        let mut entries = Vec::with_capacity(chunk.len());
+        for (i, r) in chunk.iter().enumerate() {
+            if let Ok(e) = DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).build() {
+                entries.push(e);
+            }
+        }
+        let n = chunk.len() as u64;
+        let req = client.delete_message_batch().queue_url(url).set_entries(Some(entries));
+        calls.push(async move {
+            match req.send().await {
+                Ok(out) => BatchOutcome { succeeded: out.successful().len() as u64, failed: out.failed().len() as u64 },
+                Err(_) => BatchOutcome { succeeded: 0, failed: n },
+            }
+        });
+    }
+    run_bounded(calls, concurrency).await
+}
+
+/// Sets the visibility timeout of held messages (extend while a transaction runs, 0 to release after abort).
+pub async fn change_visibility(
+    client: &aws_sdk_sqs::Client,
+    url: &str,
+    receipts: &[String],
+    visibility_s: i32,
+    concurrency: usize,
+) -> BatchOutcome {
+    let mut calls = Vec::new();
+    for chunk in receipts.chunks(10) {
+        let mut entries = Vec::with_capacity(chunk.len());
+        for (i, r) in chunk.iter().enumerate() {
+            let entry = ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(r)
+                .visibility_timeout(visibility_s)
+                .build();
+            if let Ok(e) = entry {
+                entries.push(e);
+            }
+        }
+        let n = chunk.len() as u64;
+        let req = client.change_message_visibility_batch().queue_url(url).set_entries(Some(entries));
+        calls.push(async move {
+            match req.send().await {
+                Ok(out) => BatchOutcome { succeeded: out.successful().len() as u64, failed: out.failed().len() as u64 },
+                Err(_) => BatchOutcome { succeeded: 0, failed: n },
+            }
+        });
+    }
+    run_bounded(calls, concurrency).await
+}
+
+/// Sends bodies in batches of 10; returns how many SQS accepted.
+pub async fn send(client: &aws_sdk_sqs::Client, url: &str, bodies: &[String], concurrency: usize) -> Result<u64> {
+    let mut calls = Vec::new();
+    for chunk in bodies.chunks(10) {
+        let mut entries = Vec::with_capacity(chunk.len());
+        for (i, b) in chunk.iter().enumerate() {
+            if let Ok(e) = SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(b).build() {
+                entries.push(e);
+            }
+        }
+        let req = client.send_message_batch().queue_url(url).set_entries(Some(entries));
+        calls.push(async move {
+            req.send().await.map(|out| out.successful().len() as u64).map_err(|e| classify("SendMessageBatch", e))
+        });
+    }
+    let mut sent = 0;
+    let mut pending = stream::iter(calls).buffer_unordered(concurrency.max(1));
+    while let Some(r) = pending.next().await {
+        sent += r?;
+    }
+    Ok(sent)
+}
+
+async fn run_bounded<F: Future<Output = BatchOutcome>>(calls: Vec<F>, concurrency: usize) -> BatchOutcome {
+    let mut total = BatchOutcome::default();
+    let mut pending = stream::iter(calls).buffer_unordered(concurrency.max(1));
+    while let Some(o) = pending.next().await {
+        total.succeeded += o.succeeded;
+        total.failed += o.failed;
+    }
+    total
+}
+
+/// Receive + delete with `concurrency` pollers and no database work: the benchmark's baseline.
+pub async fn raw_drain(
+    client: aws_sdk_sqs::Client,
+    url: String,
+    max: i64,
+    concurrency: usize,
+    visibility_s: i32,
+) -> Result<(i64, i64)> {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+    let budget = Arc::new(AtomicI64::new(max));
+    let pollers = (0..concurrency.max(1)).map(|_| {
+        let (client, url, budget) = (client.clone(), url.clone(), budget.clone());
+        async move {
+            let (mut received, mut deleted) = (0i64, 0i64);
+            loop {
+                let want = budget.fetch_sub(10, Ordering::SeqCst);
+                if want <= 0 {
+                    break;
+                }
+                let want = want.min(10);
+                let got = receive(client.clone(), url.clone(), want as i32, 0, visibility_s).await?;
+                budget.fetch_add(want - got.len() as i64, Ordering::SeqCst);
+                if got.is_empty() {
+                    break;
+                }
+                received += got.len() as i64;
+                let receipts: Vec<String> = got.into_iter().map(|m| m.receipt).collect();
+                deleted += delete(&client, &url, &receipts, 1).await.succeeded as i64;
+            }
+            Ok::<_, Error>((received, deleted))
+        }
+    });
+    let results = futures_util::future::join_all(pollers).await;
+    let mut total = (0, 0);
+    for r in results {
+        let (r, d) = r?;
+        total.0 += r;
+        total.1 += d;
+    }
+    Ok(total)
+}
