@@ -22,6 +22,6 @@ for src in re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+?)\s+\S+\s*$", docker,
 pins = open("scripts/lib.sh").read()
 version = re.search(r'CARGO_PGRX_VERSION="([^"]+)"', pins).group(1)
 assert f"cargo-pgrx --version {version}" in docker or f"CARGO_PGRX_VERSION={version}" in docker, "Dockerfile.pg must pin the same cargo-pgrx"
-assert "scripts/install.sh" in docker or "cargo pgrx install --release" in docker, "Dockerfile.pg must build like scripts/install.sh"
+assert "cargo pgrx package" in docker or "scripts/install.sh" in docker, "Dockerfile.pg must build with cargo pgrx like scripts/install.sh"
 print("packaging checks passed")
 PY

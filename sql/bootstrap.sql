@@ -182,3 +182,22 @@ SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.ledger', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.dead_letters', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.unmask_audit', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.counters', '');
+
+-- Workers started with sqs_ingest.worker_start() --------------------------------------------------------
+CREATE TABLE sqs_ingest.workers (
+    worker_id      integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue_url      text NOT NULL,
+    batch_messages integer,
+    method         text,
+    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    stopped_at     timestamptz,
+    pid            integer
+);
+REVOKE ALL ON sqs_ingest.workers FROM PUBLIC;
+GRANT SELECT ON sqs_ingest.workers TO sqs_ingest_operator;
+COMMENT ON TABLE sqs_ingest.workers IS 'Workers started with sqs_ingest.worker_start() in this database';
+COMMENT ON COLUMN sqs_ingest.workers.queue_url IS 'Queue the worker ingests from';
+COMMENT ON COLUMN sqs_ingest.workers.batch_messages IS 'Messages per transaction (NULL: sqs_ingest.worker_batch_messages)';
+COMMENT ON COLUMN sqs_ingest.workers.method IS 'Masking method (NULL: sqs_ingest.masking_method)';
+COMMENT ON COLUMN sqs_ingest.workers.stopped_at IS 'Set by sqs_ingest.worker_stop(); the worker then exits for good';
+COMMENT ON COLUMN sqs_ingest.workers.pid IS 'Backend pid of the running worker';

@@ -87,3 +87,9 @@ COMMENT ON FUNCTION sqs_ingest.queue_send(text, text[]) IS 'Send message bodies 
 COMMENT ON FUNCTION sqs_ingest.queue_create(text, integer) IS 'Create the queue named by a queue URL at its endpoint; superuser only by default';
 COMMENT ON FUNCTION sqs_ingest.queue_depth(text) IS 'Approximate visible, in-flight and delayed message counts of a queue';
 COMMENT ON FUNCTION sqs_ingest.bench_raw_drain(text, bigint) IS 'Benchmark baseline: receive and DISCARD messages without touching tables; superuser only';
+GRANT EXECUTE ON FUNCTION sqs_ingest.worker_start(text, integer, text) TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.worker_stop(text) TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.worker_status() TO sqs_ingest_operator;
+COMMENT ON FUNCTION sqs_ingest.worker_start(text, integer, text) IS 'Start a background worker for one queue in this database (needs shared_preload_libraries = sqs_ingest); returns its id';
+COMMENT ON FUNCTION sqs_ingest.worker_stop(text) IS 'Stop this database''s dynamic workers (of one queue or all) after their current batch; returns how many';
+COMMENT ON FUNCTION sqs_ingest.worker_status() IS 'Running sqs_ingest workers: pid, label, database, queues, state';

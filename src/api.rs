@@ -26,7 +26,9 @@ pub mod sqs_ingest {
             Some(other) => Ok(Method::parse(other)?),
             None => {
                 let configured = gucs::masking_method();
-                if let Some(m) = METHOD_CACHE.with(|c| c.borrow().as_ref().filter(|(n, _)| *n == configured).map(|(_, m)| *m)) {
+                if let Some(m) =
+                    METHOD_CACHE.with(|c| c.borrow().as_ref().filter(|(n, _)| *n == configured).map(|(_, m)| *m))
+                {
                     return Ok(m);
                 }
                 let m = Method::parse(&configured)?;
@@ -46,12 +48,15 @@ pub mod sqs_ingest {
         Some(key.mask(method, value.as_bytes()).map_err(Error::from).or_raise())
     }
 
+    /// One row of `sqs_ingest.unmask_audit`: session role, effective role, key id, succeeded, failure.
+    type AuditRow = (String, String, Option<i32>, bool, Option<String>);
+
     thread_local! {
         /// Refused unmask calls whose transaction rolled back, written by this backend's next unmask.
-        static REFUSED: RefCell<Vec<(String, String, Option<i32>, String)>> = const { RefCell::new(Vec::new()) };
+        static REFUSED: RefCell<Vec<AuditRow>> = const { RefCell::new(Vec::new()) };
     }
 
-    fn audit(rows: Vec<(String, String, Option<i32>, bool, Option<String>)>) -> Result<()> {
+    fn audit(rows: Vec<AuditRow>) -> Result<()> {
         let owner = extension_owner();
         as_owner(owner, || {
             for (session, current, key_id, ok, failure) in rows {
@@ -75,11 +80,7 @@ pub mod sqs_ingest {
             let (_, bytes) = ring.unmask(token)?;
             String::from_utf8(bytes).map_err(|_| Error::Mask(MaskError::Tampered))
         });
-        let mut rows: Vec<_> = REFUSED
-            .with(|r| std::mem::take(&mut *r.borrow_mut()))
-            .into_iter()
-            .map(|(s, c, k, f)| (s, c, k, false, Some(f)))
-            .collect();
+        let mut rows: Vec<_> = REFUSED.with(|r| std::mem::take(&mut *r.borrow_mut())).into_iter().collect();
         match result {
             Ok(value) => {
                 log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} succeeded");
@@ -91,7 +92,9 @@ pub mod sqs_ingest {
                 let why = e.to_string();
                 log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} refused: {why}");
                 // Written now (kept if the caller's transaction survives) and again by the next call if not.
-                REFUSED.with(|r| r.borrow_mut().push((session.clone(), current.clone(), key_id, why.clone())));
+                REFUSED.with(|r| {
+                    r.borrow_mut().push((session.clone(), current.clone(), key_id, false, Some(why.clone())))
+                });
                 rows.push((session, current, key_id, false, Some(why)));
                 let _ = audit(rows);
                 e.raise()
@@ -112,9 +115,10 @@ pub mod sqs_ingest {
     }
 
     fn rekey(target_oid: pg_sys::Oid) -> Result<i64> {
-        let name = Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[target_oid.into()])
-            .map_err(|e| Error::Target(e.to_string()))?
-            .ok_or_else(|| Error::Target("no such table".into()))?;
+        let name =
+            Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[target_oid.into()])
+                .map_err(|e| Error::Target(e.to_string()))?
+                .ok_or_else(|| Error::Target("no such table".into()))?;
         let t = target::resolve_existing(&name)?;
         let (ring, active) = keys::active_key()?;
         let key = ring.get(active).expect("active key");
@@ -125,8 +129,10 @@ pub mod sqs_ingest {
         );
         let rows: Vec<(String, Option<String>, Option<String>)> = Spi::connect(|c| {
             c.select(&sql, None, &[current.clone().into()]).map(|rows| {
-                rows.map(|r| (r.get(1).ok().flatten().unwrap_or_default(), r.get(2).ok().flatten(), r.get(3).ok().flatten()))
-                    .collect()
+                rows.map(|r| {
+                    (r.get(1).ok().flatten().unwrap_or_default(), r.get(2).ok().flatten(), r.get(3).ok().flatten())
+                })
+                .collect()
             })
         })
         .map_err(|e| Error::Target(e.to_string()))?;
@@ -154,7 +160,8 @@ pub mod sqs_ingest {
                   WHERE t.ctid = u.ctid",
                 t.name
             );
-            Spi::run_with_args(&update, &[ctids.into(), ips.into(), devices.into()]).map_err(|e| Error::Target(e.to_string()))?;
+            Spi::run_with_args(&update, &[ctids.into(), ips.into(), devices.into()])
+                .map_err(|e| Error::Target(e.to_string()))?;
         }
         Ok(rewritten)
     }
@@ -316,10 +323,109 @@ pub mod sqs_ingest {
         let (queue, _, _) = ingest::parse_args(queue_url, Some(max_messages), Some("encrypt")).or_raise();
         let client = sqs::client(&queue).or_raise();
         let started = std::time::Instant::now();
-        let (received, deleted) = sqs::block_on(sqs::raw_drain(client, queue.url.clone(), max_messages, gucs::receive_concurrency(), gucs::visibility_timeout_s()))
-            .or_raise()
-            .or_raise();
+        let (received, deleted) = sqs::block_on(sqs::raw_drain(
+            client,
+            queue.url.clone(),
+            max_messages,
+            gucs::receive_concurrency(),
+            gucs::visibility_timeout_s(),
+        ))
+        .or_raise()
+        .or_raise();
         TableIterator::once((received, deleted, started.elapsed().as_secs_f64() * 1000.0))
+    }
+
+    /// Starts a background worker for one queue in this database (needs shared_preload_libraries). Returns its id.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn worker_start(
+        queue_url: &str,
+        batch_messages: default!(Option<i32>, "NULL"),
+        method: default!(Option<&str>, "NULL"),
+    ) -> i32 {
+        crate::worker::start_dynamic(queue_url, batch_messages, method).or_raise()
+    }
+
+    /// Stops this database's dynamic workers (of one queue, or all); each finishes its current batch. Returns how many.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn worker_stop(queue_url: default!(Option<&str>, "NULL")) -> i64 {
+        let owner = extension_owner();
+        let pids: Vec<Option<i32>> = as_owner(owner, || {
+            Spi::connect_mut(|c| {
+                let rows = c.update(
+                    "UPDATE sqs_ingest.workers SET stopped_at = pg_catalog.now()
+                      WHERE stopped_at IS NULL AND ($1::text IS NULL OR queue_url = $1) RETURNING pid",
+                    None,
+                    &[queue_url.map(str::to_string).into()],
+                )?;
+                Ok::<_, pgrx::spi::SpiError>(rows.map(|r| r.get::<i32>(1).ok().flatten()).collect())
+            })
+        })
+        .map_err(|e| Error::Internal(e.to_string()))
+        .or_raise();
+        for pid in pids.iter().flatten() {
+            // SIGTERM: the worker commits its current batch, sees its row stopped, and exits for good.
+            let _ = Spi::run_with_args("SELECT pg_catalog.pg_terminate_backend($1)", &[(*pid).into()]);
+        }
+        pids.len() as i64
+    }
+
+    /// Every running sqs_ingest worker of the server: static (GUC) and dynamic ones.
+    #[allow(clippy::type_complexity)]
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn worker_status() -> TableIterator<
+        'static,
+        (
+            name!(pid, i32),
+            name!(worker, String),
+            name!(database, Option<String>),
+            name!(queue_urls, Option<String>),
+            name!(state, Option<String>),
+            name!(backend_start, Option<pgrx::datum::TimestampWithTimeZone>),
+        ),
+    > {
+        let static_urls = gucs::worker_queue_urls().join(",");
+        let rows = Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT a.pid, a.application_name::text, a.datname::text, a.state::text, a.backend_start
+                   FROM pg_catalog.pg_stat_activity a WHERE a.backend_type = 'sqs_ingest worker' ORDER BY a.pid",
+                None,
+                &[],
+            )?;
+            Ok::<_, pgrx::spi::SpiError>(
+                rows.map(|r| {
+                    (
+                        r.get::<i32>(1).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(3).ok().flatten(),
+                        r.get::<String>(4).ok().flatten(),
+                        r.get::<pgrx::datum::TimestampWithTimeZone>(5).ok().flatten(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            )
+        })
+        .map_err(|e| Error::Internal(e.to_string()))
+        .or_raise();
+        let owner = extension_owner();
+        let out: Vec<_> = rows
+            .into_iter()
+            .map(|(pid, label, db, state, start)| {
+                let urls = if label.starts_with("dynamic") {
+                    as_owner(owner, || {
+                        Spi::get_one_with_args::<String>(
+                            "SELECT queue_url FROM sqs_ingest.workers WHERE pid = $1",
+                            &[pid.into()],
+                        )
+                    })
+                    .ok()
+                    .flatten()
+                } else {
+                    Some(static_urls.clone())
+                };
+                (pid, label, db, urls, state, start)
+            })
+            .collect();
+        TableIterator::new(out)
     }
 
     /// Records counters for a queue (used by sqs_ingest_drain to add post-commit delete outcomes).

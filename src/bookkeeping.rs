@@ -76,13 +76,7 @@ pub struct Counters {
 
 /// Adds to this backend's counter row for the current hour. Rows are keyed by backend pid, so concurrent
 /// sessions never wait on each other's counter rows.
-pub fn add_counters(
-    queue_url: &str,
-    worker: &str,
-    c: Counters,
-    depth: Option<i64>,
-    error: Option<&str>,
-) -> Result<()> {
+pub fn add_counters(queue_url: &str, worker: &str, c: Counters, depth: Option<i64>, error: Option<&str>) -> Result<()> {
     Spi::run_with_args(
         "INSERT INTO sqs_ingest.counters AS k
             (queue_url, worker, backend_pid, hour, received, inserted, duplicates, dead_lettered, deleted,

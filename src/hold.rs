@@ -151,7 +151,9 @@ fn release(groups: Vec<Group>) {
     for (client, url, receipts) in groups {
         // Best effort: if this fails the messages reappear when their visibility timeout ends anyway.
         sqs::block_on_uninterruptible(async {
-            let _ = tokio::time::timeout(Duration::from_secs(5), sqs::change_visibility(&client, &url, &receipts, 0, 8)).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), sqs::change_visibility(&client, &url, &receipts, 0, 8))
+                    .await;
         });
     }
 }
@@ -167,7 +169,8 @@ fn after_subxact_abort(my: pg_sys::SubTransactionId) {
         let h = h.borrow();
         let hold = h.as_ref()?;
         let mut s = hold.shared.lock().ok()?;
-        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut s.entries).into_iter().partition(|e| e.subxact >= my);
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) =
+            std::mem::take(&mut s.entries).into_iter().partition(|e| e.subxact >= my);
         s.entries = kept;
         Some(group(&s.queues, gone.iter()))
     });
@@ -196,9 +199,11 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Never raise after commit: a panic here would take the backend down.
             let _ = std::panic::catch_unwind(after_commit);
+            let _ = std::panic::catch_unwind(crate::worker::launch_pending);
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             let _ = std::panic::catch_unwind(after_abort);
+            crate::worker::forget_pending();
         }
         _ => {}
     }

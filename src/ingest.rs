@@ -54,11 +54,18 @@ thread_local! {
 }
 
 /// Parses the arguments every entry point shares; raises before any side effect.
-pub fn parse_args(queue_url: &str, max_messages: Option<i64>, method: Option<&str>) -> Result<(QueueUrl, Option<i64>, Method)> {
-    let queue = QueueUrl::parse(queue_url).map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })?;
+pub fn parse_args(
+    queue_url: &str,
+    max_messages: Option<i64>,
+    method: Option<&str>,
+) -> Result<(QueueUrl, Option<i64>, Method)> {
+    let queue = QueueUrl::parse(queue_url)
+        .map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })?;
     if let Some(n) = max_messages {
         if n < 1 {
-            return Err(Error::InvalidArgument(format!("max_messages must be at least 1 (or NULL for no limit), not {n}")));
+            return Err(Error::InvalidArgument(format!(
+                "max_messages must be at least 1 (or NULL for no limit), not {n}"
+            )));
         }
     }
     let method = Method::parse(&method.map(str::to_string).unwrap_or_else(gucs::masking_method))?;
@@ -146,7 +153,8 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn spawn(&self, n: i64, wait_s: i32) -> InFlight {
-        let fut = sqs::receive(self.client.clone(), self.queue.url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
+        let fut =
+            sqs::receive(self.client.clone(), self.queue.url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
         InFlight { handle: sqs::runtime().spawn(fut), requested: n }
     }
 
@@ -182,7 +190,20 @@ impl Run<'_> {
             let mut batch = Vec::new();
             let mut woke = false;
             for f in done {
-                let got = sqs::block_on(f.handle)?.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??;
+                let abort = f.handle.abort_handle();
+                let got = match sqs::block_on(f.handle) {
+                    Ok(joined) => joined.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??,
+                    Err(Error::Interrupted) => {
+                        // A worker asked to stop or reload: abandon the pending polls, store what we have.
+                        abort.abort();
+                        in_flight.drain(..).for_each(|f| f.handle.abort());
+                        unrequested = 0;
+                        confirmed_once = true;
+                        saw_empty = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 unrequested += f.requested - got.len() as i64;
                 if got.is_empty() {
                     saw_empty = true;
@@ -346,7 +367,8 @@ impl Rows {
             target.name,
             if integer { "int4" } else { "text" }
         );
-        let version: pgrx::datum::DatumWithOid = if integer { self.version_int.into() } else { self.version_text.into() };
+        let version: pgrx::datum::DatumWithOid =
+            if integer { self.version_int.into() } else { self.version_text.into() };
         Spi::run_with_args(
             &sql,
             &[

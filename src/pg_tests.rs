@@ -1,9 +1,71 @@
 // In-database tests (`cargo pgrx test`): no SQS endpoint needed. Live-queue tests are in pgrx-tests/.
 use pgrx::prelude::*;
 
+fn text(sql: &str) -> Option<String> {
+    Spi::get_one::<String>(sql).unwrap()
+}
+
 #[pg_test]
 fn app_version_text_prints_packed_codes() {
-    assert_eq!(Spi::get_one::<String>("SELECT sqs_ingest.app_version_text(20300)").unwrap().as_deref(), Some("2.3.0"));
-    assert_eq!(Spi::get_one::<String>("SELECT sqs_ingest.app_version_text(9600)").unwrap().as_deref(), Some("0.96.0"));
-    assert_eq!(Spi::get_one::<String>("SELECT sqs_ingest.app_version_text(-1)").unwrap(), None);
+    assert_eq!(text("SELECT sqs_ingest.app_version_text(20300)").as_deref(), Some("2.3.0"));
+    assert_eq!(text("SELECT sqs_ingest.app_version_text(9600)").as_deref(), Some("0.96.0"));
+    assert_eq!(text("SELECT sqs_ingest.app_version_text(-1)"), None);
+}
+
+#[pg_test]
+fn mask_is_deterministic_and_unmask_reverses_it() {
+    let a = text("SELECT sqs_ingest.mask('199.172.111.135')").unwrap();
+    let b = text("SELECT sqs_ingest.mask('199.172.111.135')").unwrap();
+    assert_eq!(a, b);
+    assert!(a.starts_with("enc:1:"), "{a}");
+    assert_ne!(a, text("SELECT sqs_ingest.mask('199.172.111.136')").unwrap());
+    let back = Spi::get_one_with_args::<String>("SELECT sqs_ingest.unmask($1)", &[a.clone().into()]).unwrap();
+    assert_eq!(back.as_deref(), Some("199.172.111.135"));
+    let h = text("SELECT sqs_ingest.mask('593-47-5928', 'hmac')").unwrap();
+    assert!(h.starts_with("hmac:1:"));
+    assert_eq!(text("SELECT sqs_ingest.mask(NULL)"), None);
+    let audited = Spi::get_one::<i64>("SELECT count(*) FROM sqs_ingest.unmask_audit WHERE succeeded").unwrap();
+    assert_eq!(audited, Some(1));
+}
+
+#[pg_test]
+fn the_method_setting_chooses_the_default() {
+    Spi::run("SET LOCAL sqs_ingest.masking_method = 'hmac'").unwrap();
+    assert!(text("SELECT sqs_ingest.mask('x')").unwrap().starts_with("hmac:"));
+    assert!(text("SELECT sqs_ingest.mask('x', 'encrypt')").unwrap().starts_with("enc:"));
+}
+
+#[pg_test(error = "token was masked with method hmac, which is irreversible")]
+fn hmac_tokens_cannot_be_unmasked() {
+    let h = text("SELECT sqs_ingest.mask('x', 'hmac')").unwrap();
+    Spi::get_one_with_args::<String>("SELECT sqs_ingest.unmask($1)", &[h.into()]).unwrap();
+}
+
+#[pg_test(error = "unknown masking method \"sha256\"")]
+fn unkeyed_hashing_is_not_a_method() {
+    text("SELECT sqs_ingest.mask('x', 'sha256')");
+}
+
+#[pg_test]
+fn rotation_makes_a_new_active_key_and_old_tokens_still_unmask() {
+    let old = text("SELECT sqs_ingest.mask('10.0.0.1')").unwrap();
+    assert_eq!(Spi::get_one::<i32>("SELECT sqs_ingest.rotate_key()").unwrap(), Some(2));
+    let new = text("SELECT sqs_ingest.mask('10.0.0.1')").unwrap();
+    assert!(new.starts_with("enc:2:"), "{new}");
+    for t in [old, new] {
+        let v = Spi::get_one_with_args::<String>("SELECT sqs_ingest.unmask($1)", &[t.into()]).unwrap();
+        assert_eq!(v.as_deref(), Some("10.0.0.1"));
+    }
+    let events = Spi::get_one::<i64>("SELECT count(*) FROM sqs_ingest.key_events").unwrap();
+    assert_eq!(events, Some(5), "generated+activated, retired, generated+activated");
+}
+
+#[pg_test(error = "sqs_ingest background workers need the library preloaded (shared_preload_libraries does not include sqs_ingest)")]
+fn worker_start_explains_a_missing_preload() {
+    Spi::run("SELECT sqs_ingest.worker_start('http://localhost:4566/000000000000/login-queue')").unwrap();
+}
+
+#[pg_test(error = "invalid queue URL \"localhost:4566/q\": queue URL must start with http:// or https://")]
+fn malformed_queue_url_is_refused_before_any_side_effect() {
+    Spi::run("SELECT * FROM sqs_ingest('localhost:4566/q')").unwrap();
 }

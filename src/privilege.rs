@@ -7,7 +7,6 @@
 
 use pgrx::pg_sys;
 
-
 /// The `search_path` internal statements run under: nothing a caller can plant objects in.
 const SAFE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 
@@ -73,4 +72,3 @@ pub fn role_names() -> (String, String) {
         _ => (String::new(), String::new()),
     }
 }
-

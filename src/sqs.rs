@@ -91,7 +91,7 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
                     out = &mut fut => return Some(out),
                     _ = tick.tick() => {
                         // SAFETY: a sig_atomic_t flag set by signal handlers; read on the main thread.
-                        if unsafe { pg_sys::InterruptPending } != 0 {
+                        if unsafe { pg_sys::InterruptPending } != 0 || crate::worker::shutdown_requested() {
                             return None;
                         }
                     }
@@ -127,7 +127,9 @@ fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
 pub fn client(queue: &QueueUrl) -> Result<aws_sdk_sqs::Client> {
     let region = queue.region.clone().unwrap_or_else(gucs::region);
     let static_creds = match (gucs::aws_access_key_id(), gucs::aws_secret_access_key()) {
-        (Some(id), Some(secret)) => Some(Credentials::new(id, secret, gucs::aws_session_token(), None, "sqs_ingest GUCs")),
+        (Some(id), Some(secret)) => {
+            Some(Credentials::new(id, secret, gucs::aws_session_token(), None, "sqs_ingest GUCs"))
+        }
         (None, None) => None,
         _ => {
             return Err(Error::InvalidArgument(

@@ -9,7 +9,6 @@ use sqs_ingest_core::event::{AppVersionColumn, ColumnLimits};
 /// A target table that passed inspection. `name` is the regclass text: quoted and qualified as needed.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub oid: pg_sys::Oid,
     pub name: String,
     pub limits: ColumnLimits,
 }
@@ -124,7 +123,9 @@ fn inspect(oid: pg_sys::Oid) -> Result<Target> {
         let app_version = match version_type.as_str() {
             "integer" | "bigint" => AppVersionColumn::Integer,
             "text" | "character varying" => AppVersionColumn::Text { max_chars: limit("app_version") },
-            other => return Err(Error::Target(format!("column {name}.app_version is {other}; expected integer or text"))),
+            other => {
+                return Err(Error::Target(format!("column {name}.app_version is {other}; expected integer or text")))
+            }
         };
         let limits = ColumnLimits {
             user_id: limit("user_id"),
@@ -142,6 +143,6 @@ fn inspect(oid: pg_sys::Oid) -> Result<Target> {
                 )));
             }
         }
-        Ok(Target { oid, name, limits })
+        Ok(Target { name, limits })
     })
 }

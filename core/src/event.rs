@@ -36,16 +36,13 @@ pub struct ColumnLimits {
 }
 
 /// How `app_version` is stored: packed into an integer column, or verbatim into a text column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AppVersionColumn {
+    #[default]
     Integer,
-    Text { max_chars: Option<usize> },
-}
-
-impl Default for AppVersionColumn {
-    fn default() -> Self {
-        AppVersionColumn::Integer
-    }
+    Text {
+        max_chars: Option<usize>,
+    },
 }
 
 /// The value that goes into the `app_version` column.
@@ -100,10 +97,9 @@ impl fmt::Display for Rejection {
             Rejection::TooLong { field, chars, limit } => {
                 write!(f, "field \"{field}\" is {chars} characters; its column allows {limit}")
             }
-            Rejection::MaskInputTooLong { field, bytes } => write!(
-                f,
-                "field \"{field}\" is {bytes} bytes; masking accepts at most {MAX_MASK_INPUT_BYTES}"
-            ),
+            Rejection::MaskInputTooLong { field, bytes } => {
+                write!(f, "field \"{field}\" is {bytes} bytes; masking accepts at most {MAX_MASK_INPUT_BYTES}")
+            }
             Rejection::InvalidVersion(e) => write!(f, "{e}"),
         }
     }

@@ -254,7 +254,9 @@ impl KeyMaterial {
         }
         let (nonce, body) = sealed.split_at(NONCE_BYTES);
         let aad = format!("blob:{}", self.id);
-        self.blob_aead.decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad: aad.as_bytes() }).map_err(|_| MaskError::Tampered)
+        self.blob_aead
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad: aad.as_bytes() })
+            .map_err(|_| MaskError::Tampered)
     }
 }
 
@@ -370,10 +372,7 @@ mod tests {
         let k = key(1, 5);
         let t = Token::parse(&k.mask(Method::Encrypt, b"1.1.1.1").unwrap()).unwrap();
         let nonce = &t.payload[..12];
-        let sealed = k
-            .siv_aead
-            .encrypt(Nonce::from_slice(nonce), Payload { msg: b"2.2.2.2", aad: b"enc:1" })
-            .unwrap();
+        let sealed = k.siv_aead.encrypt(Nonce::from_slice(nonce), Payload { msg: b"2.2.2.2", aad: b"enc:1" }).unwrap();
         let forged = Token { method: Method::Encrypt, key_id: 1, payload: [nonce, &sealed].concat() };
         assert_eq!(k.unmask(&forged), Err(MaskError::Tampered));
     }
@@ -398,7 +397,9 @@ mod tests {
             let r = Token::parse(&token[..cut]).and_then(|t| k.unmask(&t));
             assert!(matches!(r, Err(MaskError::Malformed) | Err(MaskError::Tampered)), "cut at {cut}: {r:?}");
         }
-        for junk in ["", "hello", "enc::AAAA", "enc:01:AAAA", "enc:-1:AAAA", "sha256:1:AAAA", "enc:1:***", "enc:99999999999:AA"] {
+        for junk in
+            ["", "hello", "enc::AAAA", "enc:01:AAAA", "enc:-1:AAAA", "sha256:1:AAAA", "enc:1:***", "enc:99999999999:AA"]
+        {
             assert_eq!(Token::parse(junk), Err(MaskError::Malformed), "{junk}");
         }
     }

@@ -61,9 +61,7 @@ fn aws_region(host: &str) -> Option<Option<String>> {
 
 fn valid_name(name: &str) -> bool {
     let stem = name.strip_suffix(".fifo").unwrap_or(name);
-    !stem.is_empty()
-        && name.len() <= 80
-        && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !stem.is_empty() && name.len() <= 80 && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 impl QueueUrl {
@@ -84,12 +82,10 @@ impl QueueUrl {
             return Err(QueueUrlError::UserInfo);
         }
         let host = match authority.rsplit_once(':') {
-            Some((h, port)) if !h.ends_with(']') || authority.starts_with('[') => {
-                match port.parse::<u16>() {
-                    Ok(p) if p > 0 => h,
-                    _ => return Err(QueueUrlError::Port),
-                }
-            }
+            Some((h, port)) if !h.ends_with(']') || authority.starts_with('[') => match port.parse::<u16>() {
+                Ok(p) if p > 0 => h,
+                _ => return Err(QueueUrlError::Port),
+            },
             _ => authority,
         };
         if host.is_empty() {

@@ -52,11 +52,16 @@ impl FailureClass {
             "AWS.SimpleQueueService.NonExistentQueue" | "QueueDoesNotExist" | "NonExistentQueue" => {
                 FailureClass::NoSuchQueue
             }
-            "InvalidClientTokenId" | "UnrecognizedClientException" | "SignatureDoesNotMatch"
-            | "IncompleteSignature" | "MissingAuthenticationToken" | "MissingAuthenticationTokenException"
-            | "ExpiredToken" | "ExpiredTokenException" | "InvalidSecurity" | "InvalidAccessKeyId" => {
-                FailureClass::BadCredentials
-            }
+            "InvalidClientTokenId"
+            | "UnrecognizedClientException"
+            | "SignatureDoesNotMatch"
+            | "IncompleteSignature"
+            | "MissingAuthenticationToken"
+            | "MissingAuthenticationTokenException"
+            | "ExpiredToken"
+            | "ExpiredTokenException"
+            | "InvalidSecurity"
+            | "InvalidAccessKeyId" => FailureClass::BadCredentials,
             "AccessDenied" | "AccessDeniedException" | "KmsAccessDenied" | "KMS.AccessDeniedException" => {
                 FailureClass::AccessDenied
             }

@@ -38,9 +38,9 @@ pub fn login(i: usize) -> String {
     serde_json::json!({
         "user_id": format!("00000000-0000-4000-8000-{i:012}"),
         "app_version": format!("{}.{}.{}", i % 10, i % 100, i % 7),
-        "device_type": if i % 2 == 0 { "android" } else { "ios" },
+        "device_type": if i.is_multiple_of(2) { "android" } else { "ios" },
         "ip": format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
-        "locale": if i % 3 == 0 { serde_json::Value::Null } else { "DE".into() },
+        "locale": if i.is_multiple_of(3) { serde_json::Value::Null } else { "DE".into() },
         "device_id": format!("{:03}-{:02}-{:04}", i % 1000, i % 100, i % 10000),
     })
     .to_string()

@@ -42,21 +42,23 @@ fn bad_messages_become_dead_letters_and_the_rest_is_stored() {
     expected.sort();
     assert_eq!(codes, expected);
     // Reasons name the field; bodies are encrypted (no clear IP or user id inside).
-    let reason: String = c
-        .query_one("SELECT reason FROM sqs_ingest.dead_letters WHERE reason_code = 'nul_byte'", &[])
-        .unwrap()
-        .get(0);
+    let reason: String =
+        c.query_one("SELECT reason FROM sqs_ingest.dead_letters WHERE reason_code = 'nul_byte'", &[]).unwrap().get(0);
     assert!(reason.contains("device_type"), "{reason}");
     let clear = count(
         &mut c,
         "SELECT count(*) FROM sqs_ingest.dead_letters WHERE position('\\x3130'::bytea IN body_encrypted) > 0 AND position(convert_to('00000000-0000-4000', 'UTF8') IN body_encrypted) > 0",
     );
     assert_eq!(clear, 0);
-    let sizes_match = count(&mut c, "SELECT count(*) FROM sqs_ingest.dead_letters WHERE length(body_encrypted) = body_bytes + 28");
+    let sizes_match =
+        count(&mut c, "SELECT count(*) FROM sqs_ingest.dead_letters WHERE length(body_encrypted) = body_bytes + 28");
     assert_eq!(sizes_match, cases.len() as i64, "AES-GCM body: nonce + ciphertext + tag");
     eventually("queue empty after commit", Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
     // A dead-lettered message is also in the ledger: redelivered, it is a duplicate, not a second dead letter.
-    assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger WHERE outcome = 'dead_letter'"), cases.len() as i64);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger WHERE outcome = 'dead_letter'"),
+        cases.len() as i64
+    );
 }
 
 #[test]

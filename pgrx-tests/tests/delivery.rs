@@ -19,7 +19,11 @@ fn rollback_stores_and_deletes_nothing() {
     tx.rollback().unwrap();
 
     assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger"), 0);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'user_logins'"), 0, "table creation rolled back too");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'user_logins'"),
+        0,
+        "table creation rolled back too"
+    );
     // Nothing was deleted: the messages are back on the queue (released at once on abort).
     eventually("30 messages visible again", Duration::from_secs(10), || depth(&mut c, &url).0 == 30);
     let counts = ingest(&mut c, &url);
@@ -54,7 +58,10 @@ fn a_redelivered_message_is_a_duplicate_stored_once() {
 
     // Consumer A holds the messages past a 1 s visibility timeout without extending it, so SQS redelivers
     // them to consumer B while A's rows are not yet committed.
-    a.batch_execute("BEGIN; SET LOCAL sqs_ingest.visibility_timeout = 1; SET LOCAL sqs_ingest.visibility_heartbeat = off").unwrap();
+    a.batch_execute(
+        "BEGIN; SET LOCAL sqs_ingest.visibility_timeout = 1; SET LOCAL sqs_ingest.visibility_heartbeat = off",
+    )
+    .unwrap();
     let first = a.query_one("SELECT received, inserted FROM sqs_ingest($1)", &[&url]).unwrap();
     assert_eq!(first.get::<_, i64>(1), 3);
     thread::sleep(Duration::from_millis(2500));
@@ -141,7 +148,9 @@ fn terminated_backend_loses_and_duplicates_nothing() {
     let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     victim.batch_execute("SET sqs_ingest.visibility_timeout = 3").unwrap();
     let proc_url = url.clone();
-    let running = thread::spawn(move || victim.batch_execute(&format!("CALL sqs_ingest_drain('{proc_url}', batch_messages => 100)")));
+    let running = thread::spawn(move || {
+        victim.batch_execute(&format!("CALL sqs_ingest_drain('{proc_url}', batch_messages => 100)"))
+    });
     terminate_when(&mut c, pid, |c| count(c, "SELECT count(*) FROM user_logins") >= 300);
     assert!(running.join().unwrap().is_err(), "the procedure was terminated");
     let stored_before = count(&mut c, "SELECT count(*) FROM user_logins");
@@ -158,7 +167,11 @@ fn terminated_backend_loses_and_duplicates_nothing() {
         in_flight >= 200
     });
     assert!(running.join().unwrap().is_err());
-    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), stored_before, "an uncommitted ingest stored nothing");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM user_logins"),
+        stored_before,
+        "an uncommitted ingest stored nothing"
+    );
 
     // After the visibility timeout everything comes back; a re-run completes the set exactly once.
     thread::sleep(Duration::from_secs(4));

@@ -29,7 +29,9 @@ fn send_receive_delete_round_trip_through_the_extension() {
 #[test]
 fn the_real_100_messages() {
     let Some(real) = real_messages() else {
-        eprintln!("SKIPPED the_real_100_messages: ../shared/data/fetch_login_queue.jsonl is not present on this machine");
+        eprintln!(
+            "SKIPPED the_real_100_messages: ../shared/data/fetch_login_queue.jsonl is not present on this machine"
+        );
         return;
     };
     assert_eq!(real.len(), 100);
@@ -88,7 +90,10 @@ fn the_real_100_messages() {
     }
     assert_eq!(actual, expected);
     // Clear values never reach the table.
-    let leaked = count(&mut c, "SELECT count(*) FROM user_logins WHERE masked_ip ~ '^[0-9.]+$' OR masked_device_id ~ '^[0-9-]+$'");
+    let leaked = count(
+        &mut c,
+        "SELECT count(*) FROM user_logins WHERE masked_ip ~ '^[0-9.]+$' OR masked_device_id ~ '^[0-9-]+$'",
+    );
     assert_eq!(leaked, 0);
 }
 
@@ -161,7 +166,10 @@ fn stats_view_counts_per_queue() {
             &[&url],
         )
         .unwrap();
-    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4)), (13, 12, 0, 1, 13));
+    assert_eq!(
+        (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2), r.get::<_, i64>(3), r.get::<_, i64>(4)),
+        (13, 12, 0, 1, 13)
+    );
     assert!(r.get::<_, bool>(5));
     assert_eq!(r.get::<_, Option<String>>(6), None);
 
