@@ -112,9 +112,10 @@ localstack_stop() {
 
 # ---- Postgres clusters (run as the postgres user; sockets in the cluster dir) -----------------------------
 
-# pg_start DIR PORT [PRELOAD]: initdb if needed, then start a cluster listening only on a unix socket in DIR.
+# pg_start DIR PORT [PRELOAD] [EXTRA_CONF]: initdb if needed, then start a cluster listening only on a unix
+# socket in DIR.
 pg_start() {
-    local dir port="$2" preload="${3:-}"
+    local dir port="$2" preload="${3:-}" extra="${4:-}"
     dir="$(realpath -m "$1")"
     mkdir -p "$dir"
     chmod 755 "$dir"
@@ -133,6 +134,7 @@ cron.database_name = 'postgres'
 cron.use_background_workers = on
 max_connections = 100
 log_min_messages = warning
+$extra
 CONF
     chown postgres:postgres "$dir/data/sqs_ingest.conf"
     grep -q "include_if_exists = 'sqs_ingest.conf'" "$dir/data/postgresql.conf" \

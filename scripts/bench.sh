@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# make bench: throughput against LocalStack's raw drain, backend CPU per message, masking speed beside
+# pgcrypto, and the background worker's send -> visible latency. Numbers, not pass/fail.
+#   BENCH_N (default 10000) messages per throughput run; BENCH_MASK_N (default 1000000) values for masking.
+source "$(dirname "$0")/lib.sh"
+N="${BENCH_N:-10000}"
+MASK_N="${BENCH_MASK_N:-1000000}"
+LAT_N="${BENCH_LATENCY_N:-200}"
+
+bash "$REPO_ROOT/scripts/setup.sh" >/dev/null
+bash "$REPO_ROOT/scripts/install.sh"
+B="$(run_root)/bench"
+rm -rf "$B"; mkdir -p "$B"; chmod 755 "$B"
+cleanup() { pg_stop "$B/pg"; localstack_stop "$B/localstack"; }
+trap cleanup EXIT
+LS_PORT="$(free_port 24566)"; PG_PORT="$(free_port 35432)"
+localstack_start "$B/localstack" "$LS_PORT"
+pg_start "$B/pg" "$PG_PORT" "sqs_ingest" "sqs_ingest.worker_database = 'bench'
+sqs_ingest.worker_count = 1
+shared_buffers = 256MB
+synchronous_commit = on"
+EP="http://localhost:$LS_PORT"
+PSQL=(psql -X -q -A -t -h "$B/pg" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1)
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE bench" >/dev/null
+"${PSQL[@]}" -d bench -c "CREATE EXTENSION sqs_ingest; CREATE EXTENSION pgcrypto; SELECT sqs_ingest.mask('warm up the key')" >/dev/null
+K="$("${PSQL[@]}" -d bench -c "SHOW sqs_ingest.receive_concurrency")"
+
+load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 7 \
+           | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$EP" --queue "$1" >/dev/null 2>&1; }
+
+echo "== sqs_ingest benchmark: $N messages, LocalStack $LOCALSTACK_VERSION on loopback, $(nproc) cores, receive_concurrency=$K"
+say "loading $N messages twice"
+load bench-raw "$N"; load bench-ingest "$N"
+
+RAW="$("${PSQL[@]}" -d bench -c "SELECT round(received / (elapsed_ms / 1000.0)) FROM sqs_ingest.bench_raw_drain('$EP/000000000000/bench-raw', $N)")"
+# Backend CPU time from /proc (utime+stime of the backend, including its network thread).
+PID_FILE="$B/pid"
+"${PSQL[@]}" -d bench >"$B/ingest.out" <<SQL
+SELECT pg_backend_pid() \\g $PID_FILE
+SELECT pg_sleep(0.2);
+\\! sh -c 'pid=\$(cat $PID_FILE); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu0'
+SELECT round(received / (elapsed_ms / 1000.0)), received FROM sqs_ingest('$EP/000000000000/bench-ingest', $N);
+\\! sh -c 'pid=\$(cat $PID_FILE); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu1'
+SQL
+read -r RATE RECEIVED < <(tr '|' ' ' <"$B/ingest.out" | tail -1)
+TICKS="$(getconf CLK_TCK)"
+CPU_US="$(awk -v a="$(cat "$B/cpu0")" -v b="$(cat "$B/cpu1")" -v t="$TICKS" -v n="$RECEIVED" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
+RATIO="$(awk -v a="$RATE" -v b="$RAW" 'BEGIN { printf "%.2f", a / b }')"
+printf '%-44s %10s msg/s\n' "LocalStack raw receive+delete drain (K=$K)" "$RAW"
+printf '%-44s %10s msg/s  (%s messages)\n' "sqs_ingest() into user_logins" "$RATE" "$RECEIVED"
+printf '%-44s %10s\n' "ratio sqs_ingest / raw drain" "$RATIO"
+printf '%-44s %10s us\n' "backend CPU per message" "$CPU_US"
+
+say "masking $MASK_N values"
+"${PSQL[@]}" -d bench -c "CREATE TABLE vals AS SELECT (i % 250)::text || '.' || (i % 251)::text || '.' || (i / 65536)::text || '.' || (i % 256)::text AS v FROM generate_series(1, $MASK_N) i; VACUUM ANALYZE vals" >/dev/null
+timeit() { "${PSQL[@]}" -d bench -c "\\timing on" -c "$1" | awk '/^Time:/ { print $2 }'; }
+T_PGC="$(timeit "SELECT count(encode(hmac(v, 'a secret key of some length', 'sha256'), 'hex')) FROM vals")"
+T_HMAC="$(timeit "SELECT count(sqs_ingest.mask(v, 'hmac')) FROM vals")"
+T_ENC="$(timeit "SELECT count(sqs_ingest.mask(v, 'encrypt')) FROM vals")"
+"${PSQL[@]}" -d bench -c "CREATE TABLE toks AS SELECT sqs_ingest.mask(v) AS t FROM vals" >/dev/null
+T_UNMASK="$(timeit "SELECT count(sqs_ingest.unmask(t)) FROM toks")"
+rate() { awk -v n="$MASK_N" -v ms="$1" 'BEGIN { printf "%.0f", n / (ms / 1000) }'; }
+printf '%-44s %10s rows/s\n' "pgcrypto encode(hmac(v,k,'sha256'),'hex')" "$(rate "$T_PGC")"
+printf '%-44s %10s rows/s  (%.1fx pgcrypto)\n' "sqs_ingest.mask(v, 'hmac')" "$(rate "$T_HMAC")" "$(awk -v a="$T_PGC" -v b="$T_HMAC" 'BEGIN{print a/b}')"
+printf '%-44s %10s rows/s\n' "sqs_ingest.mask(v, 'encrypt')" "$(rate "$T_ENC")"
+printf '%-44s %10s rows/s  (each call audited)\n' "sqs_ingest.unmask(t)" "$(rate "$T_UNMASK")"
+
+say "worker latency: $LAT_N single messages, send -> row visible"
+LURL="$EP/000000000000/bench-latency"
+"${PSQL[@]}" -d bench -c "SELECT sqs_ingest.queue_create('$LURL')" >/dev/null
+"${PSQL[@]}" -d postgres -c "ALTER SYSTEM SET sqs_ingest.worker_queue_urls = '$LURL'" -c "ALTER SYSTEM SET sqs_ingest.worker_enabled = on" -c "SELECT pg_reload_conf()" >/dev/null
+sleep 3
+"${PSQL[@]}" -d bench <<SQL
+CREATE TEMP TABLE lat (ms float8);
+DO \$\$
+DECLARE t0 timestamptz; uid text;
+BEGIN
+  FOR i IN 1..$LAT_N LOOP
+    uid := 'latency-' || i;
+    t0 := clock_timestamp();
+    PERFORM sqs_ingest.queue_send('$LURL', ARRAY[format('{"user_id":"%s","app_version":"1.0.0","device_type":"ios","ip":"10.0.0.1","locale":null,"device_id":"1"}', uid)]);
+    WHILE NOT EXISTS (SELECT 1 FROM user_logins WHERE user_id = uid) LOOP
+      PERFORM pg_sleep(0.001);
+      IF clock_timestamp() - t0 > interval '30 seconds' THEN RAISE EXCEPTION 'message % not ingested', i; END IF;
+    END LOOP;
+    INSERT INTO lat VALUES (extract(epoch FROM clock_timestamp() - t0) * 1000);
+  END LOOP;
+END \$\$;
+SELECT format('%-44s %10s ms', 'worker send -> visible latency p50', round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1)),
+       format('%-44s %10s ms', 'worker send -> visible latency p99', round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1))
+  FROM lat;
+SQL
