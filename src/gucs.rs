@@ -242,24 +242,6 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    define_string(
-        c"sqs_ingest.worker_database",
-        c"Database the background workers connect to (the one where CREATE EXTENSION sqs_ingest ran).",
-        c"Default postgres.",
-        &WORKER_DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"sqs_ingest.worker_count",
-        c"Number of background workers started at server start.",
-        c"Default 1. Workers share the queue list; SQS hands each message to one of them.",
-        &WORKER_COUNT,
-        0,
-        64,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
     GucRegistry::define_int_guc(
         c"sqs_ingest.worker_batch_messages",
         c"Most messages a worker stores per transaction.",
@@ -279,6 +261,30 @@ pub fn init() {
         20,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    // Postmaster-context settings can only be defined while shared_preload_libraries is being processed;
+    // without the preload there are no static workers for them to configure.
+    // SAFETY: a plain read of a postmaster flag during _PG_init.
+    if !unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    define_string(
+        c"sqs_ingest.worker_database",
+        c"Database the background workers connect to (the one where CREATE EXTENSION sqs_ingest ran).",
+        c"Default postgres.",
+        &WORKER_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.worker_count",
+        c"Number of background workers started at server start.",
+        c"Default 1. Workers share the queue list; SQS hands each message to one of them.",
+        &WORKER_COUNT,
+        0,
+        64,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"sqs_ingest.worker_restart_delay",

@@ -30,7 +30,13 @@ fn reconfigure(c: &mut postgres::Client, settings: &[(&str, &str)]) {
 fn reconnect(h: &Harness, db: &str) -> postgres::Client {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match postgres::Config::new().host_path(&h.host).port(h.port).user("postgres").dbname(db).connect(postgres::NoTls) {
+        match postgres::Config::new()
+            .host_path(&h.host)
+            .port(h.port)
+            .user("postgres")
+            .dbname(db)
+            .connect(postgres::NoTls)
+        {
             Ok(c) => return c,
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
@@ -62,7 +68,14 @@ fn background_workers_and_pg_cron() {
     let q2 = h.fresh_queue(&mut c, "e2e-worker-2", 30);
 
     // 1. Enable the two static workers on q1 with a reload; messages sent while they run are stored.
-    reconfigure(&mut c, &[("sqs_ingest.worker_queue_urls", &q1), ("sqs_ingest.worker_enabled", "on"), ("sqs_ingest.worker_wait_time", "2")]);
+    reconfigure(
+        &mut c,
+        &[
+            ("sqs_ingest.worker_queue_urls", &q1),
+            ("sqs_ingest.worker_enabled", "on"),
+            ("sqs_ingest.worker_wait_time", "2"),
+        ],
+    );
     eventually("two workers running", Duration::from_secs(30), || worker_pids(&mut c).len() == 2);
     h.send(&mut c, &q1, &(0..2000).map(login).collect::<Vec<_>>());
     eventually("2000 rows from the workers", Duration::from_secs(60), || logins(&mut c).0 >= 2000);
@@ -123,9 +136,14 @@ fn background_workers_and_pg_cron() {
     // 6. Disable the static workers; a dynamic worker started from SQL ingests q1 until stopped.
     reconfigure(&mut c, &[("sqs_ingest.worker_enabled", "off")]);
     let id: i32 = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&q1]).unwrap().get(0);
-    eventually("q1's waiting message stored by the dynamic worker", Duration::from_secs(30), || logins(&mut c).0 == 17_002);
+    eventually("q1's waiting message stored by the dynamic worker", Duration::from_secs(30), || {
+        logins(&mut c).0 == 17_002
+    });
     let status: i64 = c
-        .query_one("SELECT count(*) FROM sqs_ingest.worker_status() WHERE worker = $1 AND queue_urls = $2", &[&format!("dynamic worker {id}"), &q1])
+        .query_one(
+            "SELECT count(*) FROM sqs_ingest.worker_status() WHERE worker = $1 AND queue_urls = $2",
+            &[&format!("dynamic worker {id}"), &q1],
+        )
         .unwrap()
         .get(0);
     assert_eq!(status, 1);
