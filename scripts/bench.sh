@@ -51,6 +51,19 @@ printf '%-44s %10s msg/s  (%s messages)\n' "sqs_ingest() into user_logins" "$RAT
 printf '%-44s %10s\n' "ratio sqs_ingest / raw drain" "$RATIO"
 printf '%-44s %10s us\n' "backend CPU per message" "$CPU_US"
 
+RSS_N="${BENCH_RSS_N:-100000}"
+say "memory: RSS of one backend before and after ingesting $RSS_N messages (sqs_ingest_drain, 1000 per commit)"
+load bench-rss "$RSS_N"
+"${PSQL[@]}" -d bench >"$B/rss.out" <<SQL
+SELECT pg_backend_pid() \\g $B/rss.pid
+SELECT * FROM sqs_ingest('$EP/000000000000/bench-raw', 10) \\g /dev/null
+\\! sh -c 'grep VmRSS /proc/\$(cat $B/rss.pid)/status | awk "{print \\\$2}" > $B/rss0'
+CALL sqs_ingest_drain('$EP/000000000000/bench-rss', batch_messages => 1000) \\g /dev/null
+\\! sh -c 'grep VmRSS /proc/\$(cat $B/rss.pid)/status | awk "{print \\\$2}" > $B/rss1'
+SELECT count(*) FROM user_logins;
+SQL
+printf '%-44s %10s MB -> %s MB (%s messages)\n' "backend RSS before -> after" "$(( $(cat "$B/rss0") / 1024 ))" "$(( $(cat "$B/rss1") / 1024 ))" "$RSS_N"
+
 say "masking $MASK_N values"
 "${PSQL[@]}" -d bench -c "CREATE TABLE vals AS SELECT (i % 250)::text || '.' || (i % 251)::text || '.' || (i / 65536)::text || '.' || (i % 256)::text AS v FROM generate_series(1, $MASK_N) i; VACUUM ANALYZE vals" >/dev/null
 timeit() { "${PSQL[@]}" -d bench -c "\\timing on" -c "$1" | awk '/^Time:/ { print $2 }'; }

@@ -25,11 +25,16 @@ fn bad_messages_become_dead_letters_and_the_rest_is_stored() {
         ("value_too_long", body_with("user_id", "u".repeat(129).into())),
         ("nul_byte", body_with("device_type", "and\u{0}roid".into())),
         ("invalid_app_version", body_with("app_version", "2.x.1".into())),
-        ("body_too_large", body_with("locale", "x".repeat(200 * 1024).into())),
     ];
     let mut bodies: Vec<String> = cases.iter().map(|(_, b)| b.clone()).collect();
     bodies.extend((100..110).map(login));
     h.send(&mut c, &url, &bodies);
+    // A 1 MiB body (the SQS maximum) goes alone: a SendMessageBatch may carry at most 1 MiB in all.
+    let huge = body_with("locale", "x".repeat(1_048_000).into());
+    assert!(huge.len() > 1_040_000 && huge.len() <= 1_048_576);
+    h.send(&mut c, &url, std::slice::from_ref(&huge));
+    let mut cases = cases;
+    cases.push(("body_too_large", huge));
 
     let counts = ingest(&mut c, &url);
     assert_eq!(counts.received, 18);
