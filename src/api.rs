@@ -43,8 +43,7 @@ pub mod sqs_ingest {
     fn mask(value: Option<&str>, method: default!(Option<&str>, "NULL")) -> Option<String> {
         let value = value?;
         let method = method_of(method).or_raise();
-        let (ring, id) = keys::active_key().or_raise();
-        let key = ring.get(id).expect("active key is in the ring");
+        let key = keys::active_material().or_raise();
         Some(key.mask(method, value.as_bytes()).map_err(Error::from).or_raise())
     }
 

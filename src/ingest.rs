@@ -100,6 +100,10 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     let client = sqs::client(queue)?;
     // Connectivity, existence and protocol are checked before anything is written.
     let info = sqs::block_on(sqs::queue_info(&client, &queue.url))??;
+    // Messages are deleted right after COMMIT, so the commit must be durable first: with
+    // synchronous_commit = off a crash could lose a committed batch whose messages are already gone.
+    Spi::run("SELECT pg_catalog.set_config('synchronous_commit', 'local', true) WHERE pg_catalog.current_setting('synchronous_commit') = 'off'")
+        .map_err(|e| Error::Internal(e.to_string()))?;
     let owner = extension_owner();
     as_owner(owner, || flush_unreported(&opts.worker))?;
     let target = target::resolve_or_create(&gucs::target_table())?;

@@ -28,6 +28,7 @@ fn local_xid() -> u32 {
 /// Drops the cached keyring (after rotation, or when a transaction may have changed the keys).
 pub fn invalidate() {
     CACHE.with(|c| *c.borrow_mut() = None);
+    ACTIVE.with(|a| *a.borrow_mut() = None);
 }
 
 /// The keyring for this transaction, loaded once per transaction. With `create`, generates the first key.
@@ -50,6 +51,23 @@ pub fn keyring(create: bool) -> Result<Rc<Keyring>> {
     let ring = Rc::new(ring);
     CACHE.with(|c| *c.borrow_mut() = Some(Cached { lxid, ring: ring.clone() }));
     Ok(ring)
+}
+
+thread_local! {
+    /// The active key of the current transaction, for the per-row hot path of mask().
+    static ACTIVE: RefCell<Option<(u32, Rc<KeyMaterial>)>> = const { RefCell::new(None) };
+}
+
+/// The active key alone, cached per transaction (mask() calls this once per row).
+pub fn active_material() -> Result<Rc<KeyMaterial>> {
+    let lxid = local_xid();
+    if let Some(k) = ACTIVE.with(|a| a.borrow().as_ref().filter(|(x, _)| *x == lxid).map(|(_, k)| k.clone())) {
+        return Ok(k);
+    }
+    let (ring, id) = active_key()?;
+    let key = Rc::new(ring.get(id).expect("active key is in the ring").clone());
+    ACTIVE.with(|a| *a.borrow_mut() = Some((lxid, key.clone())));
+    Ok(key)
 }
 
 /// The active key, generating the first one if none exists.

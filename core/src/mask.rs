@@ -126,6 +126,8 @@ impl Token {
 #[derive(Clone)]
 pub struct KeyMaterial {
     id: i32,
+    /// "enc:<id>:" and "hmac:<id>:", formatted once.
+    prefixes: [String; 2],
     siv_mac: HmacSha256,
     siv_aead: Aes256Gcm,
     hmac: HmacSha256,
@@ -155,6 +157,7 @@ impl KeyMaterial {
         let aead = |label: &[u8]| Aes256Gcm::new_from_slice(&*subkey(master, label)).expect("32 bytes");
         Ok(KeyMaterial {
             id,
+            prefixes: [format!("enc:{id}:"), format!("hmac:{id}:")],
             siv_mac: mac(b"siv-mac"),
             siv_aead: aead(b"siv-enc"),
             hmac: mac(b"hmac"),
@@ -189,7 +192,11 @@ impl KeyMaterial {
             Method::Hmac => {
                 let mut mac = self.hmac.clone();
                 mac.update(plaintext);
-                mac.finalize().into_bytes().to_vec()
+                let digest = mac.finalize().into_bytes();
+                let mut token = String::with_capacity(self.prefixes[1].len() + 43);
+                token.push_str(&self.prefixes[1]);
+                URL_SAFE_NO_PAD.encode_string(digest, &mut token);
+                return Ok(token);
             }
             Method::Encrypt => {
                 let nonce = self.synthetic_nonce(plaintext);
@@ -204,11 +211,12 @@ impl KeyMaterial {
                 out
             }
         };
-        let mut token = String::with_capacity(16 + payload.len() * 4 / 3 + 4);
-        token.push_str(method.prefix());
-        token.push(':');
-        token.push_str(&self.id.to_string());
-        token.push(':');
+        let prefix = &self.prefixes[match method {
+            Method::Encrypt => 0,
+            Method::Hmac => 1,
+        }];
+        let mut token = String::with_capacity(prefix.len() + payload.len().div_ceil(3) * 4);
+        token.push_str(prefix);
         URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
         Ok(token)
     }

@@ -181,3 +181,33 @@ fn stats_view_counts_per_queue() {
         c.query_one("SELECT last_error FROM sqs_ingest.stats WHERE queue_url = $1", &[&bad]).unwrap().get(0);
     assert!(err.as_deref().is_some_and(|e| e.contains("42704")), "{err:?}");
 }
+
+#[test]
+fn long_runs_report_progress_at_the_configured_rate() {
+    let h = harness();
+    h.fresh_db("e2e_progress");
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = notices.clone();
+    let mut c = postgres::Config::new()
+        .host_path(&h.host)
+        .port(h.port)
+        .user("postgres")
+        .dbname("e2e_progress")
+        .notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()))
+        .connect(postgres::NoTls)
+        .unwrap();
+    let url = h.fresh_queue(&mut c, "e2e-progress", 30);
+    h.send(&mut c, &url, &(0..3000).map(login).collect::<Vec<_>>());
+    c.batch_execute("SET sqs_ingest.progress_interval = 1").unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(ingest(&mut c, &url).inserted, 3000);
+    let secs = started.elapsed().as_secs_f64();
+    let progress: Vec<String> = notices.lock().unwrap().iter().filter(|n| n.contains("received")).cloned().collect();
+    assert!(!progress.is_empty() || secs < 1.0, "no progress NOTICE in {secs:.1} s");
+    assert!(progress.len() as f64 <= secs + 1.0, "{} NOTICEs in {secs:.1} s: more than one a second", progress.len());
+    c.batch_execute("SET sqs_ingest.progress_interval = 0").unwrap();
+    notices.lock().unwrap().clear();
+    h.send(&mut c, &url, &(0..500).map(login).collect::<Vec<_>>());
+    ingest(&mut c, &url);
+    assert!(notices.lock().unwrap().iter().all(|n| !n.contains("received")), "progress_interval = 0 silences them");
+}
