@@ -127,7 +127,7 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
         maybe_prune(&queue.url, info.retention_s)
     })?;
     let mut summary = s;
-    summary.elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    summary.elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     Ok(summary)
 }
 
