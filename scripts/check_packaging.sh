@@ -23,5 +23,14 @@ pins = open("scripts/lib.sh").read()
 version = re.search(r'CARGO_PGRX_VERSION="([^"]+)"', pins).group(1)
 assert f"cargo-pgrx --version {version}" in docker or f"CARGO_PGRX_VERSION={version}" in docker, "Dockerfile.pg must pin the same cargo-pgrx"
 assert "cargo pgrx package" in docker or "scripts/install.sh" in docker, "Dockerfile.pg must build with cargo pgrx like scripts/install.sh"
+upgrades = sorted(p.name for p in pathlib.Path("sql").glob("sqs_ingest--*--*.sql"))
+for u in upgrades:
+    assert u in docker, f"Dockerfile.pg does not ship upgrade script {u}"
+version = re.search(r'^version = "([^"]+)"', open("Cargo.toml").read(), re.M).group(1)
+releases = sorted(p.name for p in pathlib.Path("sql/releases").glob("sqs_ingest--*.sql"))
+for r in releases:
+    old = r.removeprefix("sqs_ingest--").removesuffix(".sql")
+    assert any(u.startswith(f"sqs_ingest--{old}--") for u in upgrades), f"no upgrade path from {old}"
+assert any(u.endswith(f"--{version}.sql") for u in upgrades) or not releases, f"no upgrade script reaches {version}"
 print("packaging checks passed")
 PY

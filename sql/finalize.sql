@@ -93,3 +93,18 @@ GRANT EXECUTE ON FUNCTION sqs_ingest.worker_status() TO sqs_ingest_operator;
 COMMENT ON FUNCTION sqs_ingest.worker_start(text, integer, text) IS 'Start a background worker for one queue in this database (needs shared_preload_libraries = sqs_ingest); returns its id';
 COMMENT ON FUNCTION sqs_ingest.worker_stop(text) IS 'Stop this database''s dynamic workers (of one queue or all) after their current batch; returns how many';
 COMMENT ON FUNCTION sqs_ingest.worker_status() IS 'Running sqs_ingest workers: pid, label, database, queues, state';
+
+-- 0.2.0: purge old, already handled dead letters (see sql/sqs_ingest--0.1.0--0.2.0.sql for the upgrade).
+CREATE FUNCTION sqs_ingest.purge_dead_letters(older_than interval DEFAULT '30 days', include_unhandled boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM sqs_ingest.dead_letters
+         WHERE received_at < now() - older_than AND (redriven_at IS NOT NULL OR include_unhandled)
+        RETURNING 1)
+    SELECT count(*) FROM gone
+$$;
+REVOKE ALL ON FUNCTION sqs_ingest.purge_dead_letters(interval, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION sqs_ingest.purge_dead_letters(interval, boolean) IS 'Delete dead letters older than older_than that were redriven (or all of them with include_unhandled); returns how many';

@@ -1,0 +1,93 @@
+//! In-place upgrade: install the previous release, ingest, ALTER EXTENSION ... UPDATE, and prove that data,
+//! keys, ledger and dead letters survive, ingest still works, and the upgraded schema equals a fresh install.
+
+use sqs_ingest_e2e::*;
+use std::time::Duration;
+
+/// Every object that belongs to the extension, described, sorted.
+fn members(c: &mut postgres::Client) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .query(
+            "SELECT pg_describe_object(classid, objid, objsubid) FROM pg_depend
+              WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+                AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Function signatures with their settings, ACLs and comments, and table columns: what users rely on.
+fn surface(c: &mut postgres::Client) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .query(
+            "SELECT format('%s %s %s %s', p.oid::regprocedure, p.proconfig, p.proacl, obj_description(p.oid, 'pg_proc'))
+               FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
+                AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')
+             UNION ALL
+             SELECT format('%s.%s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod))
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+              WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn upgrade_from_the_previous_release_keeps_everything() {
+    let h = harness();
+    let mut admin = h.connect("postgres");
+    for db in ["e2e_upgrade", "e2e_fresh"] {
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+    let mut c = h.connect("e2e_upgrade");
+    c.batch_execute("CREATE EXTENSION sqs_ingest VERSION '0.1.0'").unwrap();
+    let url = h.fresh_queue(&mut c, "e2e-upgrade", 30);
+    h.send(&mut c, &url, &[login(1), login(2), "not json".to_string()]);
+    assert_eq!(ingest(&mut c, &url).inserted, 2);
+    let token: String = c.query_one("SELECT masked_ip FROM user_logins ORDER BY user_id LIMIT 1", &[]).unwrap().get(0);
+    let key_before: Vec<u8> = c.query_one("SELECT key_bytes FROM sqs_ingest.keys", &[]).unwrap().get(0);
+
+    c.batch_execute("ALTER EXTENSION sqs_ingest UPDATE").unwrap();
+    let version: String =
+        c.query_one("SELECT extversion FROM pg_extension WHERE extname = 'sqs_ingest'", &[]).unwrap().get(0);
+    let default: String = c
+        .query_one("SELECT default_version FROM pg_available_extensions WHERE name = 'sqs_ingest'", &[])
+        .unwrap()
+        .get(0);
+    assert_ne!(version, "0.1.0");
+    assert_eq!(version, default, "updated to the version being built");
+
+    // Data, keys, ledger and dead letters survived.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), 2);
+    let key_after: Vec<u8> = c.query_one("SELECT key_bytes FROM sqs_ingest.keys", &[]).unwrap().get(0);
+    assert_eq!(key_before, key_after);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger"), 3);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.dead_letters"), 1);
+    let clear: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap().get(0);
+    assert!(clear.starts_with("10."), "{clear}");
+    // Ingest still works, and the new release's function is there.
+    h.send(&mut c, &url, &[login(3)]);
+    assert_eq!(ingest(&mut c, &url).inserted, 1);
+    assert_eq!(
+        c.query_one("SELECT sqs_ingest.purge_dead_letters('0 seconds', true)", &[]).unwrap().get::<_, i64>(0),
+        1
+    );
+    eventually("queue empty", Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
+
+    // The upgraded database has exactly the objects, signatures, settings, ACLs and comments of a fresh install.
+    let mut fresh = h.connect("e2e_fresh");
+    fresh.batch_execute("CREATE EXTENSION sqs_ingest").unwrap();
+    assert_eq!(members(&mut c), members(&mut fresh));
+    assert_eq!(surface(&mut c), surface(&mut fresh));
+}
