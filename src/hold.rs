@@ -189,6 +189,8 @@ fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransac
     });
 }
 
+// SAFETY: registered with RegisterXactCallback; Postgres calls it on the backend's main thread at every
+// transaction event, and it touches only this module's thread-local state and the network runtime.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
@@ -209,6 +211,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     }
 }
 
+// SAFETY: registered with RegisterSubXactCallback; same thread and state as `on_xact`.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_subxact(
     event: pg_sys::SubXactEvent::Type,

@@ -101,7 +101,7 @@ impl FailureClass {
     pub fn hint(self) -> &'static str {
         match self {
             FailureClass::Unreachable => {
-                "Check the host and port in the queue URL, that the endpoint is running and reachable from the database server, and sqs_ingest.request_timeout_ms."
+                "Check the host and port in the queue URL, that the endpoint is running and reachable from the database server, and sqs_ingest.request_timeout."
             }
             FailureClass::NoSuchQueue => "Check the queue URL (account id and queue name) or create the queue first.",
             FailureClass::BadCredentials => {
