@@ -37,7 +37,7 @@ def main():
     malformed_at = -1 if args.no_malformed or args.count == 0 else rng.randrange(args.count)
     for i in range(args.count):
         if i == malformed_at:
-            print(json.dumps({"foo": "oops_wrong_msg_format", "bar": "123456"}))
+            print(json.dumps({"event": "heartbeat", "seq": i}))
             continue
         device_id, device_type, ip, user_id = rng.choice(devices)
         print(json.dumps({

@@ -121,7 +121,8 @@ pub mod sqs_ingest {
         let t = target::resolve_existing(&name)?;
         let (ring, active) = keys::active_key()?;
         let key = ring.get(active).expect("active key");
-        let current = format!("enc:{active}:%");
+        let active_prefix = format!("enc:{active}:");
+        let current = format!("{active_prefix}%");
         let sql = format!(
             "SELECT ctid::text, masked_ip, masked_device_id FROM {} WHERE (masked_ip LIKE 'enc:%' AND masked_ip NOT LIKE $1) OR (masked_device_id LIKE 'enc:%' AND masked_device_id NOT LIKE $1)",
             t.name
@@ -139,7 +140,7 @@ pub mod sqs_ingest {
         let (mut ctids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
         let mut rekey_one = |token: Option<String>| -> Result<Option<String>> {
             match token {
-                Some(t) if t.starts_with("enc:") && !t.starts_with(&current[..current.len() - 1]) => {
+                Some(t) if t.starts_with("enc:") && !t.starts_with(&active_prefix) => {
                     let (_, clear) = ring.unmask(&t)?;
                     rewritten += 1;
                     Ok(Some(key.mask(Method::Encrypt, &clear)?))
@@ -256,7 +257,7 @@ pub mod sqs_ingest {
     /// Sends message bodies to a queue (batches of 10). Returns how many SQS accepted.
     #[pg_extern(volatile, parallel_unsafe)]
     fn queue_send(queue_url: &str, bodies: Vec<Option<String>>) -> i64 {
-        let (queue, _, _) = ingest::parse_args(queue_url, None, Some("encrypt")).or_raise();
+        let queue = ingest::parse_queue_url(queue_url).or_raise();
         let client = sqs::client(&queue).or_raise();
         let bodies: Vec<String> = bodies.into_iter().flatten().collect();
         sqs::block_on(sqs::send(&client, &queue.url, &bodies, 8)).or_raise().or_raise() as i64
@@ -265,7 +266,7 @@ pub mod sqs_ingest {
     /// Creates a queue named by the last segment of `queue_url` at its endpoint. Returns the queue URL SQS reports.
     #[pg_extern(volatile, parallel_unsafe)]
     fn queue_create(queue_url: &str, visibility_timeout: default!(i32, 30)) -> String {
-        let (queue, _, _) = ingest::parse_args(queue_url, None, Some("encrypt")).or_raise();
+        let queue = ingest::parse_queue_url(queue_url).or_raise();
         let client = sqs::client(&queue).or_raise();
         let name = queue.name.clone();
         let out = sqs::block_on(async move {
@@ -288,7 +289,7 @@ pub mod sqs_ingest {
         queue_url: &str,
     ) -> TableIterator<'static, (name!(visible, i64), name!(in_flight, i64), name!(delayed, i64))> {
         use aws_sdk_sqs::types::QueueAttributeName as A;
-        let (queue, _, _) = ingest::parse_args(queue_url, None, Some("encrypt")).or_raise();
+        let queue = ingest::parse_queue_url(queue_url).or_raise();
         let client = sqs::client(&queue).or_raise();
         let url = queue.url.clone();
         let attrs = sqs::block_on(async move {
@@ -319,7 +320,7 @@ pub mod sqs_ingest {
         queue_url: &str,
         max_messages: i64,
     ) -> TableIterator<'static, (name!(received, i64), name!(deleted, i64), name!(elapsed_ms, f64))> {
-        let (queue, _, _) = ingest::parse_args(queue_url, Some(max_messages), Some("encrypt")).or_raise();
+        let (queue, _, _) = ingest::parse_args(queue_url, Some(max_messages), None).or_raise();
         let client = sqs::client(&queue).or_raise();
         let started = std::time::Instant::now();
         let (received, deleted) = sqs::block_on(sqs::raw_drain(

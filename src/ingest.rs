@@ -32,6 +32,8 @@ pub struct Options {
     /// Return as soon as the confirming long poll delivered messages (workers commit promptly).
     pub return_after_wake: bool,
     pub progress_notices: bool,
+    /// Reuse a queue probe (connectivity check, depth, retention) younger than this; zero probes every call.
+    pub reuse_probe_for: Duration,
 }
 
 /// Counts of one call, as returned by `sqs_ingest()`.
@@ -49,8 +51,15 @@ pub struct Summary {
 thread_local! {
     /// Errors of calls whose transaction rolled back, written to the counters by this backend's next call.
     static UNREPORTED_ERRORS: RefCell<Vec<(String, String, String)>> = const { RefCell::new(Vec::new()) };
+    /// The last GetQueueAttributes answer per queue, for `Options::reuse_probe_for`.
+    static LAST_PROBE: RefCell<HashMap<String, (Instant, sqs::QueueInfo)>> = RefCell::new(HashMap::new());
     /// When this backend last pruned each queue's ledger.
     static LAST_PRUNE: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
+}
+
+/// Parses a queue URL argument (an ERROR before any side effect when malformed).
+pub fn parse_queue_url(queue_url: &str) -> Result<QueueUrl> {
+    QueueUrl::parse(queue_url).map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })
 }
 
 /// Parses the arguments every entry point shares; raises before any side effect.
@@ -59,8 +68,7 @@ pub fn parse_args(
     max_messages: Option<i64>,
     method: Option<&str>,
 ) -> Result<(QueueUrl, Option<i64>, Method)> {
-    let queue = QueueUrl::parse(queue_url)
-        .map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })?;
+    let queue = parse_queue_url(queue_url)?;
     if let Some(n) = max_messages {
         if n < 1 {
             return Err(Error::InvalidArgument(format!(
@@ -99,7 +107,7 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     hold::ensure_callbacks();
     let client = sqs::client(queue)?;
     // Connectivity, existence and protocol are checked before anything is written.
-    let info = sqs::block_on(sqs::queue_info(&client, &queue.url))??;
+    let info = probe(&client, queue, opts.reuse_probe_for)?;
     // Messages are deleted right after COMMIT, so the commit must be durable first: with
     // synchronous_commit = off a crash could lose a committed batch whose messages are already gone.
     Spi::run("SELECT pg_catalog.set_config('synchronous_commit', 'local', true) WHERE pg_catalog.current_setting('synchronous_commit') = 'off'")
@@ -107,8 +115,7 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     let owner = extension_owner();
     as_owner(owner, || flush_unreported(&opts.worker))?;
     let target = target::resolve_or_create(&gucs::target_table())?;
-    let (ring, key_id) = keys::active_key()?;
-    let key = ring.get(key_id).expect("active key is in the ring").clone();
+    let key = keys::active_material()?;
 
     let mut run = Run { queue, client: &client, opts, owner, target: &target, key: &key, summary: Summary::default() };
     run.pipeline(started)?;
@@ -129,6 +136,18 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     let mut summary = s;
     summary.elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     Ok(summary)
+}
+
+/// GetQueueAttributes, or the answer of one made less than `reuse_for` ago (workers call ingest per batch).
+fn probe(client: &aws_sdk_sqs::Client, queue: &QueueUrl, reuse_for: Duration) -> Result<sqs::QueueInfo> {
+    let fresh = LAST_PROBE
+        .with(|p| p.borrow().get(&queue.url).filter(|(at, _)| at.elapsed() < reuse_for).map(|(_, info)| *info));
+    if let Some(info) = fresh {
+        return Ok(info);
+    }
+    let info = sqs::block_on(sqs::queue_info(client, &queue.url))??;
+    LAST_PROBE.with(|p| p.borrow_mut().insert(queue.url.clone(), (Instant::now(), info)));
+    Ok(info)
 }
 
 fn maybe_prune(url: &str, retention_s: Option<i64>) -> Result<()> {
@@ -162,6 +181,15 @@ impl Run<'_> {
         InFlight { handle: sqs::runtime().spawn(fut), requested: n }
     }
 
+    /// Keeps up to `concurrency` short polls in flight while the queue has not looked empty.
+    fn top_up(&self, in_flight: &mut VecDeque<InFlight>, unrequested: &mut i64, saw_empty: bool, concurrency: usize) {
+        while !saw_empty && in_flight.len() < concurrency && *unrequested > 0 {
+            let n = (*unrequested).min(10);
+            in_flight.push_back(self.spawn(n, 0));
+            *unrequested -= n;
+        }
+    }
+
     fn pipeline(&mut self, started: Instant) -> Result<()> {
         let concurrency = gucs::receive_concurrency();
         let mut unrequested = self.opts.max_messages.unwrap_or(i64::MAX);
@@ -172,11 +200,7 @@ impl Run<'_> {
         let progress_every = Duration::from_secs(gucs::progress_interval_s());
         let mut next_progress = started + progress_every;
         loop {
-            while !saw_empty && in_flight.len() < concurrency && unrequested > 0 {
-                let n = unrequested.min(10);
-                in_flight.push_back(self.spawn(n, 0));
-                unrequested -= n;
-            }
+            self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             if in_flight.is_empty() {
                 if saw_empty && !confirming && !confirmed_once && self.opts.confirm_wait_s > 0 && unrequested > 0 {
                     confirming = true;
@@ -227,14 +251,10 @@ impl Run<'_> {
                 continue;
             }
             // Refill the pipeline before the database work, so receives overlap the inserts.
-            if !(woke && self.opts.return_after_wake) {
-                while !saw_empty && in_flight.len() < concurrency && unrequested > 0 {
-                    let n = unrequested.min(10);
-                    in_flight.push_back(self.spawn(n, 0));
-                    unrequested -= n;
-                }
-            } else {
+            if woke && self.opts.return_after_wake {
                 unrequested = 0;
+            } else {
+                self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             }
             self.store(batch)?;
             if self.opts.progress_notices && !progress_every.is_zero() && Instant::now() >= next_progress {

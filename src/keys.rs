@@ -5,7 +5,7 @@
 //! key that would orphan every stored token.
 
 use crate::error::{Error, Result};
-use crate::privilege::{as_owner, extension_owner};
+use crate::privilege::{as_owner, extension_owner, local_xid};
 use pgrx::prelude::*;
 use sqs_ingest_core::mask::{generate_key, KeyMaterial, Keyring};
 use std::cell::RefCell;
@@ -18,11 +18,6 @@ struct Cached {
 
 thread_local! {
     static CACHE: RefCell<Option<Cached>> = const { RefCell::new(None) };
-}
-
-fn local_xid() -> u32 {
-    // SAFETY: MyProc is set for every backend and worker before any SQL function can run; read on the main thread.
-    unsafe { (*pg_sys::MyProc).lxid }
 }
 
 /// Drops the cached keyring (after rotation, or when a transaction may have changed the keys).

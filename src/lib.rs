@@ -58,6 +58,7 @@ fn sqs_ingest_fn(
         confirm_wait_s: gucs::wait_time_s(),
         return_after_wake: false,
         progress_notices: true,
+        reuse_probe_for: std::time::Duration::ZERO,
     };
     let s = match ingest::ingest(&queue, &opts) {
         Ok(s) => s,

@@ -27,13 +27,33 @@ impl Drop for OwnerContext {
     }
 }
 
-/// The OID of the role that owns the extension.
+thread_local! {
+    /// The extension owner, looked up once per transaction.
+    static OWNER: std::cell::Cell<Option<(u32, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
+}
+
+/// This backend's local transaction id: per-transaction caches compare against it.
+pub fn local_xid() -> u32 {
+    // SAFETY: MyProc is set for every backend and worker before any SQL function can run; read on the main thread.
+    unsafe { (*pg_sys::MyProc).lxid }
+}
+
+/// The OID of the role that owns the extension (cached for the current transaction).
 pub fn extension_owner() -> pg_sys::Oid {
-    pgrx::Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sqs_ingest'")
-        .ok()
-        .flatten()
-        // SAFETY: reading the current user id has no preconditions inside a transaction.
-        .unwrap_or_else(|| unsafe { pg_sys::GetUserId() })
+    let lxid = local_xid();
+    if let Some((x, owner)) = OWNER.get() {
+        if x == lxid {
+            return owner;
+        }
+    }
+    let owner =
+        pgrx::Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sqs_ingest'")
+            .ok()
+            .flatten()
+            // SAFETY: reading the current user id has no preconditions inside a transaction.
+            .unwrap_or_else(|| unsafe { pg_sys::GetUserId() });
+    OWNER.set(Some((lxid, owner)));
+    owner
 }
 
 /// Runs `f` as the extension owner with a pinned search_path, restoring the caller's identity afterwards.
@@ -64,11 +84,22 @@ pub fn as_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+fn role_name(role: pg_sys::Oid) -> String {
+    // SAFETY: with noerr = true a missing role gives NULL instead of an ERROR; a non-NULL result is a
+    // palloc'd C string we copy at once.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(role, true);
+        if name.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        }
+    }
+}
+
 /// The current (effective) and session role names, for the audit trail.
 pub fn role_names() -> (String, String) {
-    let q = "SELECT current_user::text, session_user::text";
-    match pgrx::Spi::get_two::<String, String>(q) {
-        Ok((Some(current), Some(session))) => (current, session),
-        _ => (String::new(), String::new()),
-    }
+    // SAFETY: plain reads of the backend's current and session user ids.
+    let (current, session) = unsafe { (pg_sys::GetUserId(), pg_sys::GetSessionUserId()) };
+    (role_name(current), role_name(session))
 }

@@ -149,7 +149,10 @@ pub fn client(queue: &QueueUrl) -> Result<aws_sdk_sqs::Client> {
         queue.endpoint.as_deref().unwrap_or("aws"),
         region,
         timeout,
-        creds.as_ref().map(|c| format!("{:x}", fxhash(c.access_key_id(), c.secret_access_key()))).unwrap_or_default()
+        creds
+            .as_ref()
+            .map(|c| format!("{:x}", credentials_fingerprint(c.access_key_id(), c.secret_access_key())))
+            .unwrap_or_default()
     );
     if let Some(c) = CLIENTS.with(|m| m.borrow().get(&cache_key).cloned()) {
         return Ok(c);
@@ -178,7 +181,8 @@ pub fn client(queue: &QueueUrl) -> Result<aws_sdk_sqs::Client> {
     Ok(client)
 }
 
-fn fxhash(a: &str, b: &str) -> u64 {
+/// Distinguishes cached clients by credentials without keeping the secret in the cache key.
+fn credentials_fingerprint(a: &str, b: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     a.hash(&mut h);

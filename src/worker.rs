@@ -181,10 +181,13 @@ fn run(source: Source, label: String, database: &str) {
         });
     }
     let mut warned_missing = false;
+    let mut ready = false;
     let mut backoff = Duration::ZERO;
     while !stopping() {
         reload_if_asked();
-        if !extension_ready() {
+        // Checked in a transaction of its own only until it holds, and again after a failed batch.
+        ready = ready || extension_ready();
+        if !ready {
             if !warned_missing {
                 log!("sqs_ingest {label}: extension sqs_ingest is not installed in database {database}; waiting");
                 warned_missing = true;
@@ -210,6 +213,7 @@ fn run(source: Source, label: String, database: &str) {
             match batch(url, &label, &plan) {
                 Ok(_) => backoff = Duration::ZERO,
                 Err(e) => {
+                    ready = false;
                     record_error(url, &label, &e);
                     backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
                 }
@@ -231,6 +235,7 @@ fn batch(url: &str, label: &str, plan: &Plan) -> Result<i64> {
         confirm_wait_s: gucs::worker_wait_s(),
         return_after_wake: true,
         progress_notices: false,
+        reuse_probe_for: Duration::from_secs(10),
     };
     let summary = in_transaction(|| ingest::ingest(&queue, &opts))?;
     Ok(summary.received)

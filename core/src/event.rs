@@ -207,7 +207,7 @@ pub fn validate(event: &LoginEvent, limits: &ColumnLimits) -> Result<AppVersionV
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"{"user_id": "424cdd21-063a-43a7-b91b-7ca1a833afae", "app_version": "2.3.0", "device_type": "android", "ip": "199.172.111.135", "locale": "RU", "device_id": "593-47-5928"}"#;
+    const GOOD: &str = r#"{"user_id": "0f8e2b6a-5d1c-4e7a-9b3f-2c4d6e8a1b05", "app_version": "2.3.0", "device_type": "android", "ip": "203.0.113.77", "locale": "RU", "device_id": "318-52-7046"}"#;
 
     fn table_limits() -> ColumnLimits {
         ColumnLimits {
@@ -233,13 +233,13 @@ mod tests {
     }
 
     #[test]
-    fn parses_a_real_message() {
+    fn parses_a_well_formed_message() {
         let e = parse(GOOD).unwrap();
-        assert_eq!(e.user_id, "424cdd21-063a-43a7-b91b-7ca1a833afae");
+        assert_eq!(e.user_id, "0f8e2b6a-5d1c-4e7a-9b3f-2c4d6e8a1b05");
         assert_eq!(e.device_type, "android");
-        assert_eq!(e.ip, "199.172.111.135");
+        assert_eq!(e.ip, "203.0.113.77");
         assert_eq!(e.locale.as_deref(), Some("RU"));
-        assert_eq!(e.device_id, "593-47-5928");
+        assert_eq!(e.device_id, "318-52-7046");
         assert_eq!(validate(&e, &table_limits()), Ok(AppVersionValue::Packed(20300)));
     }
 

@@ -54,7 +54,7 @@ impl Harness {
             .user("postgres")
             .dbname(db)
             .connect(NoTls)
-            .unwrap_or_else(|e| panic!("cannot connect to database {db}: {e}"))
+            .unwrap_or_else(|e| panic!("cannot connect to database {db}: {e:?}"))
     }
 
     /// A new, empty database with the extension created (dropped first if a previous run left it).
