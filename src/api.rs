@@ -8,7 +8,7 @@ pub mod sqs_ingest {
     use crate::error::{Error, OrRaise, Result};
     use crate::ingest;
     use crate::privilege::{as_owner, extension_owner, role_names};
-    use crate::{gucs, hold, keys, sqs, target};
+    use crate::{audit, gucs, hold, keys, sqs, target};
     use pgrx::prelude::*;
     use sqs_ingest_core::event;
     use sqs_ingest_core::mask::{MaskError, Method, Token};
@@ -47,29 +47,6 @@ pub mod sqs_ingest {
         Some(key.mask(method, value.as_bytes()).map_err(Error::from).or_raise())
     }
 
-    /// One row of `sqs_ingest.unmask_audit`: session role, effective role, key id, succeeded, failure.
-    type AuditRow = (String, String, Option<i32>, bool, Option<String>);
-
-    thread_local! {
-        /// Refused unmask calls whose transaction rolled back, written by this backend's next unmask.
-        static REFUSED: RefCell<Vec<AuditRow>> = const { RefCell::new(Vec::new()) };
-    }
-
-    fn audit(rows: Vec<AuditRow>) -> Result<()> {
-        let owner = extension_owner();
-        as_owner(owner, || {
-            for (session, current, key_id, ok, failure) in rows {
-                Spi::run_with_args(
-                    "INSERT INTO sqs_ingest.unmask_audit (session_role, effective_role, key_id, succeeded, failure)
-                     VALUES ($1, $2, $3, $4, $5)",
-                    &[session.into(), current.into(), key_id.into(), ok.into(), failure.into()],
-                )
-                .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))?;
-            }
-            Ok(())
-        })
-    }
-
     /// Reverses an `enc:` token. Every call is audited in `sqs_ingest.unmask_audit` and the server log.
     #[pg_extern(volatile, parallel_unsafe, strict)]
     fn unmask(token: &str) -> String {
@@ -79,23 +56,15 @@ pub mod sqs_ingest {
             let (_, bytes) = ring.unmask(token)?;
             String::from_utf8(bytes).map_err(|_| Error::Mask(MaskError::Tampered))
         });
-        let mut rows: Vec<_> = REFUSED.with(|r| std::mem::take(&mut *r.borrow_mut())).into_iter().collect();
         match result {
             Ok(value) => {
                 log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} succeeded");
-                rows.push((session, current, key_id, true, None));
-                audit(rows).or_raise();
+                audit::record_success(&session, &current, key_id).or_raise();
                 value
             }
             Err(e) => {
-                let why = e.to_string();
-                log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} refused: {why}");
-                // Written now (kept if the caller's transaction survives) and again by the next call if not.
-                REFUSED.with(|r| {
-                    r.borrow_mut().push((session.clone(), current.clone(), key_id, false, Some(why.clone())))
-                });
-                rows.push((session, current, key_id, false, Some(why)));
-                let _ = audit(rows);
+                log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} refused: {e}");
+                audit::record_refusal(key_id, audit::Refusal::of(&e));
                 e.raise()
             }
         }

@@ -9,6 +9,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod audit;
 mod bookkeeping;
 mod error;
 mod gucs;

@@ -73,3 +73,23 @@ fn worker_start_explains_a_missing_preload() {
 fn malformed_queue_url_is_refused_before_any_side_effect() {
     Spi::run("SELECT * FROM sqs_ingest('localhost:4566/q')").unwrap();
 }
+
+#[pg_test]
+fn audit_records_survive_their_encoding() {
+    use crate::audit::{Record, Refusal};
+    for (key_id, refusal) in [(Some(7), Refusal::UnknownKey), (None, Refusal::Malformed), (Some(1), Refusal::Keys)] {
+        let r = Record {
+            database: 16384,
+            pid: 4_194_304,
+            at_us: 848_000_000_123_456,
+            session: 4_294_967_295,
+            current: 10,
+            key_id,
+            refusal,
+        };
+        let s = r.encode();
+        assert!(s.len() < 128, "{s}");
+        assert_eq!(Record::decode(&s), Some(r));
+    }
+    assert_eq!(Record::decode("v2|1|2|3|4|5|-|tampered"), None);
+}

@@ -6,6 +6,7 @@
 
 pub mod event;
 pub mod mask;
+mod prf;
 pub mod queue_url;
 pub mod scrub;
 pub mod sqs_error;

@@ -15,6 +15,7 @@
 //! Each 256-bit master key is expanded into independent subkeys by HMAC-SHA256 with distinct labels, so the
 //! `hmac` method never reveals the `enc` nonce of the same value.
 
+use crate::prf::PrekeyedHmac;
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -128,9 +129,9 @@ pub struct KeyMaterial {
     id: i32,
     /// "enc:<id>:" and "hmac:<id>:", formatted once.
     prefixes: [String; 2],
-    siv_mac: HmacSha256,
+    siv_mac: PrekeyedHmac,
     siv_aead: Aes256Gcm,
-    hmac: HmacSha256,
+    hmac: PrekeyedHmac,
     blob_aead: Aes256Gcm,
 }
 
@@ -153,7 +154,7 @@ impl KeyMaterial {
         if master.len() != KEY_BYTES {
             return Err(MaskError::BadKeyLength);
         }
-        let mac = |label: &[u8]| <HmacSha256 as Mac>::new_from_slice(&*subkey(master, label)).expect("any length");
+        let mac = |label: &[u8]| PrekeyedHmac::new(&*subkey(master, label));
         let aead = |label: &[u8]| Aes256Gcm::new_from_slice(&*subkey(master, label)).expect("32 bytes");
         Ok(KeyMaterial {
             id,
@@ -170,10 +171,7 @@ impl KeyMaterial {
     }
 
     fn synthetic_nonce(&self, plaintext: &[u8]) -> [u8; NONCE_BYTES] {
-        let mut mac = self.siv_mac.clone();
-        mac.update(&self.id.to_be_bytes());
-        mac.update(plaintext);
-        let full = mac.finalize().into_bytes();
+        let full = self.siv_mac.mac(&[&self.id.to_be_bytes(), plaintext]);
         let mut nonce = [0u8; NONCE_BYTES];
         nonce.copy_from_slice(&full[..NONCE_BYTES]);
         nonce
@@ -190,12 +188,10 @@ impl KeyMaterial {
         }
         let payload = match method {
             Method::Hmac => {
-                let mut mac = self.hmac.clone();
-                mac.update(plaintext);
-                let digest = mac.finalize().into_bytes();
+                let digest = self.hmac.mac(&[plaintext]);
                 let mut token = String::with_capacity(self.prefixes[1].len() + 43);
                 token.push_str(&self.prefixes[1]);
-                URL_SAFE_NO_PAD.encode_string(digest, &mut token);
+                token.push_str(b64url_32(&digest).as_str());
                 return Ok(token);
             }
             Method::Encrypt => {
@@ -268,6 +264,28 @@ impl KeyMaterial {
     }
 }
 
+/// Unpadded base64url of a 32-byte digest (43 characters), without the generic engine's per-call setup.
+struct B64Digest([u8; 43]);
+
+impl B64Digest {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("base64url alphabet is ASCII")
+    }
+}
+
+fn b64url_32(digest: &[u8; 32]) -> B64Digest {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let sextet = |v: u32, shift: u32| ALPHABET[((v >> shift) & 63) as usize];
+    let mut out = [0u8; 43];
+    for (src, dst) in digest[..30].chunks_exact(3).zip(out[..40].chunks_exact_mut(4)) {
+        let v = (u32::from(src[0]) << 16) | (u32::from(src[1]) << 8) | u32::from(src[2]);
+        dst.copy_from_slice(&[sextet(v, 18), sextet(v, 12), sextet(v, 6), sextet(v, 0)]);
+    }
+    let v = (u32::from(digest[30]) << 16) | (u32::from(digest[31]) << 8);
+    out[40..].copy_from_slice(&[sextet(v, 18), sextet(v, 12), sextet(v, 6)]);
+    B64Digest(out)
+}
+
 /// All keys of a database: the active one masks, every one unmasks.
 #[derive(Debug, Clone, Default)]
 pub struct Keyring {
@@ -320,6 +338,26 @@ pub fn random_nonce() -> [u8; NONCE_BYTES] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_encoder_matches_the_base64_crate() {
+        for seed in 0u8..=255 {
+            let digest: [u8; 32] =
+                std::array::from_fn(|i| seed.wrapping_mul(31).wrapping_add((i as u8).wrapping_mul(97)));
+            assert_eq!(b64url_32(&digest).as_str(), URL_SAFE_NO_PAD.encode(digest));
+        }
+    }
+
+    #[test]
+    fn hmac_token_is_the_standard_hmac_of_the_subkey() {
+        // The token format must not change with the implementation: stored tokens stay comparable.
+        let master = [9u8; KEY_BYTES];
+        let sub = subkey(&master, b"hmac");
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&*sub).unwrap();
+        mac.update(b"10.0.0.1");
+        let expected = format!("hmac:5:{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        assert_eq!(KeyMaterial::new(5, &master).unwrap().mask(Method::Hmac, b"10.0.0.1").unwrap(), expected);
+    }
 
     fn key(id: i32, byte: u8) -> KeyMaterial {
         KeyMaterial::new(id, &[byte; KEY_BYTES]).unwrap()

@@ -2,6 +2,7 @@
 //! no key material or secret reaches an ordinary role through any catalog, view, setting or error.
 
 use sqs_ingest_e2e::*;
+use std::time::Duration;
 
 fn roles(c: &mut postgres::Client, suffix: &str) -> (String, String) {
     let (plain, granted) = (format!("e2e_plain_{suffix}"), format!("e2e_unmasker_{suffix}"));
@@ -53,27 +54,32 @@ fn only_granted_roles_unmask_and_every_call_is_audited() {
     let last = tampered.len() - 2;
     tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
+    // Refused inside a transaction that then rolls back: its row is written by a worker of its own and stays.
     let mut tx = c.transaction().unwrap();
-    tx.batch_execute("SAVEPOINT s").unwrap();
     let e = tx.query_one("SELECT sqs_ingest.unmask($1)", &[&tampered]).unwrap_err();
     assert_eq!(sqlstate(&e), "22023");
     let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
     assert!(msg.contains("verification"), "{msg}");
-    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
-    tx.commit().unwrap();
-    // The refusal's own row rolled back with its statement; the session's next call writes it.
+    tx.rollback().unwrap();
+    // And one refused for a reason other than tampering, in autocommit.
+    let e =
+        c.query_one("SELECT sqs_ingest.unmask('hmac:1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA')", &[]).unwrap_err();
+    assert_eq!(sqlstate(&e), "22023");
     let again: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap().get(0);
     assert_eq!(again, clear);
     c.batch_execute("RESET ROLE").unwrap();
-    let audit: Vec<(String, String, bool)> = c
-        .query("SELECT session_role, effective_role, succeeded FROM sqs_ingest.unmask_audit ORDER BY id", &[])
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    assert_eq!(audit.len(), 3, "{audit:?}");
-    assert!(audit.iter().all(|(s, e, _)| s == "postgres" && *e == granted), "{audit:?}");
+    let query = "SELECT session_role, effective_role, succeeded, coalesce(failure, '') FROM sqs_ingest.unmask_audit ORDER BY id";
+    let read = |c: &mut postgres::Client| -> Vec<(String, String, bool, String)> {
+        c.query(query, &[]).unwrap().iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect()
+    };
+    eventually("both refusals in the audit trail", Duration::from_secs(30), || read(&mut c).len() >= 4);
+    let audit = read(&mut c);
+    assert_eq!(audit.len(), 4, "{audit:?}");
+    assert!(audit.iter().all(|(s, e, _, _)| s == "postgres" && *e == granted), "{audit:?}");
     assert_eq!(audit.iter().filter(|a| a.2).count(), 2);
+    let failures: Vec<&str> = audit.iter().filter(|a| !a.2).map(|a| a.3.as_str()).collect();
+    assert!(failures.iter().any(|f| f.contains("verification")), "{failures:?}");
+    assert!(failures.iter().any(|f| f.contains("irreversible")), "{failures:?}");
 }
 
 #[test]

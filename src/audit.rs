@@ -1,0 +1,222 @@
+//! The `unmask` audit trail: one `sqs_ingest.unmask_audit` row per call that reached the function.
+//!
+//! A call that reveals a value writes its row in the caller's transaction through a plan prepared once per
+//! backend (a bulk `unmask` over a million rows must not parse a million INSERTs). A refused call ends in an
+//! ERROR that rolls its own transaction back, so its row is written by a short-lived background worker in a
+//! transaction of its own: the refusal is on record even though the caller's statement failed. Both kinds also
+//! get a server-log line, which is the only trace of a successful call whose transaction later rolls back.
+
+use crate::error::{Error, Result};
+use crate::privilege::{as_owner, extension_owner};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgOid;
+use sqs_ingest_core::mask::MaskError;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+const INSERT: &str = "INSERT INTO sqs_ingest.unmask_audit (session_role, effective_role, key_id, succeeded, failure)
+                      VALUES ($1, $2, $3, true, NULL)";
+
+thread_local! {
+    static PLAN: RefCell<Option<Rc<OwnedPreparedStatement>>> = const { RefCell::new(None) };
+}
+
+fn plan(client: &pgrx::spi::SpiClient<'_>) -> Result<Rc<OwnedPreparedStatement>> {
+    if let Some(p) = PLAN.with(|p| p.borrow().clone()) {
+        return Ok(p);
+    }
+    let types = [PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)];
+    let prepared = client
+        .prepare_mut(INSERT, &types)
+        .map_err(|e| Error::Internal(format!("cannot prepare the audit insert: {e}")))?;
+    let kept = Rc::new(prepared.keep());
+    PLAN.with(|p| *p.borrow_mut() = Some(kept.clone()));
+    Ok(kept)
+}
+
+/// Records a call that revealed a value, in the caller's transaction.
+pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Result<()> {
+    as_owner(extension_owner(), || {
+        Spi::connect_mut(|client| {
+            let plan = plan(client)?;
+            client
+                .update(&*plan, None, &[session.into(), current.into(), key_id.into()])
+                .map(|_| ())
+                .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))
+        })
+    })
+}
+
+/// Why a call was refused, as carried to the audit worker (the worker turns it back into the message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Malformed,
+    Irreversible,
+    UnknownKey,
+    Tampered,
+    Keys,
+}
+
+impl Refusal {
+    pub fn of(e: &Error) -> Refusal {
+        match e {
+            Error::Mask(MaskError::Malformed) => Refusal::Malformed,
+            Error::Mask(MaskError::Irreversible) => Refusal::Irreversible,
+            Error::Mask(MaskError::UnknownKey(_)) => Refusal::UnknownKey,
+            Error::Mask(_) => Refusal::Tampered,
+            _ => Refusal::Keys,
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::Irreversible => "irreversible",
+            Refusal::UnknownKey => "unknown_key",
+            Refusal::Tampered => "tampered",
+            Refusal::Keys => "keys",
+        }
+    }
+
+    fn from_code(code: &str) -> Option<Refusal> {
+        [Refusal::Malformed, Refusal::Irreversible, Refusal::UnknownKey, Refusal::Tampered, Refusal::Keys]
+            .into_iter()
+            .find(|r| r.code() == code)
+    }
+
+    fn message(self, key_id: Option<i32>) -> String {
+        match self {
+            Refusal::UnknownKey => MaskError::UnknownKey(key_id.unwrap_or(0)).to_string(),
+            Refusal::Malformed => MaskError::Malformed.to_string(),
+            Refusal::Irreversible => MaskError::Irreversible.to_string(),
+            Refusal::Tampered => MaskError::Tampered.to_string(),
+            Refusal::Keys => "the masking keys could not be read".to_string(),
+        }
+    }
+}
+
+/// What the audit worker needs, packed into `bgw_extra` (128 bytes): no names, no token, no value.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) database: u32,
+    pub(crate) pid: i32,
+    pub(crate) at_us: i64,
+    pub(crate) session: u32,
+    pub(crate) current: u32,
+    pub(crate) key_id: Option<i32>,
+    pub(crate) refusal: Refusal,
+}
+
+impl Record {
+    pub(crate) fn encode(&self) -> String {
+        let kid = self.key_id.map_or_else(|| "-".to_string(), |k| k.to_string());
+        format!(
+            "v1|{}|{}|{}|{}|{}|{}|{}",
+            self.database,
+            self.pid,
+            self.at_us,
+            self.session,
+            self.current,
+            kid,
+            self.refusal.code()
+        )
+    }
+
+    pub(crate) fn decode(s: &str) -> Option<Record> {
+        let f: Vec<&str> = s.split('|').collect();
+        if f.len() != 8 || f[0] != "v1" {
+            return None;
+        }
+        Some(Record {
+            database: f[1].parse().ok()?,
+            pid: f[2].parse().ok()?,
+            at_us: f[3].parse().ok()?,
+            session: f[4].parse().ok()?,
+            current: f[5].parse().ok()?,
+            key_id: if f[6] == "-" { None } else { Some(f[6].parse().ok()?) },
+            refusal: Refusal::from_code(f[7])?,
+        })
+    }
+}
+
+/// Records a refused call through a background worker, so the row outlives the ERROR that follows.
+/// Never raises: if no worker slot is free, a WARNING says so (the server-log line is already written).
+pub fn record_refusal(key_id: Option<i32>, refusal: Refusal) {
+    // SAFETY: plain reads of backend-local globals on the main thread.
+    let record = unsafe {
+        Record {
+            database: pg_sys::MyDatabaseId.to_u32(),
+            pid: pg_sys::MyProcPid,
+            at_us: pg_sys::GetCurrentTimestamp(),
+            session: pg_sys::GetSessionUserId().to_u32(),
+            current: pg_sys::GetUserId().to_u32(),
+            key_id,
+            refusal,
+        }
+    };
+    let started = BackgroundWorkerBuilder::new("sqs_ingest unmask audit")
+        .set_type("sqs_ingest audit")
+        .set_library("sqs_ingest")
+        .set_function("sqs_ingest_audit_worker_main")
+        .set_extra(&record.encode())
+        .enable_spi_access()
+        .set_restart_time(None)
+        .load_dynamic();
+    if started.is_err() {
+        warning!(
+            "sqs_ingest: the refused unmask call could not be written to sqs_ingest.unmask_audit (no free background worker slot); it is in the server log"
+        );
+    }
+}
+
+fn role_or_oid(oid: u32) -> String {
+    // SAFETY: noerr lookup on the worker's main thread inside its transaction; a non-NULL result is copied.
+    unsafe {
+        let name = pg_sys::GetUserNameFromId(pg_sys::Oid::from(oid), true);
+        if name.is_null() {
+            format!("oid {oid}")
+        } else {
+            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+        }
+    }
+}
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    let Some(record) = Record::decode(BackgroundWorker::get_extra()) else {
+        log!("sqs_ingest audit worker: unreadable record, nothing written");
+        return;
+    };
+    // As the bootstrap superuser: the refused caller may have no rights at all, and the row is the extension's.
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(record.database)), None);
+    let written = BackgroundWorker::transaction(|| -> std::result::Result<bool, pgrx::spi::SpiError> {
+        let present = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('sqs_ingest.unmask_audit') IS NOT NULL")?;
+        if present != Some(true) {
+            return Ok(false);
+        }
+        Spi::run_with_args(
+            "INSERT INTO sqs_ingest.unmask_audit
+                 (called_at, session_role, effective_role, backend_pid, key_id, succeeded, failure)
+             VALUES (pg_catalog.timestamptz '2000-01-01 00:00:00+00' + $1 * pg_catalog.interval '1 microsecond',
+                     $2, $3, $4, $5, false, $6)",
+            &[
+                record.at_us.into(),
+                role_or_oid(record.session).into(),
+                role_or_oid(record.current).into(),
+                record.pid.into(),
+                record.key_id.into(),
+                record.refusal.message(record.key_id).into(),
+            ],
+        )?;
+        Ok(true)
+    });
+    match written {
+        Ok(true) => {}
+        Ok(false) => log!("sqs_ingest audit worker: sqs_ingest is not installed in that database; nothing written"),
+        Err(e) => log!("sqs_ingest audit worker: could not write the refusal: {e}"),
+    }
+}
