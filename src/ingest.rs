@@ -202,7 +202,16 @@ impl Run<'_> {
         loop {
             self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             if in_flight.is_empty() {
-                if saw_empty && !confirming && !confirmed_once && self.opts.confirm_wait_s > 0 && unrequested > 0 {
+                // A worker that already holds messages commits them now rather than long-polling for more inside
+                // the same transaction (its rows would stay invisible, and its messages undeleted, for the wait).
+                let holding = self.opts.return_after_wake && self.summary.received > 0;
+                if saw_empty
+                    && !confirming
+                    && !confirmed_once
+                    && !holding
+                    && self.opts.confirm_wait_s > 0
+                    && unrequested > 0
+                {
                     confirming = true;
                     let n = unrequested.min(10);
                     in_flight.push_back(self.spawn(n, self.opts.confirm_wait_s));
