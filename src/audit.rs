@@ -10,42 +10,16 @@ use crate::error::{Error, Result};
 use crate::privilege::{as_owner, extension_owner};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use pgrx::PgOid;
 use sqs_ingest_core::mask::MaskError;
-use std::cell::RefCell;
-use std::rc::Rc;
 
 const INSERT: &str = "INSERT INTO sqs_ingest.unmask_audit (session_role, effective_role, key_id, succeeded, failure)
-                      VALUES ($1, $2, $3, true, NULL)";
-
-thread_local! {
-    static PLAN: RefCell<Option<Rc<OwnedPreparedStatement>>> = const { RefCell::new(None) };
-}
-
-fn plan(client: &pgrx::spi::SpiClient<'_>) -> Result<Rc<OwnedPreparedStatement>> {
-    if let Some(p) = PLAN.with(|p| p.borrow().clone()) {
-        return Ok(p);
-    }
-    let types = [PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::TEXTOID), PgOid::from(pg_sys::INT4OID)];
-    let prepared = client
-        .prepare_mut(INSERT, &types)
-        .map_err(|e| Error::Internal(format!("cannot prepare the audit insert: {e}")))?;
-    let kept = Rc::new(prepared.keep());
-    PLAN.with(|p| *p.borrow_mut() = Some(kept.clone()));
-    Ok(kept)
-}
+                      VALUES ($1::text, $2::text, $3::int4, true, NULL)";
 
 /// Records a call that revealed a value, in the caller's transaction.
 pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Result<()> {
     as_owner(extension_owner(), || {
-        Spi::connect_mut(|client| {
-            let plan = plan(client)?;
-            client
-                .update(&*plan, None, &[session.into(), current.into(), key_id.into()])
-                .map(|_| ())
-                .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))
-        })
+        crate::plans::run(INSERT, &[session.into(), current.into(), key_id.into()], |_| ())
+            .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))
     })
 }
 

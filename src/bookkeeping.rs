@@ -7,19 +7,15 @@ use std::collections::HashSet;
 
 /// Records MessageIds in the ledger; returns the ones that were not there before (the rest are duplicates).
 pub fn claim(queue_url: &str, ids: Vec<String>, outcomes: Vec<String>) -> Result<HashSet<String>> {
-    Spi::connect_mut(|client| {
-        let rows = client
-            .update(
-                "INSERT INTO sqs_ingest.ledger (queue_url, message_id, outcome)
-                 SELECT $1, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
-                 ON CONFLICT DO NOTHING
-                 RETURNING message_id",
-                None,
-                &[queue_url.into(), ids.into(), outcomes.into()],
-            )
-            .map_err(|e| Error::Internal(format!("ledger insert failed: {e}")))?;
-        Ok(rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
-    })
+    crate::plans::run(
+        "INSERT INTO sqs_ingest.ledger (queue_url, message_id, outcome)
+         SELECT $1::text, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
+         ON CONFLICT DO NOTHING
+         RETURNING message_id",
+        &[queue_url.into(), ids.into(), outcomes.into()],
+        |rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect(),
+    )
+    .map_err(|e| Error::Internal(format!("ledger insert failed: {e}")))
 }
 
 /// Dead letters of one batch, as column arrays.
@@ -38,10 +34,10 @@ pub fn store_dead_letters(queue_url: &str, key_id: i32, d: DeadLetters) -> Resul
     if d.message_ids.is_empty() {
         return Ok(());
     }
-    Spi::run_with_args(
+    crate::plans::run(
         "INSERT INTO sqs_ingest.dead_letters
             (queue_url, message_id, sent_at, receive_count, reason_code, reason, key_id, body_encrypted, body_bytes)
-         SELECT $1, m, pg_catalog.to_timestamp(s / 1000.0), c, rc, r, $2, b, n
+         SELECT $1::text, m, pg_catalog.to_timestamp(s / 1000.0), c, rc, r, $2::int4, b, n
            FROM unnest($3::text[], $4::int8[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int4[])
                 AS u(m, s, c, rc, r, b, n)
          ON CONFLICT (queue_url, message_id) DO UPDATE
@@ -59,6 +55,7 @@ pub fn store_dead_letters(queue_url: &str, key_id: i32, d: DeadLetters) -> Resul
             d.bodies.into(),
             d.body_bytes.into(),
         ],
+        |_| (),
     )
     .map_err(|e| Error::Internal(format!("dead letter insert failed: {e}")))
 }
@@ -77,11 +74,11 @@ pub struct Counters {
 /// Adds to this backend's counter row for the current hour. Rows are keyed by backend pid, so concurrent
 /// sessions never wait on each other's counter rows.
 pub fn add_counters(queue_url: &str, worker: &str, c: Counters, depth: Option<i64>, error: Option<&str>) -> Result<()> {
-    Spi::run_with_args(
+    crate::plans::run(
         "INSERT INTO sqs_ingest.counters AS k
             (queue_url, worker, backend_pid, hour, received, inserted, duplicates, dead_lettered, deleted,
              delete_failures, last_success_at, last_error, last_error_at, approximate_depth, depth_at)
-         VALUES ($1, $2, pg_catalog.pg_backend_pid(), pg_catalog.date_trunc('hour', pg_catalog.now()),
+         VALUES ($1::text, $2::text, pg_catalog.pg_backend_pid(), pg_catalog.date_trunc('hour', pg_catalog.now()),
                  $3, $4, $5, $6, $7, $8,
                  CASE WHEN $9::text IS NULL THEN pg_catalog.now() END,
                  $9, CASE WHEN $9::text IS NOT NULL THEN pg_catalog.now() END,
@@ -110,6 +107,7 @@ pub fn add_counters(queue_url: &str, worker: &str, c: Counters, depth: Option<i6
             error.map(str::to_string).into(),
             depth.into(),
         ],
+        |_| (),
     )
     .map_err(|e| Error::Internal(format!("counter update failed: {e}")))
 }

@@ -110,8 +110,7 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     let info = probe(&client, queue, opts.reuse_probe_for)?;
     // Messages are deleted right after COMMIT, so the commit must be durable first: with
     // synchronous_commit = off a crash could lose a committed batch whose messages are already gone.
-    Spi::run("SELECT pg_catalog.set_config('synchronous_commit', 'local', true) WHERE pg_catalog.current_setting('synchronous_commit') = 'off'")
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    durable_commit();
     let owner = extension_owner();
     as_owner(owner, || flush_unreported(&opts.worker))?;
     let target = target::resolve_or_create(&gucs::target_table())?;
@@ -136,6 +135,25 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     let mut summary = s;
     summary.elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     Ok(summary)
+}
+
+/// `SET LOCAL synchronous_commit = local` when it is `off` (the SQL-level equivalent, without running SQL).
+fn durable_commit() {
+    // SAFETY: reads and sets a GUC on the main thread inside a transaction; GUC_ACTION_LOCAL reverts at its end.
+    unsafe {
+        if pg_sys::synchronous_commit == pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32 {
+            pg_sys::set_config_option(
+                c"synchronous_commit".as_ptr(),
+                c"local".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                0,
+                false,
+            );
+        }
+    }
 }
 
 /// GetQueueAttributes, or the answer of one made less than `reuse_for` ago (workers call ingest per batch).
@@ -402,7 +420,7 @@ impl Rows {
         );
         let version: pgrx::datum::DatumWithOid =
             if integer { self.version_int.into() } else { self.version_text.into() };
-        Spi::run_with_args(
+        crate::plans::run(
             &sql,
             &[
                 self.user_id.into(),
@@ -413,6 +431,7 @@ impl Rows {
                 version,
                 self.create_date.into(),
             ],
+            |_| (),
         )
         .map_err(|e| Error::Target(format!("insert into {} failed: {e}", target.name)))
     }

@@ -16,6 +16,7 @@ mod gucs;
 mod hold;
 mod ingest;
 mod keys;
+mod plans;
 mod privilege;
 mod sqs;
 mod target;

@@ -181,3 +181,23 @@ fn terminated_backend_loses_and_duplicates_nothing() {
     assert_eq!(count(&mut c, "SELECT count(DISTINCT user_id) FROM user_logins"), n as i64);
     eventually("queue empty", Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
 }
+
+#[test]
+fn asynchronous_commit_is_made_durable_for_the_ingesting_transaction_only() {
+    // Messages are deleted right after COMMIT, so that commit must be flushed first, even when the session asked
+    // for synchronous_commit = off; the session's own setting is untouched afterwards.
+    let h = harness();
+    let mut c = h.fresh_db("e2e_sync_commit");
+    let url = h.fresh_queue(&mut c, "e2e-sync-commit", 30);
+    h.send(&mut c, &url, &(0..5).map(login).collect::<Vec<_>>());
+    c.batch_execute("SET synchronous_commit = off").unwrap();
+    let mut tx = c.transaction().unwrap();
+    let r = tx.query_one("SELECT received FROM sqs_ingest($1)", &[&url]).unwrap();
+    assert_eq!(r.get::<_, i64>(0), 5);
+    let inside: String = tx.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
+    assert_eq!(inside, "local");
+    tx.commit().unwrap();
+    let after: String = c.query_one("SHOW synchronous_commit", &[]).unwrap().get(0);
+    assert_eq!(after, "off");
+    eventually("queue empty", Duration::from_secs(5), || depth(&mut c, &url) == (0, 0));
+}
