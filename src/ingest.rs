@@ -117,7 +117,7 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     let key = keys::active_material()?;
 
     let mut run = Run { queue, client: &client, opts, owner, target: &target, key: &key, summary: Summary::default() };
-    run.pipeline(started)?;
+    let drained = run.pipeline(started)?;
 
     let s = run.summary;
     let counters = Counters {
@@ -129,7 +129,9 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
         delete_failures: 0,
     };
     as_owner(owner, || -> Result<()> {
-        bookkeeping::add_counters(&queue.url, &opts.worker, counters, info.approximate_depth, None)?;
+        // The probe saw the queue before this call took its messages: report what is left, as best known.
+        let depth = if drained { Some(0) } else { info.approximate_depth.map(|d| (d - s.received).max(0)) };
+        bookkeeping::add_counters(&queue.url, &opts.worker, counters, depth, None)?;
         maybe_prune(&queue.url, info.retention_s)
     })?;
     let mut summary = s;
@@ -208,7 +210,8 @@ impl Run<'_> {
         }
     }
 
-    fn pipeline(&mut self, started: Instant) -> Result<()> {
+    /// Returns whether it stopped because the queue looked empty (rather than at `max_messages` or a stop).
+    fn pipeline(&mut self, started: Instant) -> Result<bool> {
         let concurrency = gucs::receive_concurrency();
         let mut unrequested = self.opts.max_messages.unwrap_or(i64::MAX);
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
@@ -299,7 +302,7 @@ impl Run<'_> {
                 next_progress = Instant::now() + progress_every;
             }
         }
-        Ok(())
+        Ok(saw_empty && unrequested > 0)
     }
 
     fn store(&mut self, batch: Vec<Received>) -> Result<()> {

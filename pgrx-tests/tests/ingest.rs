@@ -173,6 +173,18 @@ fn stats_view_counts_per_queue() {
     assert!(r.get::<_, bool>(5));
     assert_eq!(r.get::<_, Option<String>>(6), None);
 
+    // approximate_depth is what is left after the call: 0 after a drain, the remainder after a partial run.
+    let depth = |c: &mut postgres::Client| -> Option<i64> {
+        c.query_one("SELECT approximate_depth FROM sqs_ingest.stats WHERE queue_url = $1", &[&url]).unwrap().get(0)
+    };
+    assert_eq!(depth(&mut c), Some(0));
+    h.send(&mut c, &url, &(100..130).map(login).collect::<Vec<_>>());
+    let got: i64 = c.query_one("SELECT received FROM sqs_ingest($1, 10)", &[&url]).unwrap().get(0);
+    assert_eq!(got, 10);
+    assert_eq!(depth(&mut c), Some(20));
+    ingest(&mut c, &url);
+    assert_eq!(depth(&mut c), Some(0));
+
     // A failed call rolls back, but its (scrubbed) error reaches the stats with the session's next call.
     let bad = format!("{}/000000000000/e2e-no-such-queue", h.endpoint);
     assert!(c.query("SELECT * FROM sqs_ingest($1)", &[&bad]).is_err());
