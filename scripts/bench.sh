@@ -72,7 +72,15 @@ printf '%-44s %10s MB -> %s MB (incl. shared buffers touched)\n' "backend VmRSS 
 
 say "masking $MASK_N values"
 "${PSQL[@]}" -d bench -c "CREATE TABLE vals AS SELECT (i % 250)::text || '.' || (i % 251)::text || '.' || (i / 65536)::text || '.' || (i % 256)::text AS v FROM generate_series(1, $MASK_N) i" -c "VACUUM ANALYZE vals" >/dev/null
-timeit() { "${PSQL[@]}" -d bench -c "\\timing on" -c "$1" | awk '/^Time:/ { print $2 }'; }
+# Best of 3 runs for each (a shared 2-core VM is noisy; the minimum is the least disturbed run).
+timeit() {
+    local best="" t
+    for _ in 1 2 3; do
+        t="$("${PSQL[@]}" -d bench -c "\\timing on" -c "$1" | awk '/^Time:/ { print $2 }')"
+        if [[ -z "$best" ]] || awk -v a="$t" -v b="$best" 'BEGIN { exit !(a < b) }'; then best="$t"; fi
+    done
+    echo "$best"
+}
 T_PGC="$(timeit "SELECT count(encode(hmac(v, 'a secret key of some length', 'sha256'), 'hex')) FROM vals")"
 T_HMAC="$(timeit "SELECT count(sqs_ingest.mask(v, 'hmac')) FROM vals")"
 T_ENC="$(timeit "SELECT count(sqs_ingest.mask(v, 'encrypt')) FROM vals")"
@@ -80,7 +88,7 @@ T_ENC="$(timeit "SELECT count(sqs_ingest.mask(v, 'encrypt')) FROM vals")"
 T_UNMASK="$(timeit "SELECT count(sqs_ingest.unmask(t)) FROM toks")"
 rate() { awk -v n="$MASK_N" -v ms="$1" 'BEGIN { printf "%.0f", n / (ms / 1000) }'; }
 printf '%-44s %10s rows/s\n' "pgcrypto encode(hmac(v,k,'sha256'),'hex')" "$(rate "$T_PGC")"
-printf '%-44s %10s rows/s  (%.1fx pgcrypto)\n' "sqs_ingest.mask(v, 'hmac')" "$(rate "$T_HMAC")" "$(awk -v a="$T_PGC" -v b="$T_HMAC" 'BEGIN{print a/b}')"
+printf '%-44s %10s rows/s  (%.2fx pgcrypto)\n' "sqs_ingest.mask(v, 'hmac')" "$(rate "$T_HMAC")" "$(awk -v a="$T_PGC" -v b="$T_HMAC" 'BEGIN{print a/b}')"
 printf '%-44s %10s rows/s\n' "sqs_ingest.mask(v, 'encrypt')" "$(rate "$T_ENC")"
 printf '%-44s %10s rows/s  (each call audited)\n' "sqs_ingest.unmask(t)" "$(rate "$T_UNMASK")"
 

@@ -91,31 +91,19 @@ fn background_workers() {
         .collect();
     assert!(!labels.is_empty() && labels.iter().all(|l| l.starts_with("worker ")), "{labels:?}");
 
-    // 1b. A message sent the moment the previous one became visible is stored well within one long poll: a
-    //     worker commits what it holds instead of long-polling for more inside the same transaction.
-    reconfigure(&mut c, &[("sqs_ingest.worker_wait_time", "20")]);
-    std::thread::sleep(Duration::from_secs(1));
-    for want in 2001..=2005_i64 {
-        h.send(&mut c, &q1, &[login(want as usize + 1000)]);
-        eventually("ping-pong message stored before a 20 s long poll ends", Duration::from_secs(10), || {
-            logins(&mut c).0 == want
-        });
-    }
-    reconfigure(&mut c, &[("sqs_ingest.worker_wait_time", "2")]);
-
     // 2. Reload switches the queue: q2 is ingested, q1 no longer.
     reconfigure(&mut c, &[("sqs_ingest.worker_queue_urls", &q2)]);
     std::thread::sleep(Duration::from_secs(3));
     h.send(&mut c, &q2, &[login(5000)]);
-    eventually("q2 message stored", Duration::from_secs(20), || logins(&mut c).0 == 2006);
+    eventually("q2 message stored", Duration::from_secs(20), || logins(&mut c).0 == 2001);
     h.send(&mut c, &q1, &[login(5001)]);
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(logins(&mut c).0, 2006, "q1 is no longer ingested");
+    assert_eq!(logins(&mut c).0, 2001, "q1 is no longer ingested");
     assert_eq!(depth(&mut c, &q1).0, 1);
 
     // 3. A worker killed with SIGKILL (the postmaster then restarts the cluster) loses and duplicates nothing.
     h.send(&mut c, &q2, &(10_000..13_000).map(login).collect::<Vec<_>>());
-    eventually("ingest under way", Duration::from_secs(30), || logins(&mut c).0 > 2205);
+    eventually("ingest under way", Duration::from_secs(30), || logins(&mut c).0 > 2200);
     let victim = worker_pids(&mut c)[0];
     assert!(Command::new("kill").args(["-9", &victim.to_string()]).status().unwrap().success());
     drop(c);
@@ -124,39 +112,39 @@ fn background_workers() {
     std::thread::sleep(Duration::from_secs(2));
     let mut c = reconnect(&h, "e2e_worker");
     eventually("workers back after the crash restart", Duration::from_secs(60), || worker_pids(&mut c).len() == 2);
-    eventually("all 3000 stored", Duration::from_secs(120), || logins(&mut c).0 >= 5006);
+    eventually("all 3000 stored", Duration::from_secs(120), || logins(&mut c).0 >= 5001);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(logins(&mut c), (5006, 5006), "SIGKILL lost or duplicated messages");
+    assert_eq!(logins(&mut c), (5001, 5001), "SIGKILL lost or duplicated messages");
 
     // 4. Immediate postmaster stop in the middle of a 10k load, then start: every message exactly once.
     h.send(&mut c, &q2, &(20_000..30_000).map(login).collect::<Vec<_>>());
-    eventually("10k load under way", Duration::from_secs(30), || logins(&mut c).0 > 6005);
+    eventually("10k load under way", Duration::from_secs(30), || logins(&mut c).0 > 6000);
     drop(c);
     pg_ctl(&["-m", "immediate", "stop"]);
     pg_ctl(&["start"]);
     let mut c = reconnect(&h, "e2e_worker");
-    eventually("all 10k stored", Duration::from_secs(180), || logins(&mut c).0 >= 15_006);
+    eventually("all 10k stored", Duration::from_secs(180), || logins(&mut c).0 >= 15_001);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(logins(&mut c), (15_006, 15_006), "immediate restart lost or duplicated messages");
+    assert_eq!(logins(&mut c), (15_001, 15_001), "immediate restart lost or duplicated messages");
     // Messages committed but not yet deleted at the immediate stop come back after the 60 s visibility timeout
     // and are then recognised as duplicates and deleted: wait longer than that.
     eventually("queue drained", Duration::from_secs(90), || depth(&mut c, &q2) == (0, 0));
 
     // 5. Fast shutdown (SIGTERM to the workers) stops after the current batch commits.
     h.send(&mut c, &q2, &(40_000..42_000).map(login).collect::<Vec<_>>());
-    eventually("load under way", Duration::from_secs(30), || logins(&mut c).0 > 15_205);
+    eventually("load under way", Duration::from_secs(30), || logins(&mut c).0 > 15_200);
     drop(c);
     pg_ctl(&["-m", "fast", "restart"]);
     let mut c = reconnect(&h, "e2e_worker");
-    eventually("all 2000 stored", Duration::from_secs(120), || logins(&mut c).0 >= 17_006);
+    eventually("all 2000 stored", Duration::from_secs(120), || logins(&mut c).0 >= 17_001);
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(logins(&mut c), (17_006, 17_006));
+    assert_eq!(logins(&mut c), (17_001, 17_001));
 
     // 6. Disable the static workers; a dynamic worker started from SQL ingests q1 until stopped.
     reconfigure(&mut c, &[("sqs_ingest.worker_enabled", "off")]);
     let id: i32 = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&q1]).unwrap().get(0);
     eventually("q1's waiting message stored by the dynamic worker", Duration::from_secs(30), || {
-        logins(&mut c).0 == 17_007
+        logins(&mut c).0 == 17_002
     });
     let status: i64 = c
         .query_one(
@@ -172,6 +160,33 @@ fn background_workers() {
     });
     h.send(&mut c, &q1, &[login(50_000)]);
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(logins(&mut c).0, 17_007, "a stopped worker ingests nothing");
-    reconfigure(&mut c, &[("sqs_ingest.worker_queue_urls", ""), ("sqs_ingest.worker_enabled", "off")]);
+    assert_eq!(logins(&mut c).0, 17_002, "a stopped worker ingests nothing");
+    // 7. A message sent the moment the previous one became visible is stored well within one long poll: a
+    //    worker commits what it holds instead of long-polling for more inside the same transaction. (Last, because
+    //    long polls abandoned at a reload may still take a message server-side, hiding it for the visibility
+    //    timeout; no earlier step has to account for that.)
+    reconfigure(
+        &mut c,
+        &[
+            ("sqs_ingest.worker_queue_urls", &q2),
+            ("sqs_ingest.worker_wait_time", "20"),
+            ("sqs_ingest.worker_enabled", "on"),
+        ],
+    );
+    eventually("two workers running", Duration::from_secs(30), || worker_pids(&mut c).len() == 2);
+    std::thread::sleep(Duration::from_secs(1));
+    for want in 17_003..=17_007_i64 {
+        h.send(&mut c, &q2, &[login(want as usize + 100_000)]);
+        eventually("ping-pong message stored before a 20 s long poll ends", Duration::from_secs(10), || {
+            logins(&mut c).0 == want
+        });
+    }
+    reconfigure(
+        &mut c,
+        &[
+            ("sqs_ingest.worker_queue_urls", ""),
+            ("sqs_ingest.worker_enabled", "off"),
+            ("sqs_ingest.worker_wait_time", "2"),
+        ],
+    );
 }
