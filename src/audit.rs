@@ -3,8 +3,9 @@
 //! A call that reveals a value writes its row in the caller's transaction through a plan prepared once per
 //! backend (a bulk `unmask` over a million rows must not parse a million INSERTs). A refused call ends in an
 //! ERROR that rolls its own transaction back, so its row is written by a short-lived background worker in a
-//! transaction of its own: the refusal is on record even though the caller's statement failed. Both kinds also
-//! get a server-log line, which is the only trace of a successful call whose transaction later rolls back.
+//! transaction of its own: the refusal is on record even though the caller's statement failed. A revealing call
+//! whose row is rolled back with the caller's transaction or savepoint (the value was still shown) is written
+//! again the same way once that rollback happens, marked as such. Every call also gets a server-log line.
 
 use crate::error::{Error, Result};
 use crate::privilege::{as_owner, extension_owner};
@@ -20,7 +21,94 @@ pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Resu
     as_owner(extension_owner(), || {
         crate::plans::run(INSERT, &[session.into(), current.into(), key_id.into()], |_| ())
             .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))
-    })
+    })?;
+    crate::hold::ensure_callbacks();
+    // SAFETY: plain reads of backend-local state on the main thread.
+    let g = unsafe {
+        Group {
+            subxact: pg_sys::GetCurrentSubTransactionId(),
+            session: pg_sys::GetSessionUserId().to_u32(),
+            current: pg_sys::GetUserId().to_u32(),
+            key_id,
+            count: 1,
+            first_at: pg_sys::GetCurrentTimestamp(),
+        }
+    };
+    WRITTEN.with(|w| {
+        let mut w = w.borrow_mut();
+        match w.last_mut() {
+            Some(last) if last.same_caller(&g) => last.count += 1,
+            _ => w.push(g),
+        }
+    });
+    Ok(())
+}
+
+/// Revealing calls whose audit rows were written in the current transaction, grouped by caller and savepoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Group {
+    subxact: pg_sys::SubTransactionId,
+    session: u32,
+    current: u32,
+    key_id: Option<i32>,
+    count: u32,
+    first_at: i64,
+}
+
+impl Group {
+    fn same_caller(&self, o: &Group) -> bool {
+        (self.subxact, self.session, self.current, self.key_id) == (o.subxact, o.session, o.current, o.key_id)
+    }
+}
+
+thread_local! {
+    /// Audit rows written in this transaction (they vanish if it rolls back).
+    static WRITTEN: std::cell::RefCell<Vec<Group>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Audit rows a rolled-back savepoint took with it; rewritten when the transaction ends.
+    static LOST: std::cell::RefCell<Vec<Group>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn rewrite(groups: Vec<Group>) {
+    for g in groups {
+        // SAFETY: plain reads of backend-local globals on the main thread.
+        let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
+        launch(&Record {
+            database,
+            pid,
+            at_us: g.first_at,
+            session: g.session,
+            current: g.current,
+            key_id: g.key_id,
+            kind: Kind::RevealedThenRolledBack,
+            count: g.count,
+        });
+    }
+}
+
+/// Transaction-end hooks, called from [`crate::hold`]'s callbacks. Never raise.
+pub fn after_commit() {
+    WRITTEN.with(|w| w.borrow_mut().clear());
+    rewrite(LOST.with(|l| std::mem::take(&mut *l.borrow_mut())));
+}
+
+pub fn after_abort() {
+    let mut all = LOST.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    all.extend(WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut())));
+    rewrite(all);
+}
+
+pub fn after_subxact_abort(my: pg_sys::SubTransactionId) {
+    let gone: Vec<Group> = WRITTEN.with(|w| {
+        let mut w = w.borrow_mut();
+        let (gone, kept) = std::mem::take(&mut *w).into_iter().partition(|g| g.subxact >= my);
+        *w = kept;
+        gone
+    });
+    LOST.with(|l| l.borrow_mut().extend(gone));
+}
+
+pub fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransactionId) {
+    WRITTEN.with(|w| w.borrow_mut().iter_mut().filter(|g| g.subxact >= my).for_each(|g| g.subxact = parent));
 }
 
 /// Why a call was refused, as carried to the audit worker (the worker turns it back into the message).
@@ -71,6 +159,39 @@ impl Refusal {
     }
 }
 
+/// What the audit worker writes: a refusal, or revealing calls whose own rows were rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Refused(Refusal),
+    RevealedThenRolledBack,
+}
+
+impl Kind {
+    fn code(self) -> &'static str {
+        match self {
+            Kind::Refused(r) => r.code(),
+            Kind::RevealedThenRolledBack => "revealed",
+        }
+    }
+
+    fn from_code(code: &str) -> Option<Kind> {
+        if code == "revealed" {
+            Some(Kind::RevealedThenRolledBack)
+        } else {
+            Refusal::from_code(code).map(Kind::Refused)
+        }
+    }
+
+    fn failure(self, key_id: Option<i32>) -> String {
+        match self {
+            Kind::Refused(r) => r.message(key_id),
+            Kind::RevealedThenRolledBack => {
+                "value revealed; the caller rolled back, so this row was written after the rollback".to_string()
+            }
+        }
+    }
+}
+
 /// What the audit worker needs, packed into `bgw_extra` (128 bytes): no names, no token, no value.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Record {
@@ -80,27 +201,29 @@ pub(crate) struct Record {
     pub(crate) session: u32,
     pub(crate) current: u32,
     pub(crate) key_id: Option<i32>,
-    pub(crate) refusal: Refusal,
+    pub(crate) kind: Kind,
+    pub(crate) count: u32,
 }
 
 impl Record {
     pub(crate) fn encode(&self) -> String {
         let kid = self.key_id.map_or_else(|| "-".to_string(), |k| k.to_string());
         format!(
-            "v1|{}|{}|{}|{}|{}|{}|{}",
+            "v1|{}|{}|{}|{}|{}|{}|{}|{}",
             self.database,
             self.pid,
             self.at_us,
             self.session,
             self.current,
             kid,
-            self.refusal.code()
+            self.kind.code(),
+            self.count
         )
     }
 
     pub(crate) fn decode(s: &str) -> Option<Record> {
         let f: Vec<&str> = s.split('|').collect();
-        if f.len() != 8 || f[0] != "v1" {
+        if f.len() != 9 || f[0] != "v1" {
             return None;
         }
         Some(Record {
@@ -110,7 +233,8 @@ impl Record {
             session: f[4].parse().ok()?,
             current: f[5].parse().ok()?,
             key_id: if f[6] == "-" { None } else { Some(f[6].parse().ok()?) },
-            refusal: Refusal::from_code(f[7])?,
+            kind: Kind::from_code(f[7])?,
+            count: f[8].parse().ok().filter(|n| *n > 0)?,
         })
     }
 }
@@ -127,9 +251,14 @@ pub fn record_refusal(key_id: Option<i32>, refusal: Refusal) {
             session: pg_sys::GetSessionUserId().to_u32(),
             current: pg_sys::GetUserId().to_u32(),
             key_id,
-            refusal,
+            kind: Kind::Refused(refusal),
+            count: 1,
         }
     };
+    launch(&record);
+}
+
+fn launch(record: &Record) {
     let started = BackgroundWorkerBuilder::new("sqs_ingest unmask audit")
         .set_type("sqs_ingest audit")
         .set_library("sqs_ingest")
@@ -140,7 +269,8 @@ pub fn record_refusal(key_id: Option<i32>, refusal: Refusal) {
         .load_dynamic();
     if started.is_err() {
         warning!(
-            "sqs_ingest: the refused unmask call could not be written to sqs_ingest.unmask_audit (no free background worker slot); it is in the server log"
+            "sqs_ingest: {} unmask call(s) could not be written to sqs_ingest.unmask_audit (no free background worker slot); they are in the server log",
+            record.count
         );
     }
 }
@@ -175,15 +305,18 @@ pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
         Spi::run_with_args(
             "INSERT INTO sqs_ingest.unmask_audit
                  (called_at, session_role, effective_role, backend_pid, key_id, succeeded, failure)
-             VALUES (pg_catalog.timestamptz '2000-01-01 00:00:00+00' + $1 * pg_catalog.interval '1 microsecond',
-                     $2, $3, $4, $5, false, $6)",
+             SELECT pg_catalog.timestamptz '2000-01-01 00:00:00+00' + $1 * pg_catalog.interval '1 microsecond',
+                    $2, $3, $4, $5, $6, $7
+               FROM pg_catalog.generate_series(1, $8)",
             &[
                 record.at_us.into(),
                 role_or_oid(record.session).into(),
                 role_or_oid(record.current).into(),
                 record.pid.into(),
                 record.key_id.into(),
-                record.refusal.message(record.key_id).into(),
+                matches!(record.kind, Kind::RevealedThenRolledBack).into(),
+                record.kind.failure(record.key_id).into(),
+                (record.count as i32).into(),
             ],
         )?;
         Ok(true)

@@ -202,10 +202,12 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             // Never raise after commit: a panic here would take the backend down.
             let _ = std::panic::catch_unwind(after_commit);
             let _ = std::panic::catch_unwind(crate::worker::launch_pending);
+            let _ = std::panic::catch_unwind(crate::audit::after_commit);
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             let _ = std::panic::catch_unwind(after_abort);
             crate::worker::forget_pending();
+            let _ = std::panic::catch_unwind(crate::audit::after_abort);
         }
         _ => {}
     }
@@ -223,8 +225,12 @@ unsafe extern "C-unwind" fn on_subxact(
     match event {
         SUBXACT_EVENT_ABORT_SUB => {
             let _ = std::panic::catch_unwind(|| after_subxact_abort(my));
+            crate::audit::after_subxact_abort(my);
         }
-        SUBXACT_EVENT_COMMIT_SUB => after_subxact_commit(my, parent),
+        SUBXACT_EVENT_COMMIT_SUB => {
+            after_subxact_commit(my, parent);
+            crate::audit::after_subxact_commit(my, parent);
+        }
         _ => {}
     }
 }

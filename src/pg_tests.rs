@@ -76,8 +76,12 @@ fn malformed_queue_url_is_refused_before_any_side_effect() {
 
 #[pg_test]
 fn audit_records_survive_their_encoding() {
-    use crate::audit::{Record, Refusal};
-    for (key_id, refusal) in [(Some(7), Refusal::UnknownKey), (None, Refusal::Malformed), (Some(1), Refusal::Keys)] {
+    use crate::audit::{Kind, Record, Refusal};
+    for (key_id, kind, count) in [
+        (Some(7), Kind::Refused(Refusal::UnknownKey), 1),
+        (None, Kind::Refused(Refusal::Malformed), 1),
+        (Some(2_147_483_647), Kind::RevealedThenRolledBack, 4_000_000_000),
+    ] {
         let r = Record {
             database: 16384,
             pid: 4_194_304,
@@ -85,11 +89,13 @@ fn audit_records_survive_their_encoding() {
             session: 4_294_967_295,
             current: 10,
             key_id,
-            refusal,
+            kind,
+            count,
         };
         let s = r.encode();
         assert!(s.len() < 128, "{s}");
         assert_eq!(Record::decode(&s), Some(r));
     }
-    assert_eq!(Record::decode("v2|1|2|3|4|5|-|tampered"), None);
+    assert_eq!(Record::decode("v2|1|2|3|4|5|-|tampered|1"), None);
+    assert_eq!(Record::decode("v1|1|2|3|4|5|-|tampered|0"), None, "a count of zero is not a record");
 }

@@ -174,3 +174,40 @@ fn rotation_keeps_old_tokens_and_rekey_moves_them_to_the_active_key() {
     let e = c.query("SELECT sqs_ingest.mask('x')", &[]).unwrap_err();
     assert_eq!(sqlstate(&e), "XX001", "{e}");
 }
+
+#[test]
+fn a_revealed_value_stays_audited_when_the_caller_rolls_back() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_audit_rollback");
+    let (_, granted) = roles(&mut c, "c");
+    let token: String = c.query_one("SELECT sqs_ingest.mask('198.51.100.4')", &[]).unwrap().get(0);
+    c.batch_execute(&format!("SET ROLE {granted}")).unwrap();
+    // Two calls in a transaction that rolls back, one in a savepoint that rolls back, one that commits.
+    let mut tx = c.transaction().unwrap();
+    for _ in 0..2 {
+        let v: String = tx.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap().get(0);
+        assert_eq!(v, "198.51.100.4");
+    }
+    tx.rollback().unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    tx.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap();
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    tx.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap();
+    tx.commit().unwrap();
+    c.batch_execute("RESET ROLE").unwrap();
+    let read = |c: &mut postgres::Client| -> Vec<(String, bool, Option<String>)> {
+        c.query("SELECT effective_role, succeeded, failure FROM sqs_ingest.unmask_audit ORDER BY called_at, id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    };
+    eventually("4 audit rows", Duration::from_secs(30), || read(&mut c).len() >= 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let rows = read(&mut c);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().all(|(role, ok, _)| *role == granted && *ok), "{rows:?}");
+    let rewritten = rows.iter().filter(|r| r.2.as_deref().is_some_and(|f| f.contains("rolled back"))).count();
+    assert_eq!(rewritten, 3, "{rows:?}");
+}
