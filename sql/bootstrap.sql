@@ -180,7 +180,9 @@ SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.key_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.key_events', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.ledger', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.dead_letters_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.unmask_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.unmask_audit_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.counters', '');
 
 -- Workers started with sqs_ingest.worker_start() --------------------------------------------------------

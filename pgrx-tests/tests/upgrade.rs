@@ -42,6 +42,18 @@ fn surface(c: &mut postgres::Client) -> Vec<String> {
     v
 }
 
+/// The extension's configuration tables and sequences (what pg_dump carries), sorted.
+fn dumped(c: &mut postgres::Client) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .query("SELECT t::regclass::text FROM pg_extension, unnest(extconfig) AS t WHERE extname = 'sqs_ingest'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn upgrade_from_the_previous_release_keeps_everything() {
     let h = harness();
@@ -90,4 +102,5 @@ fn upgrade_from_the_previous_release_keeps_everything() {
     fresh.batch_execute("CREATE EXTENSION sqs_ingest").unwrap();
     assert_eq!(members(&mut c), members(&mut fresh));
     assert_eq!(surface(&mut c), surface(&mut fresh));
+    assert_eq!(dumped(&mut c), dumped(&mut fresh), "pg_dump carries the same tables and sequences");
 }
