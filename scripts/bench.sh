@@ -43,6 +43,7 @@ SELECT pg_sleep(0.2);
 SELECT received FROM sqs_ingest('$EP/000000000000/bench-ingest', $N);
 \\! sh -c 'date +%s.%N > $B/t1'
 \\! sh -c 'pid=\$(cat $PID_FILE); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu1'
+\\! sh -c 'pid=\$(cat $PID_FILE); cat /proc/\$pid/task/*/stat | grep sqs_ingest-net | awk "{s+=\\\$14+\\\$15} END {print s+0}" > $B/cpu1net'
 SQL
 RECEIVED="$(tail -1 "$B/ingest.out")"
 # Wall clock around the autocommit statement: includes the commit and the post-commit deletes.
@@ -53,7 +54,8 @@ RATIO="$(awk -v a="$RATE" -v b="$RAW" 'BEGIN { printf "%.2f", a / b }')"
 printf '%-44s %10s msg/s\n' "LocalStack raw receive+delete drain (K=$K)" "$RAW"
 printf '%-44s %10s msg/s  (%s messages, wall clock incl. commit + deletes)\n' "sqs_ingest() into user_logins" "$RATE" "$RECEIVED"
 printf '%-44s %10s\n' "ratio sqs_ingest / raw drain" "$RATIO"
-printf '%-44s %10s us\n' "backend CPU per message" "$CPU_US"
+NET_US="$(awk -v b="$(cat "$B/cpu1net")" -v t="$TICKS" -v n="$RECEIVED" 'BEGIN { printf "%.1f", b * 1e6 / t / n }')"
+printf '%-44s %10s us  (of which the network thread: %s us)\n' "backend CPU per message" "$CPU_US" "$NET_US"
 
 RSS_N="${BENCH_RSS_N:-100000}"
 say "memory: RSS of one backend before and after ingesting $RSS_N messages (sqs_ingest_drain, 1000 per commit)"
