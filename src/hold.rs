@@ -127,12 +127,20 @@ fn take() -> Option<(Vec<Group>, tokio::task::JoinHandle<()>)> {
     Some((groups, hold.heartbeat))
 }
 
+/// DeleteMessageBatch calls in flight after a commit.
+const DELETE_CONCURRENCY: usize = 8;
+
 fn after_commit() {
     let Some((groups, heartbeat)) = take() else { return };
     heartbeat.abort();
     let mut total = BatchOutcome::default();
     for (client, url, receipts) in groups {
-        let outcome = sqs::block_on_uninterruptible(sqs::delete(&client, &url, &receipts, 8));
+        // On the network thread, beside the connections: the main thread only waits for the total.
+        let n = receipts.len() as u64;
+        let (task_url, task_receipts) = (url.clone(), receipts.clone());
+        let task = sqs::runtime()
+            .spawn(async move { sqs::delete(&client, &task_url, &task_receipts, DELETE_CONCURRENCY).await });
+        let outcome = sqs::block_on_uninterruptible(task).unwrap_or(BatchOutcome { succeeded: 0, failed: n });
         total.succeeded += outcome.succeeded;
         total.failed += outcome.failed;
         if outcome.failed > 0 {
