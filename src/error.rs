@@ -76,6 +76,13 @@ impl Error {
             Error::Keys(_) => "Restore sqs_ingest.keys from backup; without the keys, reversible tokens cannot be unmasked.",
             Error::Target(_) => "Point sqs_ingest.target_table at a table with the user_logins columns, or drop it to let ingest create it.",
             Error::NotPreloaded(_) => "Add sqs_ingest to shared_preload_libraries in postgresql.conf and restart the server.",
+            Error::Mask(MaskError::PlaintextTooLong(_)) => {
+                "Mask values of at most 128 bytes (IP addresses and device ids are far shorter); a token must fit varchar(256)."
+            }
+            Error::Interrupted => {
+                "The transaction rolls back: nothing it received is stored, and its messages are released back to the queue."
+            }
+            Error::InvalidArgument(_) => "See the function's arguments in the README's SQL API section.",
             _ => return None,
         };
         Some(hint.to_string())

@@ -99,3 +99,17 @@ fn audit_records_survive_their_encoding() {
     assert_eq!(Record::decode("v2|1|2|3|4|5|-|tampered|1"), None);
     assert_eq!(Record::decode("v1|1|2|3|4|5|-|tampered|0"), None, "a count of zero is not a record");
 }
+
+#[pg_test(error = "value is 129 bytes; masking accepts at most 128")]
+fn mask_refuses_values_whose_token_would_not_fit() {
+    text("SELECT sqs_ingest.mask(repeat('x', 129))");
+}
+
+#[pg_test]
+fn mask_takes_its_method_from_the_argument_or_the_setting() {
+    let by_arg = text("SELECT sqs_ingest.mask('192.0.2.7', 'hmac')").unwrap();
+    Spi::run("SET LOCAL sqs_ingest.masking_method = 'hmac'").unwrap();
+    assert_eq!(text("SELECT sqs_ingest.mask('192.0.2.7')").unwrap(), by_arg);
+    assert!(text("SELECT sqs_ingest.mask('192.0.2.7', 'encrypt')").unwrap().starts_with("enc:"));
+    assert_eq!(text("SELECT sqs_ingest.mask(NULL, 'hmac')"), None);
+}

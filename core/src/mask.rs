@@ -183,16 +183,22 @@ impl KeyMaterial {
 
     /// Masks `plaintext` into a token. Deterministic for a given key, method and plaintext.
     pub fn mask(&self, method: Method, plaintext: &[u8]) -> Result<String, MaskError> {
+        let mut token = String::new();
+        self.mask_into(method, plaintext, &mut token)?;
+        Ok(token)
+    }
+
+    /// [`KeyMaterial::mask`] into a caller's buffer (cleared first), for callers that mask millions of values.
+    pub fn mask_into(&self, method: Method, plaintext: &[u8], token: &mut String) -> Result<(), MaskError> {
         if plaintext.len() > MAX_PLAINTEXT_BYTES {
             return Err(MaskError::PlaintextTooLong(plaintext.len()));
         }
-        let payload = match method {
+        token.clear();
+        match method {
             Method::Hmac => {
                 let digest = self.hmac.mac(&[plaintext]);
-                let mut token = String::with_capacity(self.prefixes[1].len() + 43);
                 token.push_str(&self.prefixes[1]);
                 token.push_str(b64url_32(&digest).as_str());
-                return Ok(token);
             }
             Method::Encrypt => {
                 let nonce = self.synthetic_nonce(plaintext);
@@ -201,20 +207,14 @@ impl KeyMaterial {
                     .siv_aead
                     .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: aad.as_bytes() })
                     .expect("AES-GCM encryption of a bounded input cannot fail");
-                let mut out = Vec::with_capacity(NONCE_BYTES + sealed.len());
-                out.extend_from_slice(&nonce);
-                out.extend_from_slice(&sealed);
-                out
+                let mut payload = Vec::with_capacity(NONCE_BYTES + sealed.len());
+                payload.extend_from_slice(&nonce);
+                payload.extend_from_slice(&sealed);
+                token.push_str(&self.prefixes[0]);
+                URL_SAFE_NO_PAD.encode_string(&payload, token);
             }
-        };
-        let prefix = &self.prefixes[match method {
-            Method::Encrypt => 0,
-            Method::Hmac => 1,
-        }];
-        let mut token = String::with_capacity(prefix.len() + payload.len().div_ceil(3) * 4);
-        token.push_str(prefix);
-        URL_SAFE_NO_PAD.encode_string(&payload, &mut token);
-        Ok(token)
+        }
+        Ok(())
     }
 
     /// Reverses an `enc` token made with this key. Verifies the tag and that the nonce matches the plaintext.
@@ -338,6 +338,17 @@ pub fn random_nonce() -> [u8; NONCE_BYTES] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mask_into_overwrites_the_buffer() {
+        let k = KeyMaterial::new(3, &[4; KEY_BYTES]).unwrap();
+        let mut buf = String::from("left over from an earlier, much longer value that must not survive");
+        for method in [Method::Hmac, Method::Encrypt] {
+            k.mask_into(method, b"192.0.2.1", &mut buf).unwrap();
+            assert_eq!(buf, k.mask(method, b"192.0.2.1").unwrap());
+        }
+        assert_eq!(k.mask_into(Method::Hmac, &[b'x'; 129], &mut buf), Err(MaskError::PlaintextTooLong(129)));
+    }
 
     #[test]
     fn digest_encoder_matches_the_base64_crate() {
