@@ -82,6 +82,13 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
     let rt = runtime();
     let mut fut = Box::pin(fut);
+    // Already done (a prefetched receive usually is): take it without arming the interrupt timer.
+    {
+        let _context = rt.enter();
+        if let Some(out) = futures_util::FutureExt::now_or_never(&mut fut) {
+            return Ok(out);
+        }
+    }
     loop {
         let step = rt.block_on(async {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
