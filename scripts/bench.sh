@@ -60,7 +60,7 @@ printf '%-44s %10s msg/s  (%s messages, wall clock incl. commit + deletes)\n' "s
 printf '%-44s %10s\n' "ratio sqs_ingest / raw drain" "$RATIO"
 NET_US="$(awk -v a="$(cat "$B/cpu0net")" -v b="$(cat "$B/cpu1net")" -v t="$TICKS" -v n="$RECEIVED" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
 SETUP_MS="$(awk -v a="$(cat "$B/cpuw")" -v b="$(cat "$B/cpu0")" -v t="$TICKS" 'BEGIN { printf "%.0f", (b - a) * 1e3 / t }')"
-printf '%-44s %10s ms  (runtime, SDK client, first request; once per session)\n' "backend CPU for the session's first SQS call" "$SETUP_MS"
+printf '%-44s %10s ms  (runtime, SDK client, first request; once per session; 10 ms clock ticks)\n' "backend CPU for the session's first SQS call" "$SETUP_MS"
 printf '%-44s %10s us  (of which the network thread: %s us)\n' "backend CPU per message" "$CPU_US" "$NET_US"
 
 RSS_N="${BENCH_RSS_N:-100000}"
