@@ -212,6 +212,10 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             let _ = std::panic::catch_unwind(crate::worker::launch_pending);
             let _ = std::panic::catch_unwind(crate::audit::after_commit);
         }
+        XACT_EVENT_PREPARE => {
+            // The audit rows now belong to the prepared transaction; only those a savepoint lost are rewritten.
+            let _ = std::panic::catch_unwind(crate::audit::after_commit);
+        }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             let _ = std::panic::catch_unwind(after_abort);
             crate::worker::forget_pending();
