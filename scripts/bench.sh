@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make bench: throughput against LocalStack's raw drain, backend CPU per message, masking speed beside
 # pgcrypto, and the background worker's send -> visible latency. Numbers, not pass/fail.
-#   BENCH_N (default 10000) messages per throughput run; BENCH_MASK_N (default 1000000) values for masking.
+#   BENCH_N (default 10000) messages per throughput round, BENCH_ROUNDS (default 3) rounds; BENCH_MASK_N (default
+#   1000000) values for masking.
 source "$(dirname "$0")/lib.sh"
 N="${BENCH_N:-10000}"
 MASK_N="${BENCH_MASK_N:-1000000}"
@@ -28,47 +29,58 @@ K="$("${PSQL[@]}" -d bench -c "SHOW sqs_ingest.receive_concurrency")"
 load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 7 \
            | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$EP" --queue "$1" >/dev/null 2>&1; }
 
-echo "== sqs_ingest benchmark: $N messages, LocalStack $LOCALSTACK_VERSION on loopback, $(nproc) cores, receive_concurrency=$K"
-say "loading $N messages twice"
-load bench-raw "$N"; load bench-ingest "$N"
-
-RAW="$("${PSQL[@]}" -d bench -c "SELECT round(received / (elapsed_ms / 1000.0)) FROM sqs_ingest.bench_raw_drain('$EP/000000000000/bench-raw', $N)")"
-# Backend CPU time from /proc (utime+stime of the backend, including its network thread), per message after the
-# session's first SQS call (which sets up the runtime and the SDK client once; reported on its own).
-PID_FILE="$B/pid"
-"${PSQL[@]}" -d bench >"$B/ingest.out" <<SQL
-SELECT pg_backend_pid() \\g $PID_FILE
-SELECT pg_sleep(0.2);
-\\! sh -c 'pid=\$(cat $PID_FILE); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpuw'
-SELECT visible FROM sqs_ingest.queue_depth('$EP/000000000000/bench-ingest') \\g /dev/null
-\\! sh -c 'pid=\$(cat $PID_FILE); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu0'
-\\! sh -c 'pid=\$(cat $PID_FILE); cat /proc/\$pid/task/*/stat | grep sqs_ingest-net | awk "{s+=\\\$14+\\\$15} END {print s+0}" > $B/cpu0net'
-\\! sh -c 'date +%s.%N > $B/t0'
-SELECT received FROM sqs_ingest('$EP/000000000000/bench-ingest', $N);
-\\! sh -c 'date +%s.%N > $B/t1'
-\\! sh -c 'pid=\$(cat $PID_FILE); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu1'
-\\! sh -c 'pid=\$(cat $PID_FILE); cat /proc/\$pid/task/*/stat | grep sqs_ingest-net | awk "{s+=\\\$14+\\\$15} END {print s+0}" > $B/cpu1net'
-SQL
-RECEIVED="$(tail -1 "$B/ingest.out")"
-# Wall clock around the autocommit statement: includes the commit and the post-commit deletes.
-RATE="$(awk -v a="$(cat "$B/t0")" -v b="$(cat "$B/t1")" -v n="$RECEIVED" 'BEGIN { printf "%.0f", n / (b - a) }')"
+echo "== sqs_ingest benchmark: $N messages per round, LocalStack $LOCALSTACK_VERSION on loopback, $(nproc) cores, receive_concurrency=$K"
+ROUNDS="${BENCH_ROUNDS:-3}"
 TICKS="$(getconf CLK_TCK)"
-CPU_US="$(awk -v a="$(cat "$B/cpu0")" -v b="$(cat "$B/cpu1")" -v t="$TICKS" -v n="$RECEIVED" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
-RATIO="$(awk -v a="$RATE" -v b="$RAW" 'BEGIN { printf "%.2f", a / b }')"
-printf '%-44s %10s msg/s\n' "LocalStack raw receive+delete drain (K=$K)" "$RAW"
-printf '%-44s %10s msg/s  (%s messages, wall clock incl. commit + deletes)\n' "sqs_ingest() into user_logins" "$RATE" "$RECEIVED"
-printf '%-44s %10s\n' "ratio sqs_ingest / raw drain" "$RATIO"
-NET_US="$(awk -v a="$(cat "$B/cpu0net")" -v b="$(cat "$B/cpu1net")" -v t="$TICKS" -v n="$RECEIVED" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
-SETUP_MS="$(awk -v a="$(cat "$B/cpuw")" -v b="$(cat "$B/cpu0")" -v t="$TICKS" 'BEGIN { printf "%.0f", (b - a) * 1e3 / t }')"
-printf '%-44s %10s ms  (runtime, SDK client, first request; once per session; 10 ms clock ticks)\n' "backend CPU for the session's first SQS call" "$SETUP_MS"
-printf '%-44s %10s us  (of which the network thread: %s us)\n' "backend CPU per message" "$CPU_US" "$NET_US"
+# One round: load N, raw drain; load N, sqs_ingest() with the backend's CPU time from /proc (utime+stime of the
+# backend incl. its network thread), per message after the session's first SQS call (which sets up the runtime
+# and the SDK client once; reported on its own). Each side runs right after its own load, so both see the same
+# LocalStack state; rounds alternate because LocalStack's speed drifts.
+throughput_round() {
+    local r="$1" q="bench-ingest-$1" pid_file="$B/pid"
+    load "bench-raw-$r" "$N"
+    "${PSQL[@]}" -d bench -c "SELECT round(received / (elapsed_ms / 1000.0)) FROM sqs_ingest.bench_raw_drain('$EP/000000000000/bench-raw-$r', $N)" >"$B/raw.$r"
+    load "$q" "$N"
+    "${PSQL[@]}" -d bench >"$B/ingest.out" <<SQL
+SELECT pg_backend_pid() \\g $pid_file
+\\! sh -c 'pid=\$(cat $pid_file); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpuw'
+SELECT visible FROM sqs_ingest.queue_depth('$EP/000000000000/$q') \\g /dev/null
+\\! sh -c 'pid=\$(cat $pid_file); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu0'
+\\! sh -c 'pid=\$(cat $pid_file); cat /proc/\$pid/task/*/stat | grep sqs_ingest-net | awk "{s+=\\\$14+\\\$15} END {print s+0}" > $B/cpu0net'
+\\! sh -c 'date +%s.%N > $B/t0'
+SELECT received FROM sqs_ingest('$EP/000000000000/$q', $N);
+\\! sh -c 'date +%s.%N > $B/t1'
+\\! sh -c 'pid=\$(cat $pid_file); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu1'
+\\! sh -c 'pid=\$(cat $pid_file); cat /proc/\$pid/task/*/stat | grep sqs_ingest-net | awk "{s+=\\\$14+\\\$15} END {print s+0}" > $B/cpu1net'
+SQL
+    local received raw rate cpu net setup
+    received="$(tail -1 "$B/ingest.out")"
+    raw="$(cat "$B/raw.$r")"
+    # Wall clock around the autocommit statement: includes the commit and the post-commit deletes.
+    rate="$(awk -v a="$(cat "$B/t0")" -v b="$(cat "$B/t1")" -v n="$received" 'BEGIN { printf "%.0f", n / (b - a) }')"
+    cpu="$(awk -v a="$(cat "$B/cpu0")" -v b="$(cat "$B/cpu1")" -v t="$TICKS" -v n="$received" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
+    net="$(awk -v a="$(cat "$B/cpu0net")" -v b="$(cat "$B/cpu1net")" -v t="$TICKS" -v n="$received" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
+    setup="$(awk -v a="$(cat "$B/cpuw")" -v b="$(cat "$B/cpu0")" -v t="$TICKS" 'BEGIN { printf "%.0f", (b - a) * 1e3 / t }')"
+    printf '%s %s %s %s %s %s %s\n' "$r" "$raw" "$rate" "$(awk -v a="$rate" -v b="$raw" 'BEGIN { printf "%.2f", a / b }')" "$cpu" "$net" "$setup" >>"$B/rounds"
+    printf 'round %s: raw drain %s msg/s, sqs_ingest() %s msg/s (%s messages), ratio %s, backend CPU %s us/msg (network thread %s us), first-call setup %s ms\n' \
+        "$r" "$raw" "$rate" "$received" "$(tail -1 "$B/rounds" | cut -d' ' -f4)" "$cpu" "$net" "$setup"
+}
+say "throughput: $ROUNDS rounds of $N messages (raw drain, then sqs_ingest)"
+: >"$B/rounds"
+for r in $(seq 1 "$ROUNDS"); do throughput_round "$r"; done
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+printf '%-44s %10s msg/s  (median of %s rounds)\n' "LocalStack raw receive+delete drain (K=$K)" "$(cut -d' ' -f2 "$B/rounds" | median)" "$ROUNDS"
+printf '%-44s %10s msg/s  (median; wall clock incl. commit + deletes)\n' "sqs_ingest() into user_logins" "$(cut -d' ' -f3 "$B/rounds" | median)"
+printf '%-44s %10s  (median of the per-round ratios)\n' "ratio sqs_ingest / raw drain" "$(cut -d' ' -f4 "$B/rounds" | median)"
+printf '%-44s %10s us  (median; network thread %s us)\n' "backend CPU per message" "$(cut -d' ' -f5 "$B/rounds" | median)" "$(cut -d' ' -f6 "$B/rounds" | median)"
+printf '%-44s %10s ms  (runtime, SDK client, first request; 10 ms clock ticks)\n' "backend CPU for the session's first SQS call" "$(cut -d' ' -f7 "$B/rounds" | sort -n | tail -1)"
 
 RSS_N="${BENCH_RSS_N:-100000}"
 say "memory: RSS of one backend before and after ingesting $RSS_N messages (sqs_ingest_drain, 1000 per commit)"
 load bench-rss "$RSS_N"
 "${PSQL[@]}" -d bench >"$B/rss.out" <<SQL
 SELECT pg_backend_pid() \\g $B/rss.pid
-SELECT * FROM sqs_ingest('$EP/000000000000/bench-raw', 10) \\g /dev/null
+SELECT * FROM sqs_ingest('$EP/000000000000/bench-raw-1', 10) \\g /dev/null
 \\! sh -c 'grep -E "VmRSS|RssAnon" /proc/\$(cat $B/rss.pid)/status | awk "{print \\\$2}" > $B/rss0'
 CALL sqs_ingest_drain('$EP/000000000000/bench-rss', batch_messages => 1000) \\g /dev/null
 \\! sh -c 'grep -E "VmRSS|RssAnon" /proc/\$(cat $B/rss.pid)/status | awk "{print \\\$2}" > $B/rss1'
