@@ -48,7 +48,8 @@ say "starting LocalStack on $LS_PORT and Postgres on $PG_PORT for the end-to-end
 localstack_start "$E2E/localstack" "$LS_PORT"
 pg_start "$E2E/pg" "$PG_PORT" "sqs_ingest,pg_cron" "sqs_ingest.worker_database = 'e2e_worker'
 sqs_ingest.worker_count = 2
-sqs_ingest.worker_restart_delay = 1"
+sqs_ingest.worker_restart_delay = 1
+max_prepared_transactions = 4"
 psql -X -q -h "$E2E/pg" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
     -c "CREATE DATABASE e2e_worker" -c "\\c e2e_worker" -c "CREATE EXTENSION sqs_ingest" >/dev/null
 export SQS_INGEST_PGHOST="$E2E/pg" SQS_INGEST_PGPORT="$PG_PORT" SQS_INGEST_SQS_ENDPOINT="http://localhost:$LS_PORT"

@@ -204,7 +204,15 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_PREPARE if held_count() > 0 => {
-            pgrx::error!("sqs_ingest cannot be used in a transaction that is prepared for two-phase commit")
+            pgrx::pg_sys::panic::ErrorReport::new(
+                pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "sqs_ingest cannot be used in a transaction that is prepared for two-phase commit",
+                "sqs_ingest",
+            )
+            .set_hint(
+                "Its messages are deleted from SQS by the session that commits; call sqs_ingest() in an ordinary transaction.",
+            )
+            .report(pgrx::PgLogLevel::ERROR)
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Never raise after commit: a panic here would take the backend down.

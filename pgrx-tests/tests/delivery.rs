@@ -201,3 +201,27 @@ fn asynchronous_commit_is_made_durable_for_the_ingesting_transaction_only() {
     assert_eq!(after, "off");
     eventually("queue empty", Duration::from_secs(5), || depth(&mut c, &url) == (0, 0));
 }
+
+#[test]
+fn two_phase_commit_is_refused_and_loses_nothing() {
+    // A prepared transaction could commit long after this session is gone, with no one left to delete its
+    // messages: PREPARE TRANSACTION is refused, the transaction rolls back, and the messages are ingested later.
+    let h = harness();
+    let mut c = h.fresh_db("e2e_two_phase");
+    let url = h.fresh_queue(&mut c, "e2e-two-phase", 30);
+    h.send(&mut c, &url, &(0..5).map(login).collect::<Vec<_>>());
+    c.batch_execute("BEGIN").unwrap();
+    let got: i64 = c.query_one("SELECT received FROM sqs_ingest($1)", &[&url]).unwrap().get(0);
+    assert_eq!(got, 5);
+    let e = c.batch_execute("PREPARE TRANSACTION 'e2e_two_phase'").unwrap_err();
+    assert_eq!(sqlstate(&e), "0A000", "{e:?}");
+    let db = e.as_db_error().expect("a server error");
+    assert!(db.message().contains("two-phase commit"), "{}", db.message());
+    assert!(db.hint().is_some());
+    let _ = c.batch_execute("ROLLBACK");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_prepared_xacts"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger"), 0);
+    eventually("5 messages visible again", Duration::from_secs(10), || depth(&mut c, &url).0 == 5);
+    let counts = ingest(&mut c, &url);
+    assert_eq!((counts.received, counts.inserted, counts.duplicates), (5, 5, 0));
+}

@@ -211,3 +211,27 @@ fn a_revealed_value_stays_audited_when_the_caller_rolls_back() {
     let rewritten = rows.iter().filter(|r| r.2.as_deref().is_some_and(|f| f.contains("rolled back"))).count();
     assert_eq!(rewritten, 3, "{rows:?}");
 }
+
+#[test]
+fn an_unmask_in_a_prepared_transaction_is_audited_once() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_audit_2pc");
+    let (_, granted) = roles(&mut c, "d");
+    let token: String = c.query_one("SELECT sqs_ingest.mask('198.51.100.9')", &[]).unwrap().get(0);
+    c.batch_execute(&format!("SET ROLE {granted}")).unwrap();
+    c.batch_execute("BEGIN").unwrap();
+    c.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap();
+    c.batch_execute("PREPARE TRANSACTION 'e2e_audit_2pc'").unwrap();
+    c.batch_execute("RESET ROLE").unwrap();
+    c.batch_execute("COMMIT PREPARED 'e2e_audit_2pc'").unwrap();
+    // A later transaction of the same session that rolls back must not rewrite the prepared one's row.
+    c.batch_execute("BEGIN; SELECT 1; ROLLBACK").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let rows: Vec<(bool, Option<String>)> = c
+        .query("SELECT succeeded, failure FROM sqs_ingest.unmask_audit", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows, vec![(true, None)]);
+}
