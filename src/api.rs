@@ -42,9 +42,10 @@ pub mod sqs_ingest {
     #[pg_extern(volatile, parallel_unsafe, strict)]
     fn unmask(token: &str) -> String {
         let (current, session) = role_names();
-        let key_id = Token::parse(token).ok().map(|t| t.key_id);
+        let parsed = Token::parse(token);
+        let key_id = parsed.as_ref().ok().map(|t| t.key_id);
         let result: Result<String> = keys::keyring(false).and_then(|ring| {
-            let (_, bytes) = ring.unmask(token)?;
+            let bytes = ring.unmask_token(parsed.as_ref().map_err(|e| e.clone())?)?;
             String::from_utf8(bytes).map_err(|_| Error::Mask(MaskError::Tampered))
         });
         match result {

@@ -45,7 +45,6 @@ pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Resu
 }
 
 /// Revealing calls whose audit rows were written in the current transaction, grouped by caller and savepoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
 struct Group {
     subxact: pg_sys::SubTransactionId,
     session: u32,
@@ -70,18 +69,7 @@ thread_local! {
 
 fn rewrite(groups: Vec<Group>) {
     for g in groups {
-        // SAFETY: plain reads of backend-local globals on the main thread.
-        let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
-        launch(&Record {
-            database,
-            pid,
-            at_us: g.first_at,
-            session: g.session,
-            current: g.current,
-            key_id: g.key_id,
-            kind: Kind::RevealedThenRolledBack,
-            count: g.count,
-        });
+        launch(g.first_at, g.session, g.current, g.key_id, Kind::RevealedThenRolledBack, g.count);
     }
 }
 
@@ -242,23 +230,17 @@ impl Record {
 /// Records a refused call through a background worker, so the row outlives the ERROR that follows.
 /// Never raises: if no worker slot is free, a WARNING says so (the server-log line is already written).
 pub fn record_refusal(key_id: Option<i32>, refusal: Refusal) {
-    // SAFETY: plain reads of backend-local globals on the main thread.
-    let record = unsafe {
-        Record {
-            database: pg_sys::MyDatabaseId.to_u32(),
-            pid: pg_sys::MyProcPid,
-            at_us: pg_sys::GetCurrentTimestamp(),
-            session: pg_sys::GetSessionUserId().to_u32(),
-            current: pg_sys::GetUserId().to_u32(),
-            key_id,
-            kind: Kind::Refused(refusal),
-            count: 1,
-        }
-    };
-    launch(&record);
+    // SAFETY: plain reads of backend-local state on the main thread.
+    let (at_us, session, current) =
+        unsafe { (pg_sys::GetCurrentTimestamp(), pg_sys::GetSessionUserId().to_u32(), pg_sys::GetUserId().to_u32()) };
+    launch(at_us, session, current, key_id, Kind::Refused(refusal), 1);
 }
 
-fn launch(record: &Record) {
+/// Starts an audit worker for `count` calls of this backend's database. Never raises.
+fn launch(at_us: i64, session: u32, current: u32, key_id: Option<i32>, kind: Kind, count: u32) {
+    // SAFETY: plain reads of backend-local globals on the main thread.
+    let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
+    let record = Record { database, pid, at_us, session, current, key_id, kind, count };
     let started = BackgroundWorkerBuilder::new("sqs_ingest unmask audit")
         .set_type("sqs_ingest audit")
         .set_library("sqs_ingest")
@@ -269,8 +251,7 @@ fn launch(record: &Record) {
         .load_dynamic();
     if started.is_err() {
         warning!(
-            "sqs_ingest: {} unmask call(s) could not be written to sqs_ingest.unmask_audit (no free background worker slot); they are in the server log",
-            record.count
+            "sqs_ingest: {count} unmask call(s) could not be written to sqs_ingest.unmask_audit (no free background worker slot); they are in the server log"
         );
     }
 }

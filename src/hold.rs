@@ -109,13 +109,14 @@ type Group = (aws_sdk_sqs::Client, String, Vec<String>);
 
 fn snapshot(shared: &Mutex<Shared>) -> Vec<Group> {
     let Ok(s) = shared.lock() else { return Vec::new() };
-    group(&s.queues, s.entries.iter())
+    group(&s.queues, s.entries.iter().map(|e| (e.queue, e.receipt.clone())))
 }
 
-fn group<'a>(queues: &[(aws_sdk_sqs::Client, String)], entries: impl Iterator<Item = &'a Entry>) -> Vec<Group> {
+/// Receipt handles per queue, from `(queue index, receipt)` pairs.
+fn group(queues: &[(aws_sdk_sqs::Client, String)], entries: impl Iterator<Item = (usize, String)>) -> Vec<Group> {
     let mut groups: Vec<Group> = queues.iter().map(|(c, u)| (c.clone(), u.clone(), Vec::new())).collect();
-    for e in entries {
-        groups[e.queue].2.push(e.receipt.clone());
+    for (queue, receipt) in entries {
+        groups[queue].2.push(receipt);
     }
     groups.retain(|g| !g.2.is_empty());
     groups
@@ -123,7 +124,14 @@ fn group<'a>(queues: &[(aws_sdk_sqs::Client, String)], entries: impl Iterator<It
 
 fn take() -> Option<(Vec<Group>, tokio::task::JoinHandle<()>)> {
     let hold = HOLD.with(|h| h.borrow_mut().take())?;
-    let groups = hold.shared.lock().map(|s| group(&s.queues, s.entries.iter())).unwrap_or_default();
+    let groups = hold
+        .shared
+        .lock()
+        .map(|mut s| {
+            let entries = std::mem::take(&mut s.entries);
+            group(&s.queues, entries.into_iter().map(|e| (e.queue, e.receipt)))
+        })
+        .unwrap_or_default();
     Some((groups, hold.heartbeat))
 }
 
@@ -137,9 +145,9 @@ fn after_commit() {
     for (client, url, receipts) in groups {
         // On the network thread, beside the connections: the main thread only waits for the total.
         let n = receipts.len() as u64;
-        let (task_url, task_receipts) = (url.clone(), receipts.clone());
-        let task = sqs::runtime()
-            .spawn(async move { sqs::delete(&client, &task_url, &task_receipts, DELETE_CONCURRENCY).await });
+        let task_url = url.clone();
+        let task =
+            sqs::runtime().spawn(async move { sqs::delete(&client, &task_url, &receipts, DELETE_CONCURRENCY).await });
         let outcome = sqs::block_on_uninterruptible(task).unwrap_or(BatchOutcome { succeeded: 0, failed: n });
         total.succeeded += outcome.succeeded;
         total.failed += outcome.failed;
@@ -147,7 +155,7 @@ fn after_commit() {
             pgrx::warning!(
                 "sqs_ingest: {} of {} messages stored by the committed transaction could not be deleted from {url}; they will be redelivered and recognised as duplicates",
                 outcome.failed,
-                receipts.len()
+                n
             );
         }
         UNREPORTED.with(|u| u.borrow_mut().push(PostCommit { queue_url: url, outcome }));
@@ -180,7 +188,7 @@ fn after_subxact_abort(my: pg_sys::SubTransactionId) {
         let (gone, kept): (Vec<Entry>, Vec<Entry>) =
             std::mem::take(&mut s.entries).into_iter().partition(|e| e.subxact >= my);
         s.entries = kept;
-        Some(group(&s.queues, gone.iter()))
+        Some(group(&s.queues, gone.into_iter().map(|e| (e.queue, e.receipt))))
     });
     if let Some(groups) = groups {
         release(groups);

@@ -298,24 +298,18 @@ pub async fn receive(
 
 /// Deletes messages in batches of 10 (positional ids), several batches in flight; counts per-entry failures.
 pub async fn delete(client: &aws_sdk_sqs::Client, url: &str, receipts: &[String], concurrency: usize) -> BatchOutcome {
-    let mut calls = Vec::new();
-    for chunk in receipts.chunks(10) {
-        let mut entries = Vec::with_capacity(chunk.len());
-        for (i, r) in chunk.iter().enumerate() {
-            if let Ok(e) = DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).build() {
-                entries.push(e);
-            }
-        }
-        let n = chunk.len() as u64;
+    per_ten_receipts(receipts, concurrency, |chunk| {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).build().ok()
+            })
+            .collect();
         let req = client.delete_message_batch().queue_url(url).set_entries(Some(entries));
-        calls.push(async move {
-            match req.send().await {
-                Ok(out) => BatchOutcome { succeeded: out.successful().len() as u64, failed: out.failed().len() as u64 },
-                Err(_) => BatchOutcome { succeeded: 0, failed: n },
-            }
-        });
-    }
-    run_bounded(calls, concurrency).await
+        async move { req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())) }
+    })
+    .await
 }
 
 /// Sets the visibility timeout of held messages (extend while a transaction runs, 0 to release after abort).
@@ -326,28 +320,45 @@ pub async fn change_visibility(
     visibility_s: i32,
     concurrency: usize,
 ) -> BatchOutcome {
-    let mut calls = Vec::new();
-    for chunk in receipts.chunks(10) {
-        let mut entries = Vec::with_capacity(chunk.len());
-        for (i, r) in chunk.iter().enumerate() {
-            let entry = ChangeMessageVisibilityBatchRequestEntry::builder()
-                .id(i.to_string())
-                .receipt_handle(r)
-                .visibility_timeout(visibility_s)
-                .build();
-            if let Ok(e) = entry {
-                entries.push(e);
-            }
-        }
-        let n = chunk.len() as u64;
+    per_ten_receipts(receipts, concurrency, |chunk| {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(r)
+                    .visibility_timeout(visibility_s)
+                    .build()
+                    .ok()
+            })
+            .collect();
         let req = client.change_message_visibility_batch().queue_url(url).set_entries(Some(entries));
-        calls.push(async move {
-            match req.send().await {
-                Ok(out) => BatchOutcome { succeeded: out.successful().len() as u64, failed: out.failed().len() as u64 },
-                Err(_) => BatchOutcome { succeeded: 0, failed: n },
+        async move { req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())) }
+    })
+    .await
+}
+
+/// One batch request per 10 receipts, `concurrency` in flight; `call` answers (succeeded, failed) entries, or
+/// `None` when the whole request failed (all its entries count as failed).
+async fn per_ten_receipts<Fut: Future<Output = Option<(usize, usize)>>>(
+    receipts: &[String],
+    concurrency: usize,
+    call: impl Fn(&[String]) -> Fut,
+) -> BatchOutcome {
+    let calls = receipts
+        .chunks(10)
+        .map(|chunk| {
+            let n = chunk.len() as u64;
+            let request = call(chunk);
+            async move {
+                match request.await {
+                    Some((ok, failed)) => BatchOutcome { succeeded: ok as u64, failed: failed as u64 },
+                    None => BatchOutcome { succeeded: 0, failed: n },
+                }
             }
-        });
-    }
+        })
+        .collect();
     run_bounded(calls, concurrency).await
 }
 

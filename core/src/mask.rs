@@ -70,7 +70,7 @@ impl Method {
     }
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum MaskError {
     #[error("unknown masking method \"{0}\"")]
     UnknownMethod(String),
@@ -316,8 +316,12 @@ impl Keyring {
 
     pub fn unmask(&self, text: &str) -> Result<(i32, Vec<u8>), MaskError> {
         let token = Token::parse(text)?;
-        let key = self.get(token.key_id).ok_or(MaskError::UnknownKey(token.key_id))?;
-        key.unmask(&token).map(|p| (token.key_id, p))
+        self.unmask_token(&token).map(|p| (token.key_id, p))
+    }
+
+    /// Reverses an already parsed token with the key it names.
+    pub fn unmask_token(&self, token: &Token) -> Result<Vec<u8>, MaskError> {
+        self.get(token.key_id).ok_or(MaskError::UnknownKey(token.key_id))?.unmask(token)
     }
 }
 

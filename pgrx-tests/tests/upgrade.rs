@@ -4,54 +4,40 @@
 use sqs_ingest_e2e::*;
 use std::time::Duration;
 
-/// Every object that belongs to the extension, described, sorted.
-fn members(c: &mut postgres::Client) -> Vec<String> {
-    let mut v: Vec<String> = c
-        .query(
-            "SELECT pg_describe_object(classid, objid, objsubid) FROM pg_depend
-              WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
-                AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+/// The first column of every row of `sql`, sorted.
+fn sorted(c: &mut postgres::Client, sql: &str) -> Vec<String> {
+    let mut v: Vec<String> = c.query(sql, &[]).unwrap().iter().map(|r| r.get(0)).collect();
     v.sort();
     v
+}
+
+/// Every object that belongs to the extension, described.
+fn members(c: &mut postgres::Client) -> Vec<String> {
+    sorted(
+        c,
+        "SELECT pg_describe_object(classid, objid, objsubid) FROM pg_depend
+          WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
+            AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')",
+    )
 }
 
 /// Function signatures with their settings, ACLs and comments, and table columns: what users rely on.
 fn surface(c: &mut postgres::Client) -> Vec<String> {
-    let mut v: Vec<String> = c
-        .query(
-            "SELECT format('%s %s %s %s', p.oid::regprocedure, p.proconfig, p.proacl, obj_description(p.oid, 'pg_proc'))
-               FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
-                AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')
-             UNION ALL
-             SELECT format('%s.%s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod))
-               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-              WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    v.sort();
-    v
+    sorted(
+        c,
+        "SELECT format('%s %s %s %s', p.oid::regprocedure, p.proconfig, p.proacl, obj_description(p.oid, 'pg_proc'))
+           FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
+            AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')
+         UNION ALL
+         SELECT format('%s.%s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod))
+           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+          WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped",
+    )
 }
 
-/// The extension's configuration tables and sequences (what pg_dump carries), sorted.
+/// The extension's configuration tables and sequences (what pg_dump carries).
 fn dumped(c: &mut postgres::Client) -> Vec<String> {
-    let mut v: Vec<String> = c
-        .query("SELECT t::regclass::text FROM pg_extension, unnest(extconfig) AS t WHERE extname = 'sqs_ingest'", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    v.sort();
-    v
+    sorted(c, "SELECT t::regclass::text FROM pg_extension, unnest(extconfig) AS t WHERE extname = 'sqs_ingest'")
 }
 
 #[test]
