@@ -228,7 +228,7 @@ pub mod sqs_ingest {
     #[pg_extern(volatile, parallel_unsafe)]
     fn queue_create(queue_url: &str, visibility_timeout: default!(i32, 30)) -> String {
         let queue = ingest::parse_queue_url(queue_url).or_raise();
-        let client = sqs::client(&queue).or_raise();
+        let client = sqs::client(&queue).or_raise().sdk;
         let name = queue.name.clone();
         let out = sqs::block_on(async move {
             client
@@ -251,7 +251,7 @@ pub mod sqs_ingest {
     ) -> TableIterator<'static, (name!(visible, i64), name!(in_flight, i64), name!(delayed, i64))> {
         use aws_sdk_sqs::types::QueueAttributeName as A;
         let queue = ingest::parse_queue_url(queue_url).or_raise();
-        let client = sqs::client(&queue).or_raise();
+        let client = sqs::client(&queue).or_raise().sdk;
         let url = queue.url.clone();
         let attrs = sqs::block_on(async move {
             client

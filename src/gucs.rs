@@ -3,7 +3,7 @@
 //! Settings that hold secrets are `Suset` + `SUPERUSER_ONLY` + `NO_SHOW_ALL`: ordinary roles can neither read
 //! them with SHOW nor see them in `pg_settings`. Worker settings are `Sighup` so `pg_reload_conf()` applies them.
 
-use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::{CStr, CString};
 
 /// `encrypt` (reversible) or `hmac` (irreversible); default `encrypt`.
@@ -26,6 +26,8 @@ static VISIBILITY_HEARTBEAT: GucSetting<bool> = GucSetting::<bool>::new(true);
 static WAIT_TIME_S: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// Bound on every single SQS call (excluding the long-poll wait itself).
 static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Which client makes the hot-path SQS calls (receive, delete, visibility); default `direct`.
+static SQS_CLIENT: GucSetting<SqsClient> = GucSetting::<SqsClient>::new(SqsClient::Direct);
 /// Seconds between progress NOTICEs of a long ingest (0 disables them).
 static PROGRESS_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 
@@ -71,6 +73,20 @@ pub fn visibility_heartbeat() -> bool {
 }
 pub fn wait_time_s() -> i32 {
     WAIT_TIME_S.get()
+}
+/// Values of `sqs_ingest.sqs_client`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SqsClient {
+    /// The built-in JSON-protocol client (`crate::direct`).
+    #[name = c"direct"]
+    Direct,
+    /// The AWS SDK for Rust.
+    #[name = c"sdk"]
+    Sdk,
+}
+
+pub fn sqs_client() -> SqsClient {
+    SQS_CLIENT.get()
 }
 pub fn request_timeout_ms() -> u64 {
     REQUEST_TIMEOUT_MS.get() as u64
@@ -215,6 +231,14 @@ pub fn init() {
         600_000,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_enum_guc(
+        c"sqs_ingest.sqs_client",
+        c"Client for the hot-path SQS calls (ReceiveMessage, DeleteMessageBatch, ChangeMessageVisibilityBatch).",
+        c"direct (default): a built-in SigV4-signed JSON-protocol client, several times cheaper in CPU; sdk: the AWS SDK for Rust (use it behind an HTTP proxy or for FIPS/dual-stack endpoints). Other calls always use the SDK.",
+        &SQS_CLIENT,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"sqs_ingest.progress_interval",

@@ -20,7 +20,7 @@ struct Entry {
 
 #[derive(Default)]
 struct Shared {
-    queues: Vec<(aws_sdk_sqs::Client, String)>,
+    queues: Vec<(sqs::Client, String)>,
     entries: Vec<Entry>,
 }
 
@@ -57,7 +57,7 @@ pub fn ensure_callbacks() {
 }
 
 /// Takes ownership of received messages for the current (sub)transaction.
-pub fn hold(client: &aws_sdk_sqs::Client, queue_url: &str, receipts: Vec<String>, visibility_s: i32) {
+pub fn hold(client: &sqs::Client, queue_url: &str, receipts: Vec<String>, visibility_s: i32) {
     if receipts.is_empty() {
         return;
     }
@@ -105,7 +105,7 @@ fn start(visibility_s: i32) -> Hold {
     Hold { shared, heartbeat }
 }
 
-type Group = (aws_sdk_sqs::Client, String, Vec<String>);
+type Group = (sqs::Client, String, Vec<String>);
 
 fn snapshot(shared: &Mutex<Shared>) -> Vec<Group> {
     let Ok(s) = shared.lock() else { return Vec::new() };
@@ -113,7 +113,7 @@ fn snapshot(shared: &Mutex<Shared>) -> Vec<Group> {
 }
 
 /// Receipt handles per queue, from `(queue index, receipt)` pairs.
-fn group(queues: &[(aws_sdk_sqs::Client, String)], entries: impl Iterator<Item = (usize, String)>) -> Vec<Group> {
+fn group(queues: &[(sqs::Client, String)], entries: impl Iterator<Item = (usize, String)>) -> Vec<Group> {
     let mut groups: Vec<Group> = queues.iter().map(|(c, u)| (c.clone(), u.clone(), Vec::new())).collect();
     for (queue, receipt) in entries {
         groups[queue].2.push(receipt);

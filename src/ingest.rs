@@ -159,7 +159,7 @@ fn durable_commit() {
 }
 
 /// GetQueueAttributes, or the answer of one made less than `reuse_for` ago (workers call ingest per batch).
-fn probe(client: &aws_sdk_sqs::Client, queue: &QueueUrl, reuse_for: Duration) -> Result<sqs::QueueInfo> {
+fn probe(client: &sqs::Client, queue: &QueueUrl, reuse_for: Duration) -> Result<sqs::QueueInfo> {
     let fresh = LAST_PROBE
         .with(|p| p.borrow().get(&queue.url).filter(|(at, _)| at.elapsed() < reuse_for).map(|(_, info)| *info));
     if let Some(info) = fresh {
@@ -186,7 +186,7 @@ struct InFlight {
 
 struct Run<'a> {
     queue: &'a QueueUrl,
-    client: &'a aws_sdk_sqs::Client,
+    client: &'a sqs::Client,
     opts: &'a Options,
     owner: pg_sys::Oid,
     target: &'a Target,

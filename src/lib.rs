@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 mod api;
 mod audit;
 mod bookkeeping;
+mod direct;
 mod error;
 mod gucs;
 mod hold;

@@ -5,6 +5,7 @@
 //! terminate), because an SDK call does not service them by itself. The runtime's single worker thread (signals
 //! blocked) drives background tasks: prefetching receives and extending the visibility of held messages.
 
+use crate::direct::Direct;
 use crate::error::{Error, Result};
 use crate::gucs;
 use aws_sdk_sqs::config::{Credentials, Region};
@@ -21,7 +22,7 @@ use sqs_ingest_core::sqs_error::{FailureClass, Observed};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// One received message, reduced to what ingest needs.
@@ -48,10 +49,18 @@ pub struct BatchOutcome {
     pub failed: u64,
 }
 
+/// The SDK client for every call, and the direct client for the hot path when `sqs_ingest.sqs_client` is
+/// `direct` (see [`crate::direct`]).
+#[derive(Clone)]
+pub struct Client {
+    pub sdk: aws_sdk_sqs::Client,
+    direct: Option<Arc<Direct>>,
+}
+
 static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
 
 thread_local! {
-    static CLIENTS: RefCell<HashMap<String, aws_sdk_sqs::Client>> = RefCell::new(HashMap::new());
+    static CLIENTS: RefCell<HashMap<String, Client>> = RefCell::new(HashMap::new());
 }
 
 fn block_signals_in_this_thread() {
@@ -130,8 +139,16 @@ fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
         .build_https()
 }
 
-/// An SDK client for the queue's endpoint/region and the current credential settings (cached per backend).
-pub fn client(queue: &QueueUrl) -> Result<aws_sdk_sqs::Client> {
+/// The clients for the queue's endpoint/region and the current credential settings (cached per backend).
+pub fn client(queue: &QueueUrl) -> Result<Client> {
+    let mut both = clients(queue)?;
+    if gucs::sqs_client() == gucs::SqsClient::Sdk {
+        both.direct = None;
+    }
+    Ok(both)
+}
+
+fn clients(queue: &QueueUrl) -> Result<Client> {
     let region = queue.region.clone().unwrap_or_else(gucs::region);
     let static_creds = match (gucs::aws_access_key_id(), gucs::aws_secret_access_key()) {
         (Some(id), Some(secret)) => {
@@ -161,11 +178,12 @@ pub fn client(queue: &QueueUrl) -> Result<aws_sdk_sqs::Client> {
             .map(|c| format!("{:x}", credentials_fingerprint(c.access_key_id(), c.secret_access_key())))
             .unwrap_or_default()
     );
-    if let Some(c) = CLIENTS.with(|m| m.borrow().get(&cache_key).cloned()) {
-        return Ok(c);
+    if let Some(made) = CLIENTS.with(|m| m.borrow().get(&cache_key).cloned()) {
+        return Ok(made);
     }
     let endpoint = queue.endpoint.clone();
-    let client = block_on_uninterruptible(async move {
+    let region_name = region.clone();
+    let made = block_on_uninterruptible(async move {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(Region::new(region))
             .http_client(http_client())
@@ -182,10 +200,21 @@ pub fn client(queue: &QueueUrl) -> Result<aws_sdk_sqs::Client> {
         if let Some(ep) = endpoint {
             loader = loader.endpoint_url(ep);
         }
-        aws_sdk_sqs::Client::new(&loader.load().await)
+        let config = loader.load().await;
+        // The direct client posts to the same endpoint the SDK would: the configured one (queue URL host,
+        // AWS_ENDPOINT_URL) or the region's public SQS endpoint.
+        let direct_endpoint = config.endpoint_url().map(str::to_string).unwrap_or_else(|| {
+            let suffix = if region_name.starts_with("cn-") { "amazonaws.com.cn" } else { "amazonaws.com" };
+            format!("https://sqs.{region_name}.{suffix}")
+        });
+        let direct = config.credentials_provider().map(|provider| {
+            Direct::new(&direct_endpoint, &region_name, provider, Duration::from_millis(timeout)).map(Arc::new)
+        });
+        (aws_sdk_sqs::Client::new(&config), direct)
     });
-    CLIENTS.with(|m| m.borrow_mut().insert(cache_key, client.clone()));
-    Ok(client)
+    let made = Client { sdk: made.0, direct: made.1.transpose()? };
+    CLIENTS.with(|m| m.borrow_mut().insert(cache_key, made.clone()));
+    Ok(made)
 }
 
 /// Distinguishes cached clients by credentials without keeping the secret in the cache key.
@@ -215,21 +244,27 @@ pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
         body_start: body.as_deref(),
         no_response,
     };
-    let class = FailureClass::classify(&seen);
-    let mut detail = match (&err, code.as_deref()) {
-        (SdkError::ServiceError(_), Some(code)) => {
-            format!("{operation}: {code}: {}", err.message().unwrap_or("no message"))
-        }
-        _ => format!("{operation}: {}", error_chain(&err)),
+    let what = match (&err, code.as_deref()) {
+        (SdkError::ServiceError(_), Some(code)) => format!("{code}: {}", err.message().unwrap_or("no message")),
+        _ => error_chain(&err),
     };
-    if let (Some(s), FailureClass::LegacyProtocol) = (status, class) {
-        detail = format!("{operation}: HTTP {s} with an XML body to a JSON-protocol request");
-    }
+    failure(operation, &seen, what)
+}
+
+/// The [`Error`] for a failed SQS call, from what was observed (shared by the SDK and the direct client).
+pub fn failure(operation: &str, seen: &Observed<'_>, what: String) -> Error {
+    let class = FailureClass::classify(seen);
+    let detail = match (seen.http_status, class) {
+        (Some(s), FailureClass::LegacyProtocol) => {
+            format!("{operation}: HTTP {s} with an XML body to a JSON-protocol request")
+        }
+        _ => format!("{operation}: {what}"),
+    };
     Error::Sqs { class, summary: class.summary().to_string(), detail }
 }
 
 /// The Display texts of an error and its sources, without the Debug dump of the SDK's internals.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut parts = vec![err.to_string()];
     let mut source = err.source();
     while let Some(s) = source {
@@ -243,8 +278,9 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 /// Reads depth and retention; doubles as the connectivity and existence check before any side effect.
-pub async fn queue_info(client: &aws_sdk_sqs::Client, url: &str) -> Result<QueueInfo> {
+pub async fn queue_info(client: &Client, url: &str) -> Result<QueueInfo> {
     let out = client
+        .sdk
         .get_queue_attributes()
         .queue_url(url)
         .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
@@ -261,14 +297,22 @@ pub async fn queue_info(client: &aws_sdk_sqs::Client, url: &str) -> Result<Queue
 }
 
 /// One ReceiveMessage call.
-pub async fn receive(
-    client: aws_sdk_sqs::Client,
-    url: String,
-    max: i32,
-    wait_s: i32,
-    visibility_s: i32,
-) -> Result<Vec<Received>> {
+pub async fn receive(client: Client, url: String, max: i32, wait_s: i32, visibility_s: i32) -> Result<Vec<Received>> {
+    if let Some(direct) = &client.direct {
+        let got = direct.receive(&url, max, wait_s, visibility_s).await?;
+        return Ok(got
+            .into_iter()
+            .map(|m| Received {
+                message_id: m.message_id,
+                receipt: m.receipt_handle,
+                body: m.body,
+                sent_timestamp_ms: m.sent_timestamp_ms,
+                receive_count: m.receive_count,
+            })
+            .collect());
+    }
     let out = client
+        .sdk
         .receive_message()
         .queue_url(url)
         .max_number_of_messages(max.clamp(1, 10))
@@ -297,54 +341,72 @@ pub async fn receive(
 }
 
 /// Deletes messages in batches of 10 (positional ids), several batches in flight; counts per-entry failures.
-pub async fn delete(client: &aws_sdk_sqs::Client, url: &str, receipts: &[String], concurrency: usize) -> BatchOutcome {
+pub async fn delete(client: &Client, url: &str, receipts: &[String], concurrency: usize) -> BatchOutcome {
     per_ten_receipts(receipts, concurrency, |chunk| {
-        let entries = chunk
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).build().ok()
-            })
-            .collect();
-        let req = client.delete_message_batch().queue_url(url).set_entries(Some(entries));
-        async move { req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())) }
+        let direct = client.direct.clone();
+        let sdk = direct.is_none().then(|| {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).build().ok()
+                })
+                .collect();
+            client.sdk.delete_message_batch().queue_url(url).set_entries(Some(entries))
+        });
+        async move {
+            match (direct, sdk) {
+                (Some(d), _) => d.delete_batch(url, chunk).await,
+                (None, Some(req)) => req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())),
+                (None, None) => None,
+            }
+        }
     })
     .await
 }
 
 /// Sets the visibility timeout of held messages (extend while a transaction runs, 0 to release after abort).
 pub async fn change_visibility(
-    client: &aws_sdk_sqs::Client,
+    client: &Client,
     url: &str,
     receipts: &[String],
     visibility_s: i32,
     concurrency: usize,
 ) -> BatchOutcome {
     per_ten_receipts(receipts, concurrency, |chunk| {
-        let entries = chunk
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| {
-                ChangeMessageVisibilityBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(r)
-                    .visibility_timeout(visibility_s)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        let req = client.change_message_visibility_batch().queue_url(url).set_entries(Some(entries));
-        async move { req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())) }
+        let direct = client.direct.clone();
+        let sdk = direct.is_none().then(|| {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .visibility_timeout(visibility_s)
+                        .build()
+                        .ok()
+                })
+                .collect();
+            client.sdk.change_message_visibility_batch().queue_url(url).set_entries(Some(entries))
+        });
+        async move {
+            match (direct, sdk) {
+                (Some(d), _) => d.change_visibility_batch(url, chunk, visibility_s).await,
+                (None, Some(req)) => req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())),
+                (None, None) => None,
+            }
+        }
     })
     .await
 }
 
 /// One batch request per 10 receipts, `concurrency` in flight; `call` answers (succeeded, failed) entries, or
 /// `None` when the whole request failed (all its entries count as failed).
-async fn per_ten_receipts<Fut: Future<Output = Option<(usize, usize)>>>(
-    receipts: &[String],
+async fn per_ten_receipts<'r, Fut: Future<Output = Option<(usize, usize)>>>(
+    receipts: &'r [String],
     concurrency: usize,
-    call: impl Fn(&[String]) -> Fut,
+    call: impl Fn(&'r [String]) -> Fut,
 ) -> BatchOutcome {
     let calls = receipts
         .chunks(10)
@@ -363,7 +425,7 @@ async fn per_ten_receipts<Fut: Future<Output = Option<(usize, usize)>>>(
 }
 
 /// Sends bodies in batches of 10; returns how many SQS accepted.
-pub async fn send(client: &aws_sdk_sqs::Client, url: &str, bodies: &[String], concurrency: usize) -> Result<u64> {
+pub async fn send(client: &Client, url: &str, bodies: &[String], concurrency: usize) -> Result<u64> {
     let mut calls = Vec::new();
     for chunk in bodies.chunks(10) {
         let mut entries = Vec::with_capacity(chunk.len());
@@ -372,7 +434,7 @@ pub async fn send(client: &aws_sdk_sqs::Client, url: &str, bodies: &[String], co
                 entries.push(e);
             }
         }
-        let req = client.send_message_batch().queue_url(url).set_entries(Some(entries));
+        let req = client.sdk.send_message_batch().queue_url(url).set_entries(Some(entries));
         calls.push(async move {
             req.send().await.map(|out| out.successful().len() as u64).map_err(|e| classify("SendMessageBatch", e))
         });
@@ -397,14 +459,13 @@ async fn run_bounded<F: Future<Output = BatchOutcome>>(calls: Vec<F>, concurrenc
 
 /// Receive + delete with `concurrency` pollers and no database work: the benchmark's baseline.
 pub async fn raw_drain(
-    client: aws_sdk_sqs::Client,
+    client: Client,
     url: String,
     max: i64,
     concurrency: usize,
     visibility_s: i32,
 ) -> Result<(i64, i64)> {
     use std::sync::atomic::{AtomicI64, Ordering};
-    use std::sync::Arc;
     let budget = Arc::new(AtomicI64::new(max));
     let pollers = (0..concurrency.max(1)).map(|_| {
         let (client, url, budget) = (client.clone(), url.clone(), budget.clone());

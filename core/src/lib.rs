@@ -10,4 +10,5 @@ mod prf;
 pub mod queue_url;
 pub mod scrub;
 pub mod sqs_error;
+pub mod sqs_json;
 pub mod version;

@@ -4,6 +4,9 @@
 //! Each test works in its own database and its own queue, so tests run in parallel without sharing state.
 
 use postgres::{Client, NoTls};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct Harness {
@@ -141,4 +144,61 @@ pub fn count(c: &mut Client, sql: &str) -> i64 {
 /// The SQLSTATE of a failed statement.
 pub fn sqlstate(e: &postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+/// A local HTTP endpoint that answers every request with one fixed response and records each request's head
+/// (request line and headers, lower-cased names). Stands in for endpoints LocalStack cannot imitate.
+pub struct FixedEndpoint {
+    pub port: u16,
+    pub requests: Arc<Mutex<Vec<Vec<String>>>>,
+}
+
+impl FixedEndpoint {
+    pub fn start(status: &str, content_type: &str, body: &str) -> FixedEndpoint {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (seen, status, content_type, body) =
+            (requests.clone(), status.to_string(), content_type.to_string(), body.to_string());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let (mut len, mut head) = (0, Vec::new());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let line = line.trim_end().to_string();
+                    let line = match line.split_once(':') {
+                        Some((name, value)) if !head.is_empty() => format!("{}:{value}", name.to_ascii_lowercase()),
+                        _ => line,
+                    };
+                    if let Some(v) = line.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push(line);
+                }
+                let mut request_body = vec![0; len];
+                let _ = std::io::Read::read_exact(&mut reader, &mut request_body);
+                seen.lock().unwrap().push(head);
+                let mut s = stream;
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FixedEndpoint { port, requests }
+    }
+
+    /// Answers like LocalStack < 3 (legacy query/XML protocol only): an XML error for any JSON call.
+    pub fn legacy_xml() -> FixedEndpoint {
+        FixedEndpoint::start(
+            "400 Bad Request",
+            "text/xml",
+            "<?xml version=\"1.0\"?><ErrorResponse><Error><Type>Sender</Type><Code>InvalidAction</Code><Message>Missing Action</Message></Error><RequestId>1</RequestId></ErrorResponse>",
+        )
+    }
 }

@@ -1,8 +1,6 @@
 //! Bad arguments and unusable endpoints: a clear ERROR with SQLSTATE and hint, before any side effect.
 
 use sqs_ingest_e2e::*;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 fn error_of(c: &mut postgres::Client, sql: &str, url: &str) -> postgres::error::DbError {
@@ -47,39 +45,12 @@ fn bad_arguments_and_endpoints_raise_before_side_effects() {
     assert_no_side_effects(&mut c);
 }
 
-/// An endpoint that answers like LocalStack < 3 (legacy query/XML protocol only): XML error for any JSON call.
-fn legacy_endpoint() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; len];
-            let _ = std::io::Read::read_exact(&mut reader, &mut body);
-            let xml = "<?xml version=\"1.0\"?><ErrorResponse><Error><Type>Sender</Type><Code>InvalidAction</Code><Message>Missing Action</Message></Error><RequestId>1</RequestId></ErrorResponse>";
-            let mut s = stream;
-            let _ = write!(s, "HTTP/1.1 400 Bad Request\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}", xml.len());
-        }
-    });
-    port
-}
-
 #[test]
 fn legacy_xml_only_endpoint_is_named_as_such() {
     let h = harness();
     let mut c = h.fresh_db("e2e_legacy");
-    let port = legacy_endpoint();
-    let url = format!("http://127.0.0.1:{port}/000000000000/login-queue");
+    let legacy = FixedEndpoint::legacy_xml();
+    let url = format!("http://127.0.0.1:{}/000000000000/login-queue", legacy.port);
     let e = error_of(&mut c, "SELECT * FROM sqs_ingest($1)", &url);
     assert_eq!(e.code().code(), "0A000", "{}", e.message());
     assert!(e.message().contains("legacy"), "{}", e.message());
