@@ -37,11 +37,12 @@ TICKS="$(getconf CLK_TCK)"
 # and the SDK client once; reported on its own). Each side runs right after its own load, so both see the same
 # LocalStack state; rounds alternate because LocalStack's speed drifts.
 throughput_round() {
-    local r="$1" q="bench-ingest-$1" pid_file="$B/pid"
+    local r="$1" q="bench-ingest-$1" pid_file="$B/pid" client="${2:-direct}"
     load "bench-raw-$r" "$N"
-    "${PSQL[@]}" -d bench -c "SELECT round(received / (elapsed_ms / 1000.0)) FROM sqs_ingest.bench_raw_drain('$EP/000000000000/bench-raw-$r', $N)" >"$B/raw.$r"
+    "${PSQL[@]}" -d bench -c "SET sqs_ingest.sqs_client = $client" -c "SELECT round(received / (elapsed_ms / 1000.0)) FROM sqs_ingest.bench_raw_drain('$EP/000000000000/bench-raw-$r', $N)" >"$B/raw.$r"
     load "$q" "$N"
     "${PSQL[@]}" -d bench >"$B/ingest.out" <<SQL
+SET sqs_ingest.sqs_client = $client;
 SELECT pg_backend_pid() \\g $pid_file
 \\! sh -c 'pid=\$(cat $pid_file); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpuw'
 SELECT visible FROM sqs_ingest.queue_depth('$EP/000000000000/$q') \\g /dev/null
@@ -61,18 +62,22 @@ SQL
     cpu="$(awk -v a="$(cat "$B/cpu0")" -v b="$(cat "$B/cpu1")" -v t="$TICKS" -v n="$received" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
     net="$(awk -v a="$(cat "$B/cpu0net")" -v b="$(cat "$B/cpu1net")" -v t="$TICKS" -v n="$received" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
     setup="$(awk -v a="$(cat "$B/cpuw")" -v b="$(cat "$B/cpu0")" -v t="$TICKS" 'BEGIN { printf "%.0f", (b - a) * 1e3 / t }')"
-    printf '%s %s %s %s %s %s %s\n' "$r" "$raw" "$rate" "$(awk -v a="$rate" -v b="$raw" 'BEGIN { printf "%.2f", a / b }')" "$cpu" "$net" "$setup" >>"$B/rounds"
-    printf 'round %s: raw drain %s msg/s, sqs_ingest() %s msg/s (%s messages), ratio %s, backend CPU %s us/msg (network thread %s us), first-call setup %s ms\n' \
-        "$r" "$raw" "$rate" "$received" "$(tail -1 "$B/rounds" | cut -d' ' -f4)" "$cpu" "$net" "$setup"
+    printf '%s %s %s %s %s %s %s\n' "$r" "$raw" "$rate" "$(awk -v a="$rate" -v b="$raw" 'BEGIN { printf "%.2f", a / b }')" "$cpu" "$net" "$setup" >>"$B/rounds.$client"
+    printf 'round %s (sqs_client=%s): raw drain %s msg/s, sqs_ingest() %s msg/s (%s messages), ratio %s, backend CPU %s us/msg (network thread %s us), first-call setup %s ms\n' \
+        "$r" "$client" "$raw" "$rate" "$received" "$(tail -1 "$B/rounds.$client" | cut -d' ' -f4)" "$cpu" "$net" "$setup"
 }
 say "throughput: $ROUNDS rounds of $N messages (raw drain, then sqs_ingest)"
-: >"$B/rounds"
+: >"$B/rounds.direct"; : >"$B/rounds.sdk"
 for r in $(seq 1 "$ROUNDS"); do throughput_round "$r"; done
+# One round with the AWS SDK on the hot path, for comparison (sqs_ingest.sqs_client = sdk).
+throughput_round "$((ROUNDS + 1))" sdk
+cp "$B/rounds.direct" "$B/rounds"
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 printf '%-44s %10s msg/s  (median of %s rounds)\n' "LocalStack raw receive+delete drain (K=$K)" "$(cut -d' ' -f2 "$B/rounds" | median)" "$ROUNDS"
 printf '%-44s %10s msg/s  (median; wall clock incl. commit + deletes)\n' "sqs_ingest() into user_logins" "$(cut -d' ' -f3 "$B/rounds" | median)"
 printf '%-44s %10s  (median of the per-round ratios)\n' "ratio sqs_ingest / raw drain" "$(cut -d' ' -f4 "$B/rounds" | median)"
 printf '%-44s %10s us  (median; network thread %s us)\n' "backend CPU per message" "$(cut -d' ' -f5 "$B/rounds" | median)" "$(cut -d' ' -f6 "$B/rounds" | median)"
+printf '%-44s %10s us  (one round; network thread %s us)\n' "backend CPU per message, sqs_client = sdk" "$(cut -d' ' -f5 "$B/rounds.sdk")" "$(cut -d' ' -f6 "$B/rounds.sdk")"
 printf '%-44s %10s ms  (runtime, SDK client, first request; 10 ms clock ticks)\n' "backend CPU for the session's first SQS call" "$(cut -d' ' -f7 "$B/rounds" | sort -n | tail -1)"
 
 RSS_N="${BENCH_RSS_N:-100000}"

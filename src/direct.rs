@@ -4,7 +4,8 @@
 //!
 //! Why: `make bench` measured the SDK's pipeline (config bag, interceptors, endpoint rules, identity cache,
 //! retry and timeout layers) at most of the backend's CPU per message, for two requests per ten messages. This
-//! client does the same three calls with the same signing crate (`aws-sigv4`), the same credentials (the SDK
+//! client does the same three calls with a SigV4 signer for its one request shape (`sqs_ingest_core::sigv4`,
+//! unit-tested signature for signature against the SDK's `aws-sigv4`), the same credentials (the SDK
 //! config's provider chain, cached until shortly before expiry) and the same error classification. Everything
 //! else (GetQueueAttributes, queue administration, the pre-flight probe) stays on the SDK, and
 //! `sqs_ingest.sqs_client = 'sdk'` puts the hot path back on it too (for proxies, FIPS or dual-stack endpoints).
@@ -14,13 +15,12 @@ use crate::error::{Error, Result};
 use crate::sqs::error_chain;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
-use aws_sigv4::sign::v4;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use sqs_ingest_core::sigv4;
 use sqs_ingest_core::sqs_error::Observed;
 use sqs_ingest_core::sqs_json::{self, Operation, WireMessage};
 use std::time::{Duration, SystemTime};
@@ -170,14 +170,32 @@ impl Direct {
 
     async fn attempt(&self, op: Operation, body: Bytes, wait_s: i32) -> Attempt<Bytes> {
         let creds = self.current_credentials().await?;
+        let signable = sigv4::Request {
+            host: &self.host,
+            content_type: sqs_json::CONTENT_TYPE,
+            target: op.target(),
+            query_mode: "true",
+            body: &body,
+        };
+        let identity = sigv4::Credentials {
+            access_key_id: creds.access_key_id(),
+            secret_access_key: creds.secret_access_key(),
+            session_token: creds.session_token(),
+        };
+        let signed = sigv4::sign(&signable, &identity, &self.region, "sqs", SystemTime::now());
         let mut request = http::Request::post(self.endpoint.as_str())
             .header(http::header::HOST, self.host.as_str())
             .header(http::header::CONTENT_TYPE, sqs_json::CONTENT_TYPE)
             .header("x-amz-target", op.target())
             .header("x-amzn-query-mode", "true")
-            .body(Full::new(body.clone()))
+            .header("x-amz-date", signed.amz_date)
+            .header(http::header::AUTHORIZATION, signed.authorization);
+        if let Some(token) = creds.session_token() {
+            request = request.header("x-amz-security-token", token);
+        }
+        let request = request
+            .body(Full::new(body))
             .map_err(|e| Failure::no_response(format!("cannot build the request: {e}")))?;
-        self.sign(&mut request, &creds, &body)?;
         let limit = self.request_timeout + Duration::from_secs(wait_s.max(0) as u64);
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| Failure::no_response(error_chain(&e)))?;
@@ -202,27 +220,6 @@ impl Direct {
         tokio::time::timeout(limit, exchange)
             .await
             .unwrap_or_else(|_| Err(Failure::no_response(format!("no answer within {} ms", limit.as_millis()))))
-    }
-
-    fn sign(&self, request: &mut http::Request<Full<Bytes>>, creds: &Credentials, body: &[u8]) -> Attempt<()> {
-        let identity = creds.clone().into();
-        let params = v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name("sqs")
-            .time(SystemTime::now())
-            .settings(SigningSettings::default())
-            .build()
-            .map_err(|e| Failure::no_response(format!("cannot sign the request: {e}")))?
-            .into();
-        let headers = request.headers().iter().filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)));
-        let signable = SignableRequest::new("POST", self.endpoint.as_str(), headers, SignableBody::Bytes(body))
-            .map_err(|e| Failure::no_response(format!("cannot sign the request: {e}")))?;
-        let (instructions, _signature) = sign(signable, &params)
-            .map_err(|e| Failure::no_response(format!("cannot sign the request: {e}")))?
-            .into_parts();
-        instructions.apply_to_request_http1x(request);
-        Ok(())
     }
 
     /// The provider chain's credentials, asked again only when they are about to expire.
