@@ -56,17 +56,24 @@ COMMENT ON COLUMN sqs_ingest.key_events.at IS 'Transaction time';
 COMMENT ON COLUMN sqs_ingest.key_events.by_role IS 'Role that caused it';
 
 -- Ledger of ingested MessageIds ---------------------------------------------------------------------------
+-- Keyed by a 64-bit digest of the queue URL rather than the URL itself: the index tuples stay small and compare
+-- as integers, which roughly halves the cost of the per-message ledger insert (see README, "Measured figures").
+CREATE FUNCTION sqs_ingest.queue_key(queue_url text) RETURNS int8
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN ('x' || pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(queue_url, 'UTF8')), 'hex'), 16))::pg_catalog.bit(64)::pg_catalog.int8;
+COMMENT ON FUNCTION sqs_ingest.queue_key(text) IS 'Key of a queue URL in sqs_ingest.ledger: the first 64 bits of its SHA-256, as int8';
+
 CREATE TABLE sqs_ingest.ledger (
-    queue_url   text NOT NULL,
-    message_id  text NOT NULL,
+    queue_key   int8 NOT NULL,
+    message_id  text COLLATE "C" NOT NULL,
     outcome     text NOT NULL CHECK (outcome IN ('stored', 'dead_letter', 'redriven')),
     ingested_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    PRIMARY KEY (queue_url, message_id)
+    PRIMARY KEY (queue_key, message_id)
 );
-CREATE INDEX ledger_age ON sqs_ingest.ledger (queue_url, ingested_at);
+CREATE INDEX ledger_age ON sqs_ingest.ledger (ingested_at);
 REVOKE ALL ON sqs_ingest.ledger FROM PUBLIC;
 COMMENT ON TABLE sqs_ingest.ledger IS 'Every MessageId ingested, written in the same transaction as its row: a redelivered message is a duplicate. Pruned after the queue retention';
-COMMENT ON COLUMN sqs_ingest.ledger.queue_url IS 'Queue the message came from';
+COMMENT ON COLUMN sqs_ingest.ledger.queue_key IS 'Queue the message came from: sqs_ingest.queue_key(queue_url)';
 COMMENT ON COLUMN sqs_ingest.ledger.message_id IS 'SQS MessageId';
 COMMENT ON COLUMN sqs_ingest.ledger.outcome IS 'stored, dead_letter, or redriven (stored later from a dead letter)';
 COMMENT ON COLUMN sqs_ingest.ledger.ingested_at IS 'Transaction time of ingest';

@@ -63,6 +63,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sqs_ingest FROM PUBLIC;
 REVOKE ALL ON FUNCTION sqs_ingest(text, bigint, text) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION sqs_ingest.app_version_text(integer) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION sqs_ingest.queue_key(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION sqs_ingest.unmask(text) TO sqs_ingest_unmasker;
 GRANT EXECUTE ON FUNCTION sqs_ingest.mask(text, text) TO sqs_ingest_unmasker, sqs_ingest_masker;
 GRANT EXECUTE ON FUNCTION sqs_ingest(text, bigint, text) TO sqs_ingest_operator;

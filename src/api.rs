@@ -198,7 +198,8 @@ pub mod sqs_ingest {
                         &[url.clone().into(), message_id.into()],
                     )?;
                     Spi::run_with_args(
-                        "UPDATE sqs_ingest.ledger SET outcome = 'redriven' WHERE queue_url = $1 AND message_id = $2",
+                        "UPDATE sqs_ingest.ledger SET outcome = 'redriven'
+                          WHERE queue_key = sqs_ingest.queue_key($1) AND message_id = $2",
                         &[url.clone().into(), message_id.into()],
                     )
                 })

@@ -5,14 +5,21 @@ use crate::error::{Error, Result};
 use pgrx::prelude::*;
 use std::collections::HashSet;
 
+/// The ledger's key for a queue URL (`sqs_ingest.queue_key`, the one definition of it).
+pub fn queue_key(queue_url: &str) -> Result<i64> {
+    Spi::get_one_with_args::<i64>("SELECT sqs_ingest.queue_key($1)", &[queue_url.into()])
+        .map_err(|e| Error::Internal(format!("queue key lookup failed: {e}")))?
+        .ok_or_else(|| Error::Internal("sqs_ingest.queue_key returned NULL".into()))
+}
+
 /// Records MessageIds in the ledger; returns the ones that were not there before (the rest are duplicates).
-pub fn claim(queue_url: &str, ids: Vec<String>, outcomes: Vec<String>) -> Result<HashSet<String>> {
+pub fn claim(queue_key: i64, ids: Vec<String>, outcomes: Vec<String>) -> Result<HashSet<String>> {
     crate::plans::run(
-        "INSERT INTO sqs_ingest.ledger (queue_url, message_id, outcome)
-         SELECT $1::text, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
+        "INSERT INTO sqs_ingest.ledger (queue_key, message_id, outcome)
+         SELECT $1::int8, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
          ON CONFLICT DO NOTHING
          RETURNING message_id",
-        &[queue_url.into(), ids.into(), outcomes.into()],
+        &[queue_key.into(), ids.into(), outcomes.into()],
         |rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect(),
     )
     .map_err(|e| Error::Internal(format!("ledger insert failed: {e}")))
@@ -117,7 +124,7 @@ pub fn prune_ledger(queue_url: &str, retention_s: i64) -> Result<i64> {
     Spi::get_one_with_args::<i64>(
         "WITH gone AS (
             DELETE FROM sqs_ingest.ledger
-             WHERE queue_url = $1 AND ingested_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+             WHERE queue_key = sqs_ingest.queue_key($1) AND ingested_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)
             RETURNING 1)
          SELECT pg_catalog.count(*) FROM gone",
         &[queue_url.into(), ((retention_s + 86_400) as f64).into()],

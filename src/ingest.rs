@@ -115,8 +115,10 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     as_owner(owner, || flush_unreported(&opts.worker))?;
     let target = target::resolve_or_create(&gucs::target_table())?;
     let key = keys::active_material()?;
+    let queue_key = as_owner(owner, || bookkeeping::queue_key(&queue.url))?;
 
-    let mut run = Run { queue, client: &client, opts, owner, target: &target, key: &key, summary: Summary::default() };
+    let mut run =
+        Run { queue, queue_key, client: &client, opts, owner, target: &target, key: &key, summary: Summary::default() };
     let drained = run.pipeline(started)?;
 
     let s = run.summary;
@@ -186,6 +188,8 @@ struct InFlight {
 
 struct Run<'a> {
     queue: &'a QueueUrl,
+    /// The queue's key in the ledger.
+    queue_key: i64,
     client: &'a sqs::Client,
     opts: &'a Options,
     owner: pg_sys::Oid,
@@ -327,7 +331,7 @@ impl Run<'_> {
             outcomes.push(if verdict.is_ok() { "stored" } else { "dead_letter" }.to_string());
             candidates.push((m, verdict));
         }
-        let fresh = as_owner(self.owner, || bookkeeping::claim(&self.queue.url, ids, outcomes))?;
+        let fresh = as_owner(self.owner, || bookkeeping::claim(self.queue_key, ids, outcomes))?;
 
         let mut rows = Rows::default();
         let mut dead = DeadLetters::default();

@@ -96,6 +96,7 @@ fn direct_client_sends_signed_json_protocol_requests() {
         assert!(auth.contains("SignedHeaders=") && auth.contains("x-amz-target"), "{client}: {auth}");
         assert!(auth.contains("Signature="), "{client}: {auth}");
     }
+    eprintln!("{requests:#?}");
     // Only the SDK's pipeline adds its invocation id: proves the GUC switched the client.
     assert!(header(&requests[0], "amz-sdk-invocation-id").is_none(), "direct: {:?}", requests[0]);
     assert!(header(&requests[1], "amz-sdk-invocation-id").is_some(), "sdk: {:?}", requests[1]);

@@ -71,12 +71,17 @@ fn upgrade_from_the_previous_release_keeps_everything() {
     let key_after: Vec<u8> = c.query_one("SELECT key_bytes FROM sqs_ingest.keys", &[]).unwrap().get(0);
     assert_eq!(key_before, key_after);
     assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger"), 3);
+    // 0.3.0 keys the ledger by sqs_ingest.queue_key(url): the converted rows carry the key ingest looks up, so
+    // MessageIds ingested before the upgrade are still duplicates after it.
+    let keyed = "SELECT count(*) FROM sqs_ingest.ledger WHERE queue_key = sqs_ingest.queue_key($1)";
+    assert_eq!(c.query_one(keyed, &[&url]).unwrap().get::<_, i64>(0), 3);
     assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.dead_letters"), 1);
     let clear: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap().get(0);
     assert!(clear.starts_with("10."), "{clear}");
     // Ingest still works, and the new release's function is there.
     h.send(&mut c, &url, &[login(3)]);
     assert_eq!(ingest(&mut c, &url).inserted, 1);
+    assert_eq!(c.query_one(keyed, &[&url]).unwrap().get::<_, i64>(0), 4);
     assert_eq!(
         c.query_one("SELECT sqs_ingest.purge_dead_letters('0 seconds', true)", &[]).unwrap().get::<_, i64>(0),
         1
