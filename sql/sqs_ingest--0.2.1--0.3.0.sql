@@ -11,10 +11,11 @@ COMMENT ON FUNCTION sqs_ingest.queue_key(text) IS 'Key of a queue URL in sqs_ing
 REVOKE ALL ON FUNCTION sqs_ingest.queue_key(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION sqs_ingest.queue_key(text) TO PUBLIC;
 
+-- Renamed before the type change, so the primary key index rebuilt by it names its column queue_key too.
 DROP INDEX sqs_ingest.ledger_age;
-ALTER TABLE sqs_ingest.ledger
-    ALTER COLUMN queue_url TYPE int8 USING sqs_ingest.queue_key(queue_url),
-    ALTER COLUMN message_id TYPE text COLLATE "C";
 ALTER TABLE sqs_ingest.ledger RENAME COLUMN queue_url TO queue_key;
+ALTER TABLE sqs_ingest.ledger
+    ALTER COLUMN queue_key TYPE int8 USING sqs_ingest.queue_key(queue_key),
+    ALTER COLUMN message_id TYPE text COLLATE "C";
 CREATE INDEX ledger_age ON sqs_ingest.ledger (ingested_at);
 COMMENT ON COLUMN sqs_ingest.ledger.queue_key IS 'Queue the message came from: sqs_ingest.queue_key(queue_url)';

@@ -196,14 +196,10 @@ pub mod sqs_ingest {
                     Spi::run_with_args(
                         "UPDATE sqs_ingest.dead_letters SET redriven_at = pg_catalog.now() WHERE queue_url = $1 AND message_id = $2;",
                         &[url.clone().into(), message_id.into()],
-                    )?;
-                    Spi::run_with_args(
-                        "UPDATE sqs_ingest.ledger SET outcome = 'redriven'
-                          WHERE queue_key = sqs_ingest.queue_key($1) AND message_id = $2",
-                        &[url.clone().into(), message_id.into()],
                     )
-                })
-                .map_err(|e| Error::Internal(e.to_string()))?;
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                    crate::bookkeeping::mark_redriven(&crate::bookkeeping::LedgerQueue::of(&url)?, message_id)
+                })?;
                 Ok(true)
             }
         }

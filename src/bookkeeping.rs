@@ -5,24 +5,73 @@ use crate::error::{Error, Result};
 use pgrx::prelude::*;
 use std::collections::HashSet;
 
-/// The ledger's key for a queue URL (`sqs_ingest.queue_key`, the one definition of it).
-pub fn queue_key(queue_url: &str) -> Result<i64> {
-    Spi::get_one_with_args::<i64>("SELECT sqs_ingest.queue_key($1)", &[queue_url.into()])
-        .map_err(|e| Error::Internal(format!("queue key lookup failed: {e}")))?
-        .ok_or_else(|| Error::Internal("sqs_ingest.queue_key returned NULL".into()))
+/// How this database's ledger names a queue: by `sqs_ingest.queue_key(url)` (schema 0.3.0 and later) or, in a
+/// database whose schema is still older (new library files installed, `ALTER EXTENSION ... UPDATE` not yet run
+/// there), by the URL itself. Both work, so a library upgrade never stops ingest before the schema update.
+#[derive(Debug, Clone)]
+pub enum LedgerQueue {
+    Key(i64),
+    Url(String),
+}
+
+impl LedgerQueue {
+    pub fn of(queue_url: &str) -> Result<LedgerQueue> {
+        let keyed = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                             WHERE attrelid = 'sqs_ingest.ledger'::pg_catalog.regclass
+                               AND attname = 'queue_key' AND NOT attisdropped)",
+        )
+        .map_err(|e| Error::Internal(format!("ledger lookup failed: {e}")))?
+        .unwrap_or(false);
+        if !keyed {
+            return Ok(LedgerQueue::Url(queue_url.to_string()));
+        }
+        Spi::get_one_with_args::<i64>("SELECT sqs_ingest.queue_key($1)", &[queue_url.into()])
+            .map_err(|e| Error::Internal(format!("queue key lookup failed: {e}")))?
+            .map(LedgerQueue::Key)
+            .ok_or_else(|| Error::Internal("sqs_ingest.queue_key returned NULL".into()))
+    }
+
+    /// The ledger's queue column and the statement parameter for it.
+    fn column_and_arg(&self) -> (&'static str, pgrx::datum::DatumWithOid<'static>) {
+        match self {
+            LedgerQueue::Key(k) => ("queue_key", (*k).into()),
+            LedgerQueue::Url(u) => ("queue_url", u.clone().into()),
+        }
+    }
 }
 
 /// Records MessageIds in the ledger; returns the ones that were not there before (the rest are duplicates).
-pub fn claim(queue_key: i64, ids: Vec<String>, outcomes: Vec<String>) -> Result<HashSet<String>> {
-    crate::plans::run(
-        "INSERT INTO sqs_ingest.ledger (queue_key, message_id, outcome)
-         SELECT $1::int8, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
-         ON CONFLICT DO NOTHING
-         RETURNING message_id",
-        &[queue_key.into(), ids.into(), outcomes.into()],
-        |rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect(),
-    )
+pub fn claim(queue: &LedgerQueue, ids: Vec<String>, outcomes: Vec<String>) -> Result<HashSet<String>> {
+    let sql = match queue {
+        LedgerQueue::Key(_) => {
+            "INSERT INTO sqs_ingest.ledger (queue_key, message_id, outcome)
+             SELECT $1::int8, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
+             ON CONFLICT DO NOTHING
+             RETURNING message_id"
+        }
+        LedgerQueue::Url(_) => {
+            "INSERT INTO sqs_ingest.ledger (queue_url, message_id, outcome)
+             SELECT $1::text, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
+             ON CONFLICT DO NOTHING
+             RETURNING message_id"
+        }
+    };
+    let (_, queue_arg) = queue.column_and_arg();
+    crate::plans::run(sql, &[queue_arg, ids.into(), outcomes.into()], |rows| {
+        rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect()
+    })
     .map_err(|e| Error::Internal(format!("ledger insert failed: {e}")))
+}
+
+/// Marks a ledger entry as stored from a dead letter.
+pub fn mark_redriven(queue: &LedgerQueue, message_id: &str) -> Result<()> {
+    let (column, queue_arg) = queue.column_and_arg();
+    Spi::run_with_args(
+        &format!("UPDATE sqs_ingest.ledger SET outcome = 'redriven' WHERE {column} = $1 AND message_id = $2"),
+        &[queue_arg, message_id.into()],
+    )
+    .map_err(|e| Error::Internal(format!("ledger update failed: {e}")))
 }
 
 /// Dead letters of one batch, as column arrays.
@@ -120,14 +169,17 @@ pub fn add_counters(queue_url: &str, worker: &str, c: Counters, depth: Option<i6
 }
 
 /// Deletes ledger entries older than the queue's retention (plus a day): SQS can no longer redeliver them.
-pub fn prune_ledger(queue_url: &str, retention_s: i64) -> Result<i64> {
+pub fn prune_ledger(queue: &LedgerQueue, retention_s: i64) -> Result<i64> {
+    let (column, queue_arg) = queue.column_and_arg();
     Spi::get_one_with_args::<i64>(
-        "WITH gone AS (
-            DELETE FROM sqs_ingest.ledger
-             WHERE queue_key = sqs_ingest.queue_key($1) AND ingested_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)
-            RETURNING 1)
-         SELECT pg_catalog.count(*) FROM gone",
-        &[queue_url.into(), ((retention_s + 86_400) as f64).into()],
+        &format!(
+            "WITH gone AS (
+                DELETE FROM sqs_ingest.ledger
+                 WHERE {column} = $1 AND ingested_at < pg_catalog.now() - pg_catalog.make_interval(secs => $2)
+                RETURNING 1)
+             SELECT pg_catalog.count(*) FROM gone"
+        ),
+        &[queue_arg, ((retention_s + 86_400) as f64).into()],
     )
     .map(|n| n.unwrap_or(0))
     .map_err(|e| Error::Internal(format!("ledger prune failed: {e}")))

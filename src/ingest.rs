@@ -5,7 +5,7 @@
 //! multi-row insert into the target and one dead-letter insert; its messages are held by the transaction and
 //! deleted only after it commits (see [`crate::hold`]).
 
-use crate::bookkeeping::{self, Counters, DeadLetters};
+use crate::bookkeeping::{self, Counters, DeadLetters, LedgerQueue};
 use crate::error::{Error, Result};
 use crate::privilege::{as_owner, extension_owner};
 use crate::sqs::{self, Received};
@@ -115,10 +115,18 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     as_owner(owner, || flush_unreported(&opts.worker))?;
     let target = target::resolve_or_create(&gucs::target_table())?;
     let key = keys::active_material()?;
-    let queue_key = as_owner(owner, || bookkeeping::queue_key(&queue.url))?;
+    let ledger_queue = as_owner(owner, || LedgerQueue::of(&queue.url))?;
 
-    let mut run =
-        Run { queue, queue_key, client: &client, opts, owner, target: &target, key: &key, summary: Summary::default() };
+    let mut run = Run {
+        queue,
+        ledger_queue: &ledger_queue,
+        client: &client,
+        opts,
+        owner,
+        target: &target,
+        key: &key,
+        summary: Summary::default(),
+    };
     let drained = run.pipeline(started)?;
 
     let s = run.summary;
@@ -134,7 +142,7 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
         // The probe saw the queue before this call took its messages: report what is left, as best known.
         let depth = if drained { Some(0) } else { info.approximate_depth.map(|d| (d - s.received).max(0)) };
         bookkeeping::add_counters(&queue.url, &opts.worker, counters, depth, None)?;
-        maybe_prune(&queue.url, info.retention_s)
+        maybe_prune(&queue.url, &ledger_queue, info.retention_s)
     })?;
     let mut summary = s;
     summary.elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
@@ -172,10 +180,10 @@ fn probe(client: &sqs::Client, queue: &QueueUrl, reuse_for: Duration) -> Result<
     Ok(info)
 }
 
-fn maybe_prune(url: &str, retention_s: Option<i64>) -> Result<()> {
+fn maybe_prune(url: &str, ledger_queue: &LedgerQueue, retention_s: Option<i64>) -> Result<()> {
     let due = LAST_PRUNE.with(|p| p.borrow().get(url).is_none_or(|t| t.elapsed() > Duration::from_secs(3600)));
     if due {
-        bookkeeping::prune_ledger(url, retention_s.unwrap_or(4 * 86_400))?;
+        bookkeeping::prune_ledger(ledger_queue, retention_s.unwrap_or(4 * 86_400))?;
         LAST_PRUNE.with(|p| p.borrow_mut().insert(url.to_string(), Instant::now()));
     }
     Ok(())
@@ -188,8 +196,7 @@ struct InFlight {
 
 struct Run<'a> {
     queue: &'a QueueUrl,
-    /// The queue's key in the ledger.
-    queue_key: i64,
+    ledger_queue: &'a LedgerQueue,
     client: &'a sqs::Client,
     opts: &'a Options,
     owner: pg_sys::Oid,
@@ -331,7 +338,7 @@ impl Run<'_> {
             outcomes.push(if verdict.is_ok() { "stored" } else { "dead_letter" }.to_string());
             candidates.push((m, verdict));
         }
-        let fresh = as_owner(self.owner, || bookkeeping::claim(self.queue_key, ids, outcomes))?;
+        let fresh = as_owner(self.owner, || bookkeeping::claim(self.ledger_queue, ids, outcomes))?;
 
         let mut rows = Rows::default();
         let mut dead = DeadLetters::default();

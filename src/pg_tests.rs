@@ -113,3 +113,15 @@ fn mask_takes_its_method_from_the_argument_or_the_setting() {
     assert!(text("SELECT sqs_ingest.mask('192.0.2.7', 'encrypt')").unwrap().starts_with("enc:"));
     assert_eq!(text("SELECT sqs_ingest.mask(NULL, 'hmac')"), None);
 }
+
+/// The ledger's queue key is a persisted format: changing it would make every MessageId already in a ledger look
+/// new. Pinned to the first 64 bits (big-endian, signed) of SHA-256, computed outside Postgres (Python hashlib),
+/// including a value with the sign bit set.
+#[pg_test]
+fn queue_key_is_the_first_64_bits_of_the_urls_sha256() {
+    let key = |url: &str| {
+        Spi::get_one_with_args::<i64>("SELECT sqs_ingest.queue_key($1)", &[url.into()]).unwrap().unwrap()
+    };
+    assert_eq!(key("http://localhost:4566/000000000000/login-queue"), 3_372_887_132_628_947_437);
+    assert_eq!(key("https://sqs.eu-west-1.amazonaws.com/123456789012/logins"), -6_200_339_497_826_981_772);
+}
