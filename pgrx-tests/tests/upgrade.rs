@@ -21,7 +21,8 @@ fn members(c: &mut postgres::Client) -> Vec<String> {
     )
 }
 
-/// Function signatures with their settings, ACLs and comments, and table columns: what users rely on.
+/// Function signatures with their settings, ACLs and comments, and table and index columns with their types and
+/// collations: what users rely on.
 fn surface(c: &mut postgres::Client) -> Vec<String> {
     sorted(
         c,
@@ -29,7 +30,8 @@ fn surface(c: &mut postgres::Client) -> Vec<String> {
            FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
             AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')
          UNION ALL
-         SELECT format('%s.%s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod))
+         SELECT format('%s.%s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+                       a.attcollation::regcollation)
            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
           WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped",
     )
