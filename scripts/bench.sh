@@ -96,6 +96,9 @@ printf '%-44s %10s MB -> %s MB (%s messages)\n' "backend private memory (RssAnon
 printf '%-44s %10s MB -> %s MB (incl. shared buffers touched)\n' "backend VmRSS before -> after" "$(( $(sed -n 1p "$B/rss0") / 1024 ))" "$(( $(sed -n 1p "$B/rss1") / 1024 ))"
 
 say "masking $MASK_N values"
+# Settle the background work the ingest phases left (autovacuum of the inserted rows, a checkpoint) so it does not
+# share the two cores with the timed queries.
+"${PSQL[@]}" -d bench -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null
 "${PSQL[@]}" -d bench -c "CREATE TABLE vals AS SELECT (i % 250)::text || '.' || (i % 251)::text || '.' || (i / 65536)::text || '.' || (i % 256)::text AS v FROM generate_series(1, $MASK_N) i" -c "VACUUM ANALYZE vals" >/dev/null
 # Best of 3 runs for each (a shared 2-core VM is noisy; the minimum is the least disturbed run).
 timeit() {
