@@ -324,7 +324,7 @@ impl Run<'_> {
         let (mut ids, mut outcomes) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
         for mut m in batch {
             self.summary.received += 1;
-            receipts.push(std::mem::take(&mut m.receipt));
+            receipts.push(std::mem::take(&mut m.receipt_handle));
             if m.message_id.is_empty() {
                 self.summary.duplicates += 1; // SQS always sets MessageId; without one it cannot be deduplicated.
                 continue;

@@ -25,15 +25,8 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// One received message, reduced to what ingest needs.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub message_id: String,
-    pub receipt: String,
-    pub body: String,
-    pub sent_timestamp_ms: Option<i64>,
-    pub receive_count: Option<i32>,
-}
+/// One received message, reduced to what ingest needs (the same shape from either client).
+pub use sqs_ingest_core::sqs_json::WireMessage as Received;
 
 /// Queue attributes ingest reads before it starts.
 #[derive(Debug, Clone, Copy, Default)]
@@ -318,17 +311,7 @@ pub async fn queue_info(client: &Client, url: &str) -> Result<QueueInfo> {
 /// One ReceiveMessage call.
 pub async fn receive(client: Client, url: String, max: i32, wait_s: i32, visibility_s: i32) -> Result<Vec<Received>> {
     if let Some(direct) = &client.direct {
-        let got = direct.receive(&url, max, wait_s, visibility_s).await?;
-        return Ok(got
-            .into_iter()
-            .map(|m| Received {
-                message_id: m.message_id,
-                receipt: m.receipt_handle,
-                body: m.body,
-                sent_timestamp_ms: m.sent_timestamp_ms,
-                receive_count: m.receive_count,
-            })
-            .collect());
+        return direct.receive(&url, max, wait_s, visibility_s).await;
     }
     let out = client
         .sdk
@@ -352,7 +335,7 @@ pub async fn receive(client: Client, url: String, max: i32, wait_s: i32, visibil
                 sent_timestamp_ms: attr(MessageSystemAttributeName::SentTimestamp).and_then(|v| v.parse().ok()),
                 receive_count: attr(MessageSystemAttributeName::ApproximateReceiveCount).and_then(|v| v.parse().ok()),
                 message_id: m.message_id.unwrap_or_default(),
-                receipt: m.receipt_handle.unwrap_or_default(),
+                receipt_handle: m.receipt_handle.unwrap_or_default(),
                 body: m.body.unwrap_or_default(),
             }
         })
@@ -502,7 +485,7 @@ pub async fn raw_drain(
                     break;
                 }
                 received += got.len() as i64;
-                let receipts: Vec<String> = got.into_iter().map(|m| m.receipt).collect();
+                let receipts: Vec<String> = got.into_iter().map(|m| m.receipt_handle).collect();
                 deleted += delete(&client, &url, &receipts, 1).await.succeeded as i64;
             }
             Ok::<_, Error>((received, deleted))
