@@ -189,6 +189,9 @@ fn maybe_prune(url: &str, ledger_queue: &LedgerQueue, retention_s: Option<i64>) 
     Ok(())
 }
 
+/// Messages gathered before one batch is stored (unless the pipeline runs dry first).
+const STORE_AT: usize = 100;
+
 struct InFlight {
     handle: tokio::task::JoinHandle<Result<Vec<Received>>>,
     requested: i64,
@@ -231,9 +234,13 @@ impl Run<'_> {
         let mut confirmed_once = false;
         let progress_every = Duration::from_secs(gucs::progress_interval_s());
         let mut next_progress = started + progress_every;
+        let mut pending: Vec<Received> = Vec::new();
         loop {
             self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             if in_flight.is_empty() {
+                if !pending.is_empty() {
+                    self.store(std::mem::take(&mut pending))?;
+                }
                 // A worker that already holds messages commits them now rather than long-polling for more inside
                 // the same transaction (its rows would stay invisible, and its messages undeleted, for the wait).
                 let holding = self.opts.return_after_wake && self.summary.received > 0;
@@ -297,7 +304,13 @@ impl Run<'_> {
             } else {
                 self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             }
-            self.store(batch)?;
+            pending.extend(batch);
+            // While more receives are on their way, gather them into larger batches: fewer statements, and fewer
+            // waits on the network thread, per message.
+            if pending.len() < STORE_AT && !in_flight.is_empty() && !woke {
+                continue;
+            }
+            self.store(std::mem::take(&mut pending))?;
             if self.opts.progress_notices && !progress_every.is_zero() && Instant::now() >= next_progress {
                 let s = &self.summary;
                 let secs = started.elapsed().as_secs_f64();
