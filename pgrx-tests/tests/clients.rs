@@ -101,3 +101,31 @@ fn direct_client_sends_signed_json_protocol_requests() {
     assert!(header(&requests[0], "amz-sdk-invocation-id").is_none(), "direct: {:?}", requests[0]);
     assert!(header(&requests[1], "amz-sdk-invocation-id").is_some(), "sdk: {:?}", requests[1]);
 }
+
+#[test]
+fn both_clients_retry_server_errors_and_not_client_errors() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_client_retry");
+    c.batch_execute("SET sqs_ingest.receive_concurrency = 1").unwrap();
+    let failing = FixedEndpoint::start(
+        "500 Internal Server Error",
+        "application/x-amz-json-1.0",
+        r#"{"__type":"com.amazonaws.sqs#InternalError","message":"try again"}"#,
+    );
+    let refusing = FixedEndpoint::start(
+        "400 Bad Request",
+        "application/x-amz-json-1.0",
+        r#"{"__type":"com.amazonaws.sqs#QueueDoesNotExist","message":"The specified queue does not exist."}"#,
+    );
+    for client in CLIENTS {
+        c.batch_execute(&format!("SET sqs_ingest.sqs_client = {client}")).unwrap();
+        for (endpoint, state, attempts) in [(&failing, "58000", 3), (&refusing, "42704", 1)] {
+            let before = endpoint.requests.lock().unwrap().len();
+            let url = format!("http://127.0.0.1:{}/000000000000/q", endpoint.port);
+            let e = c.query("SELECT * FROM sqs_ingest.bench_raw_drain($1, 10)", &[&url]).unwrap_err();
+            assert_eq!(sqlstate(&e), state, "{client}: {e}");
+            let sent = endpoint.requests.lock().unwrap().len() - before;
+            assert_eq!(sent, attempts, "{client}: one ReceiveMessage, {attempts} attempt(s) for HTTP {state}");
+        }
+    }
+}
