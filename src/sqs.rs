@@ -1,4 +1,5 @@
-//! The SQS clients: a per-backend tokio runtime, the AWS SDK client and the direct hot-path client ([`crate::direct`]), created lazily after fork.
+//! The SQS clients: a per-backend tokio runtime, the AWS SDK client and the direct hot-path client
+//! ([`crate::direct`]), created lazily after fork.
 //!
 //! Only the backend's main thread touches Postgres. Network futures run inside [`block_on`], which polls them on
 //! the main thread and wakes every 100 ms to service Postgres interrupts (cancel, `statement_timeout`,
