@@ -9,8 +9,8 @@ MASK_N="${BENCH_MASK_N:-1000000}"
 LAT_N="${BENCH_LATENCY_N:-200}"
 
 bash "$REPO_ROOT/scripts/setup.sh" >/dev/null
-# Another LocalStack (the one `make demo` leaves running, with its queues) competes for the two cores: it cost
-# earlier runs 10-40 %. Say so rather than print slower figures silently.
+# Another LocalStack (the one `make demo` leaves running, with its queues) competes for the two cores. Say so
+# rather than print slower figures silently.
 if pgrep -f 'localstack.runtime.main' >/dev/null; then
     warn "another LocalStack is running (make stop?): it shares the CPU, so these figures will come out lower"
 fi

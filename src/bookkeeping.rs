@@ -32,33 +32,25 @@ impl LedgerQueue {
             .ok_or_else(|| Error::Internal("sqs_ingest.queue_key returned NULL".into()))
     }
 
-    /// The ledger's queue column and the statement parameter for it.
-    fn column_and_arg(&self) -> (&'static str, pgrx::datum::DatumWithOid<'static>) {
+    /// The ledger's queue column, its SQL type and the statement parameter for it.
+    fn column_and_arg(&self) -> (&'static str, &'static str, pgrx::datum::DatumWithOid<'static>) {
         match self {
-            LedgerQueue::Key(k) => ("queue_key", (*k).into()),
-            LedgerQueue::Url(u) => ("queue_url", u.clone().into()),
+            LedgerQueue::Key(k) => ("queue_key", "int8", (*k).into()),
+            LedgerQueue::Url(u) => ("queue_url", "text", u.clone().into()),
         }
     }
 }
 
 /// Records MessageIds in the ledger; returns the ones that were not there before (the rest are duplicates).
 pub fn claim(queue: &LedgerQueue, ids: Vec<String>, outcomes: Vec<String>) -> Result<HashSet<String>> {
-    let sql = match queue {
-        LedgerQueue::Key(_) => {
-            "INSERT INTO sqs_ingest.ledger (queue_key, message_id, outcome)
-             SELECT $1::int8, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
-             ON CONFLICT DO NOTHING
-             RETURNING message_id"
-        }
-        LedgerQueue::Url(_) => {
-            "INSERT INTO sqs_ingest.ledger (queue_url, message_id, outcome)
-             SELECT $1::text, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
-             ON CONFLICT DO NOTHING
-             RETURNING message_id"
-        }
-    };
-    let (_, queue_arg) = queue.column_and_arg();
-    crate::plans::run(sql, &[queue_arg, ids.into(), outcomes.into()], |rows| {
+    let (column, sql_type, queue_arg) = queue.column_and_arg();
+    let sql = format!(
+        "INSERT INTO sqs_ingest.ledger ({column}, message_id, outcome)
+         SELECT $1::{sql_type}, m, o FROM unnest($2::text[], $3::text[]) AS u(m, o)
+         ON CONFLICT DO NOTHING
+         RETURNING message_id"
+    );
+    crate::plans::run(&sql, &[queue_arg, ids.into(), outcomes.into()], |rows| {
         rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect()
     })
     .map_err(|e| Error::Internal(format!("ledger insert failed: {e}")))
@@ -66,7 +58,7 @@ pub fn claim(queue: &LedgerQueue, ids: Vec<String>, outcomes: Vec<String>) -> Re
 
 /// Marks a ledger entry as stored from a dead letter.
 pub fn mark_redriven(queue: &LedgerQueue, message_id: &str) -> Result<()> {
-    let (column, queue_arg) = queue.column_and_arg();
+    let (column, _, queue_arg) = queue.column_and_arg();
     Spi::run_with_args(
         &format!("UPDATE sqs_ingest.ledger SET outcome = 'redriven' WHERE {column} = $1 AND message_id = $2"),
         &[queue_arg, message_id.into()],
@@ -170,7 +162,7 @@ pub fn add_counters(queue_url: &str, worker: &str, c: Counters, depth: Option<i6
 
 /// Deletes ledger entries older than the queue's retention (plus a day): SQS can no longer redeliver them.
 pub fn prune_ledger(queue: &LedgerQueue, retention_s: i64) -> Result<i64> {
-    let (column, queue_arg) = queue.column_and_arg();
+    let (column, _, queue_arg) = queue.column_and_arg();
     Spi::get_one_with_args::<i64>(
         &format!(
             "WITH gone AS (

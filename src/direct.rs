@@ -23,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use sqs_ingest_core::sigv4;
 use sqs_ingest_core::sqs_error::Observed;
 use sqs_ingest_core::sqs_json::{self, Operation, WireMessage};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// Attempts per call, as the SDK's standard retry mode.
@@ -109,7 +110,7 @@ impl Direct {
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(request_timeout.min(Duration::from_secs(5))));
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config())
+            .with_tls_config(tls_config(scheme == "https"))
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
@@ -183,11 +184,12 @@ impl Direct {
             session_token: creds.session_token(),
         };
         let signed = sigv4::sign(&signable, &identity, &self.region, "sqs", SystemTime::now());
+        // The headers sent are the ones signed.
         let mut request = http::Request::post(self.endpoint.as_str())
-            .header(http::header::HOST, self.host.as_str())
-            .header(http::header::CONTENT_TYPE, sqs_json::CONTENT_TYPE)
-            .header("x-amz-target", op.target())
-            .header("x-amzn-query-mode", "true")
+            .header(http::header::HOST, signable.host)
+            .header(http::header::CONTENT_TYPE, signable.content_type)
+            .header("x-amz-target", signable.target)
+            .header("x-amzn-query-mode", signable.query_mode)
             .header("x-amz-date", signed.amz_date)
             .header(http::header::AUTHORIZATION, signed.authorization);
         if let Some(token) = creds.session_token() {
@@ -241,17 +243,27 @@ impl Direct {
     }
 }
 
-/// TLS with the system's roots (rustls + ring); an empty root store if none can be read, so https fails with a
-/// certificate error at connect time while plain-http endpoints (LocalStack) keep working.
-fn tls_config() -> rustls::ClientConfig {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
+/// TLS with the system's roots (rustls + ring), read once per process and only for an https endpoint; plain-http
+/// endpoints (LocalStack) never use it. With no readable roots an https call fails with a certificate error.
+fn tls_config(https: bool) -> rustls::ClientConfig {
+    static WITH_ROOTS: OnceLock<rustls::ClientConfig> = OnceLock::new();
+    let build = |roots: rustls::RootCertStore| {
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    };
+    if !https {
+        return build(rustls::RootCertStore::empty());
     }
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    WITH_ROOTS
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            build(roots)
+        })
+        .clone()
 }

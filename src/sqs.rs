@@ -345,25 +345,19 @@ pub async fn receive(client: Client, url: String, max: i32, wait_s: i32, visibil
 
 /// Deletes messages in batches of 10 (positional ids), several batches in flight; counts per-entry failures.
 pub async fn delete(client: &Client, url: &str, receipts: &[String], concurrency: usize) -> BatchOutcome {
+    if let Some(direct) = &client.direct {
+        return per_ten_receipts(receipts, concurrency, |chunk| direct.delete_batch(url, chunk)).await;
+    }
     per_ten_receipts(receipts, concurrency, |chunk| {
-        let direct = client.direct.clone();
-        let sdk = direct.is_none().then(|| {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| {
-                    DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).build().ok()
-                })
-                .collect();
-            client.sdk.delete_message_batch().queue_url(url).set_entries(Some(entries))
-        });
-        async move {
-            match (direct, sdk) {
-                (Some(d), _) => d.delete_batch(url, chunk).await,
-                (None, Some(req)) => req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())),
-                (None, None) => None,
-            }
-        }
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).build().ok()
+            })
+            .collect();
+        let req = client.sdk.delete_message_batch().queue_url(url).set_entries(Some(entries));
+        async move { req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())) }
     })
     .await
 }
@@ -376,30 +370,25 @@ pub async fn change_visibility(
     visibility_s: i32,
     concurrency: usize,
 ) -> BatchOutcome {
+    if let Some(direct) = &client.direct {
+        let call = |chunk| direct.change_visibility_batch(url, chunk, visibility_s);
+        return per_ten_receipts(receipts, concurrency, call).await;
+    }
     per_ten_receipts(receipts, concurrency, |chunk| {
-        let direct = client.direct.clone();
-        let sdk = direct.is_none().then(|| {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .filter_map(|(i, r)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(r)
-                        .visibility_timeout(visibility_s)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            client.sdk.change_message_visibility_batch().queue_url(url).set_entries(Some(entries))
-        });
-        async move {
-            match (direct, sdk) {
-                (Some(d), _) => d.change_visibility_batch(url, chunk, visibility_s).await,
-                (None, Some(req)) => req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())),
-                (None, None) => None,
-            }
-        }
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(r)
+                    .visibility_timeout(visibility_s)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let req = client.sdk.change_message_visibility_batch().queue_url(url).set_entries(Some(entries));
+        async move { req.send().await.ok().map(|out| (out.successful().len(), out.failed().len())) }
     })
     .await
 }
