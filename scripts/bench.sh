@@ -22,6 +22,7 @@ trap cleanup EXIT
 LS_PORT="$(free_port 24566)"; PG_PORT="$(free_port 35432)"
 localstack_start "$B/localstack" "$LS_PORT"
 pg_start "$B/pg" "$PG_PORT" "sqs_ingest" "sqs_ingest.worker_database = 'bench'
+sqs_ingest.worker_role = 'postgres'
 sqs_ingest.worker_count = 1
 shared_buffers = 256MB
 synchronous_commit = on"

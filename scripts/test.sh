@@ -47,13 +47,17 @@ PG_PORT="$(free_port 25432)"
 say "starting LocalStack on $LS_PORT and Postgres on $PG_PORT for the end-to-end tests"
 localstack_start "$E2E/localstack" "$LS_PORT"
 pg_start "$E2E/pg" "$PG_PORT" "sqs_ingest,pg_cron" "sqs_ingest.worker_database = 'e2e_worker'
+sqs_ingest.worker_role = 'e2e_worker_role'
 sqs_ingest.worker_count = 2
 sqs_ingest.worker_restart_delay = 1
 max_prepared_transactions = 4"
+# The static workers connect as a non-superuser role (they wait, restarting, until it exists).
 psql -X -q -h "$E2E/pg" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
-    -c "CREATE DATABASE e2e_worker" -c "\\c e2e_worker" -c "CREATE EXTENSION sqs_ingest" >/dev/null
+    -c "CREATE ROLE e2e_worker_role LOGIN" -c "CREATE DATABASE e2e_worker" -c "\\c e2e_worker" \
+    -c "CREATE EXTENSION sqs_ingest" -c "GRANT sqs_ingest_operator TO e2e_worker_role" \
+    -c "GRANT CREATE ON SCHEMA public TO e2e_worker_role" >/dev/null
 export SQS_INGEST_PGHOST="$E2E/pg" SQS_INGEST_PGPORT="$PG_PORT" SQS_INGEST_SQS_ENDPOINT="http://localhost:$LS_PORT"
 export SQS_INGEST_PGDATA="$E2E/pg/data" SQS_INGEST_PG_BIN="$PG_BIN" SQS_INGEST_REPO="$REPO_ROOT"
 export SQS_INGEST_SAMPLE_DATA="${SQS_INGEST_SAMPLE_DATA:-$REPO_ROOT/../shared/data/fetch_login_queue.jsonl}"
 [[ -f "$SQS_INGEST_SAMPLE_DATA" ]] || warn "$SQS_INGEST_SAMPLE_DATA is absent: the real-data test will say SKIPPED"
-run_step "end-to-end tests (live PG + SQS)" cargo test -p sqs_ingest_e2e --quiet -- --test-threads="${E2E_THREADS:-4}"
+run_step "end-to-end tests (live PG + SQS)" cargo test -p sqs_ingest_e2e --quiet --no-fail-fast -- --test-threads="${E2E_THREADS:-4}"

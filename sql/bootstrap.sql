@@ -92,6 +92,7 @@ CREATE TABLE sqs_ingest.dead_letters (
     body_encrypted bytea NOT NULL,
     body_bytes     integer NOT NULL,
     redriven_at    timestamptz,
+    body_digest    bytea,
     UNIQUE (queue_url, message_id)
 );
 REVOKE ALL ON sqs_ingest.dead_letters FROM PUBLIC;
@@ -104,12 +105,13 @@ COMMENT ON COLUMN sqs_ingest.dead_letters.message_id IS 'SQS MessageId (argument
 COMMENT ON COLUMN sqs_ingest.dead_letters.received_at IS 'When it was dead-lettered';
 COMMENT ON COLUMN sqs_ingest.dead_letters.sent_at IS 'SQS SentTimestamp';
 COMMENT ON COLUMN sqs_ingest.dead_letters.receive_count IS 'SQS ApproximateReceiveCount when it was dead-lettered';
-COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large';
+COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large, refused_by_table (0.4.0: the target table refused the row; the reason gives the SQLSTATE and constraint or column name)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.reason IS 'Precise reason, naming the field (never its value)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.key_id IS 'Key the body is encrypted with';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_encrypted IS 'AES-256-GCM encrypted body (random nonce); readable only through sqs_ingest.dead_letter_body() by the owner';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_bytes IS 'Size of the original body';
 COMMENT ON COLUMN sqs_ingest.dead_letters.redriven_at IS 'When sqs_ingest.redrive() stored it';
+COMMENT ON COLUMN sqs_ingest.dead_letters.body_digest IS 'For a body over 64 KiB (never redrivable): HMAC-SHA256 of the whole body under the key''s HMAC subkey; body_encrypted then holds only its first 4 KiB. NULL otherwise. Since 0.4.0';
 
 -- Unmask audit trail ---------------------------------------------------------------------------------------
 CREATE TABLE sqs_ingest.unmask_audit (
@@ -132,6 +134,30 @@ COMMENT ON COLUMN sqs_ingest.unmask_audit.backend_pid IS 'Backend that made the 
 COMMENT ON COLUMN sqs_ingest.unmask_audit.key_id IS 'Key id named by the token (NULL if the token was unreadable)';
 COMMENT ON COLUMN sqs_ingest.unmask_audit.succeeded IS 'Whether the value was revealed';
 COMMENT ON COLUMN sqs_ingest.unmask_audit.failure IS 'Why it was refused';
+
+-- mask() audit trail (0.4.0) --------------------------------------------------------------------------------
+-- A deterministic mask is an equality oracle (a masker can test guesses of a clear value against stored tokens):
+-- calls outside ingest are counted, one row per role and transaction.
+CREATE TABLE sqs_ingest.mask_audit (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    first_call_at  timestamptz NOT NULL,
+    last_call_at   timestamptz NOT NULL,
+    session_role   text NOT NULL,
+    effective_role text NOT NULL,
+    backend_pid    integer NOT NULL,
+    calls          bigint NOT NULL CHECK (calls > 0),
+    rolled_back    boolean NOT NULL
+);
+REVOKE ALL ON sqs_ingest.mask_audit FROM PUBLIC;
+COMMENT ON TABLE sqs_ingest.mask_audit IS 'sqs_ingest.mask() calls outside ingest, one row per role and transaction; written as the extension owner, not modifiable by callers. Since 0.4.0';
+COMMENT ON COLUMN sqs_ingest.mask_audit.id IS 'Surrogate key';
+COMMENT ON COLUMN sqs_ingest.mask_audit.first_call_at IS 'Wall-clock time of the first call in the transaction';
+COMMENT ON COLUMN sqs_ingest.mask_audit.last_call_at IS 'When the transaction ended (or the role changed)';
+COMMENT ON COLUMN sqs_ingest.mask_audit.session_role IS 'session_user of the caller';
+COMMENT ON COLUMN sqs_ingest.mask_audit.effective_role IS 'current_user of the caller';
+COMMENT ON COLUMN sqs_ingest.mask_audit.backend_pid IS 'Backend that made the calls';
+COMMENT ON COLUMN sqs_ingest.mask_audit.calls IS 'Number of mask() calls (values masked)';
+COMMENT ON COLUMN sqs_ingest.mask_audit.rolled_back IS 'The calls'' transaction rolled back (the tokens were still returned); written by the audit worker';
 
 -- Counters behind sqs_ingest.stats -------------------------------------------------------------------------
 CREATE TABLE sqs_ingest.counters (
@@ -191,6 +217,8 @@ SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.dead_letters_id_seq', '')
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.unmask_audit', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.unmask_audit_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.counters', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.mask_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.mask_audit_id_seq', '');
 
 -- Workers started with sqs_ingest.worker_start() --------------------------------------------------------
 CREATE TABLE sqs_ingest.workers (
@@ -200,7 +228,8 @@ CREATE TABLE sqs_ingest.workers (
     method         text,
     started_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     stopped_at     timestamptz,
-    pid            integer
+    pid            integer,
+    run_as         regrole
 );
 REVOKE ALL ON sqs_ingest.workers FROM PUBLIC;
 GRANT SELECT ON sqs_ingest.workers TO sqs_ingest_operator;
@@ -210,3 +239,4 @@ COMMENT ON COLUMN sqs_ingest.workers.batch_messages IS 'Messages per transaction
 COMMENT ON COLUMN sqs_ingest.workers.method IS 'Masking method (NULL: sqs_ingest.masking_method)';
 COMMENT ON COLUMN sqs_ingest.workers.stopped_at IS 'Set by sqs_ingest.worker_stop(); the worker then exits for good';
 COMMENT ON COLUMN sqs_ingest.workers.pid IS 'Backend pid of the running worker';
+COMMENT ON COLUMN sqs_ingest.workers.run_as IS 'Role the worker connects as: the role that called worker_start(). Since 0.4.0';

@@ -4,9 +4,13 @@
 CREATE FUNCTION sqs_ingest.rekey(target regclass DEFAULT 'user_logins'::text::regclass)
 RETURNS bigint
 LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT sqs_ingest.rekey_table(target::oid) $$;
 
 -- Drain a large queue in many transactions: each batch commits (and is deleted from SQS) before the next.
+-- It runs as the caller, who may be a superuser in a database whose owner planted operators, functions or types
+-- in a schema on the caller's search_path; a procedure that COMMITs cannot carry SET search_path, so every
+-- operator, function and type in its body is schema-qualified instead.
 CREATE PROCEDURE sqs_ingest_drain(
     queue_url       text,
     max_messages    bigint  DEFAULT NULL,
@@ -24,39 +28,70 @@ AS $$
 DECLARE
     r         record;
     d         record;
-    want      bigint;
-    started   timestamptz := pg_catalog.clock_timestamp();
+    want      pg_catalog.int8;
+    started   pg_catalog.timestamptz := pg_catalog.clock_timestamp();
 BEGIN
-    IF batch_messages IS NULL OR batch_messages < 1 THEN
+    IF batch_messages IS NULL OR batch_messages OPERATOR(pg_catalog.<) 1 THEN
         RAISE EXCEPTION 'batch_messages must be at least 1, not %', batch_messages
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use a batch of 100 to 10000 messages.';
     END IF;
-    IF max_messages IS NOT NULL AND max_messages < 1 THEN
+    IF max_messages IS NOT NULL AND max_messages OPERATOR(pg_catalog.<) 1 THEN
         RAISE EXCEPTION 'max_messages must be at least 1 (or NULL for no limit), not %', max_messages
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to drain the whole queue.';
     END IF;
     received := 0; inserted := 0; duplicates := 0; dead_lettered := 0; deleted := 0; delete_failures := 0;
     LOOP
-        want := CASE WHEN max_messages IS NULL THEN batch_messages
-                     ELSE LEAST(batch_messages, max_messages - received) END;
-        EXIT WHEN want <= 0;
-        SELECT * INTO r FROM sqs_ingest(queue_url, want, method);
+        want := CASE WHEN max_messages IS NULL THEN batch_messages::pg_catalog.int8
+                     ELSE pg_catalog.int8smaller(batch_messages::pg_catalog.int8,
+                                                 max_messages OPERATOR(pg_catalog.-) received) END;
+        EXIT WHEN want OPERATOR(pg_catalog.<=) 0::pg_catalog.int8;
+        SELECT * INTO r FROM @extschema@.sqs_ingest(queue_url, want, method);
         COMMIT;  -- the commit hook deletes this batch's messages from SQS now
         SELECT * INTO d FROM sqs_ingest.last_commit_deletes();
-        received := received + r.received;
-        inserted := inserted + r.inserted;
-        duplicates := duplicates + r.duplicates;
-        dead_lettered := dead_lettered + r.dead_lettered;
-        IF r.received > 0 THEN
-            deleted := deleted + d.deleted;
-            delete_failures := delete_failures + d.failed;
+        received := received OPERATOR(pg_catalog.+) r.received;
+        inserted := inserted OPERATOR(pg_catalog.+) r.inserted;
+        duplicates := duplicates OPERATOR(pg_catalog.+) r.duplicates;
+        dead_lettered := dead_lettered OPERATOR(pg_catalog.+) r.dead_lettered;
+        IF r.received OPERATOR(pg_catalog.>) 0::pg_catalog.int8 THEN
+            deleted := deleted OPERATOR(pg_catalog.+) d.deleted;
+            delete_failures := delete_failures OPERATOR(pg_catalog.+) d.failed;
         END IF;
-        EXIT WHEN r.received < want;  -- the queue was confirmed empty
+        EXIT WHEN r.received OPERATOR(pg_catalog.<) want;  -- the queue was confirmed empty
     END LOOP;
     PERFORM sqs_ingest.flush_stats();
-    elapsed_ms := EXTRACT(EPOCH FROM pg_catalog.clock_timestamp() - started) * 1000;
+    elapsed_ms := pg_catalog.date_part('epoch'::pg_catalog.text,
+                      pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started)
+                  OPERATOR(pg_catalog.*) 1000::pg_catalog.float8;
 END
 $$;
+
+-- AWS secrets are accepted only from the server's configuration files (0.4.0): settings made earlier with
+-- ALTER DATABASE/ROLE ... SET are readable by every login role, so they are removed (with a WARNING).
+DO $scrub$
+DECLARE
+    s record;
+BEGIN
+    FOR s IN
+        SELECT db.datname, ro.rolname, pg_catalog.split_part(c, '=', 1) AS name
+          FROM pg_catalog.pg_db_role_setting x
+          LEFT JOIN pg_catalog.pg_database db ON db.oid OPERATOR(pg_catalog.=) x.setdatabase
+          LEFT JOIN pg_catalog.pg_roles ro ON ro.oid OPERATOR(pg_catalog.=) x.setrole,
+               LATERAL pg_catalog.unnest(x.setconfig) AS c
+         WHERE c OPERATOR(pg_catalog.~~) 'sqs\_ingest.aws\_%'
+    LOOP
+        IF s.rolname IS NULL THEN
+            EXECUTE pg_catalog.format('ALTER DATABASE %I RESET %s', s.datname, s.name);
+        ELSIF s.datname IS NULL THEN
+            EXECUTE pg_catalog.format('ALTER ROLE %I RESET %s', s.rolname, s.name);
+        ELSE
+            EXECUTE pg_catalog.format('ALTER ROLE %I IN DATABASE %I RESET %s', s.rolname, s.datname, s.name);
+        END IF;
+        RAISE WARNING 'sqs_ingest: removed % from the settings of %', s.name,
+            pg_catalog.concat_ws(' in ', 'role ' OPERATOR(pg_catalog.||) s.rolname, 'database ' OPERATOR(pg_catalog.||) s.datname)
+            USING HINT = 'Set AWS credentials with ALTER SYSTEM (or postgresql.conf), or use the AWS default credential chain.';
+    END LOOP;
+END
+$scrub$;
 
 -- Privileges: nothing but app_version_text is PUBLIC.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sqs_ingest FROM PUBLIC;

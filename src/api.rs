@@ -41,6 +41,7 @@ pub mod sqs_ingest {
     /// Reverses an `enc:` token. Every call is audited in `sqs_ingest.unmask_audit` and the server log.
     #[pg_extern(volatile, parallel_unsafe, strict)]
     fn unmask(token: &str) -> String {
+        audit::refuse_in_parallel_worker("unmask");
         let (current, session) = role_names();
         let parsed = Token::parse(token);
         let key_id = parsed.as_ref().ok().map(|t| t.key_id);
@@ -74,31 +75,52 @@ pub mod sqs_ingest {
         rekey(target_oid).or_raise()
     }
 
+    /// Rewrites the tokens of `target` as its owner when the caller is a superuser and the owner is not (so the
+    /// owner's triggers run with the owner's rights), always with a pinned search_path. Each token is written back
+    /// into the row it was read from: rows are matched by `(tableoid, ctid)`, since a ctid repeats across the
+    /// partitions of a partitioned table.
     fn rekey(target_oid: pg_sys::Oid) -> Result<i64> {
-        let name =
-            Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[target_oid.into()])
-                .map_err(|e| Error::Target(e.to_string()))?
-                .ok_or_else(|| Error::Target("no such table".into()))?;
-        let t = target::resolve_existing(&name)?;
+        crate::privilege::pinned(|| {
+            let name = Spi::get_one_with_args::<String>(
+                "SELECT $1::pg_catalog.regclass::pg_catalog.text",
+                &[target_oid.into()],
+            )
+            .map_err(|e| Error::Target(e.to_string()))?
+            .ok_or_else(|| Error::Target("no such table".into()))?;
+            let t = target::resolve_existing(&name)?;
+            let writer = crate::privilege::writer_for(t.owner);
+            crate::privilege::as_role(writer, || rekey_rows(&t))
+        })
+    }
+
+    fn rekey_rows(t: &target::Target) -> Result<i64> {
         let (ring, active) = keys::active_key()?;
         let key = ring.get(active).expect("active key");
         let active_prefix = format!("enc:{active}:");
         let current = format!("{active_prefix}%");
         let sql = format!(
-            "SELECT ctid::text, masked_ip, masked_device_id FROM {} WHERE (masked_ip LIKE 'enc:%' AND masked_ip NOT LIKE $1) OR (masked_device_id LIKE 'enc:%' AND masked_device_id NOT LIKE $1)",
+            "SELECT tableoid, ctid::text, masked_ip, masked_device_id FROM {}
+              WHERE (masked_ip::text LIKE 'enc:%' AND masked_ip::text NOT LIKE $1)
+                 OR (masked_device_id::text LIKE 'enc:%' AND masked_device_id::text NOT LIKE $1)",
             t.name
         );
-        let rows: Vec<(String, Option<String>, Option<String>)> = Spi::connect(|c| {
+        #[allow(clippy::type_complexity)]
+        let rows: Vec<(pg_sys::Oid, String, Option<String>, Option<String>)> = Spi::connect(|c| {
             c.select(&sql, None, &[current.clone().into()]).map(|rows| {
                 rows.map(|r| {
-                    (r.get(1).ok().flatten().unwrap_or_default(), r.get(2).ok().flatten(), r.get(3).ok().flatten())
+                    (
+                        r.get(1).ok().flatten().unwrap_or(pg_sys::Oid::INVALID),
+                        r.get(2).ok().flatten().unwrap_or_default(),
+                        r.get(3).ok().flatten(),
+                        r.get(4).ok().flatten(),
+                    )
                 })
                 .collect()
             })
         })
         .map_err(|e| Error::Target(e.to_string()))?;
         let mut rewritten = 0i64;
-        let (mut ctids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut tables, mut ctids, mut ips, mut devices) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut rekey_one = |token: Option<String>| -> Result<Option<String>> {
             match token {
                 Some(t) if t.starts_with("enc:") && !t.starts_with(&active_prefix) => {
@@ -109,7 +131,8 @@ pub mod sqs_ingest {
                 other => Ok(other),
             }
         };
-        for (ctid, ip, device) in rows {
+        for (table, ctid, ip, device) in rows {
+            tables.push(table);
             ctids.push(ctid);
             ips.push(rekey_one(ip)?);
             devices.push(rekey_one(device)?);
@@ -117,11 +140,11 @@ pub mod sqs_ingest {
         if !ctids.is_empty() {
             let update = format!(
                 "UPDATE {} AS t SET masked_ip = u.ip, masked_device_id = u.dev
-                   FROM unnest($1::text[]::tid[], $2::text[], $3::text[]) AS u(ctid, ip, dev)
-                  WHERE t.ctid = u.ctid",
+                   FROM unnest($1::oid[], $2::text[]::tid[], $3::text[], $4::text[]) AS u(tab, ctid, ip, dev)
+                  WHERE t.tableoid = u.tab AND t.ctid = u.ctid",
                 t.name
             );
-            Spi::run_with_args(&update, &[ctids.into(), ips.into(), devices.into()])
+            Spi::run_with_args(&update, &[tables.into(), ctids.into(), ips.into(), devices.into()])
                 .map_err(|e| Error::Target(e.to_string()))?;
         }
         Ok(rewritten)
@@ -140,11 +163,17 @@ pub mod sqs_ingest {
     }
 
     fn redrive_one(message_id: &str, queue_url: Option<&str>) -> Result<bool> {
+        // The target is named by the caller's settings and path; every other statement runs pinned.
+        let t = target::resolve_or_create(&gucs::target_table())?;
+        crate::privilege::pinned(|| redrive_into(message_id, queue_url, &t))
+    }
+
+    fn redrive_into(message_id: &str, queue_url: Option<&str>, t: &target::Target) -> Result<bool> {
         let owner = extension_owner();
         let found = as_owner(owner, || {
             Spi::connect(|c| {
                 let rows = c.select(
-                    "SELECT queue_url, key_id, body_encrypted, sent_at IS NULL,
+                    "SELECT queue_url, key_id, body_encrypted, body_bytes,
                             (EXTRACT(EPOCH FROM sent_at) * 1000)::int8, redriven_at IS NOT NULL
                        FROM sqs_ingest.dead_letters
                       WHERE message_id = $1 AND ($2::text IS NULL OR queue_url = $2)
@@ -157,6 +186,7 @@ pub mod sqs_ingest {
                         r.get::<String>(1).ok().flatten().unwrap_or_default(),
                         r.get::<i32>(2).ok().flatten().unwrap_or_default(),
                         r.get::<Vec<u8>>(3).ok().flatten().unwrap_or_default(),
+                        r.get::<i32>(4).ok().flatten().unwrap_or_default(),
                         r.get::<i64>(5).ok().flatten(),
                         r.get::<bool>(6).ok().flatten().unwrap_or(false),
                     )
@@ -164,17 +194,23 @@ pub mod sqs_ingest {
             })
         })
         .map_err(|e| Error::Internal(e.to_string()))?;
-        let Some((url, key_id, sealed, sent_ms, already)) = found else {
+        let Some((url, key_id, sealed, body_bytes, sent_ms, already)) = found else {
             return Err(Error::InvalidArgument(format!("no dead letter with message id \"{message_id}\"")));
         };
         if already {
             notice!("dead letter {message_id} was already redriven");
             return Ok(false);
         }
+        if body_bytes as usize > event::MAX_BODY_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "dead letter {message_id} cannot be redriven: its body is {body_bytes} bytes, over the {} byte limit, so only its first {} bytes were kept",
+                event::MAX_BODY_BYTES,
+                event::KEPT_BODY_PREFIX_BYTES
+            )));
+        }
         let ring = keys::keyring(true)?;
         let key = ring.get(key_id).ok_or(Error::Mask(MaskError::UnknownKey(key_id)))?;
         let body = String::from_utf8(key.open_blob(&sealed)?).map_err(|_| Error::Mask(MaskError::Tampered))?;
-        let t = target::resolve_or_create(&gucs::target_table())?;
         match event::parse(&body).and_then(|e| event::validate(&e, &t.limits).map(|v| (e, v))) {
             Err(reason) => {
                 notice!("dead letter {message_id} still cannot be stored: {reason}");
@@ -191,7 +227,17 @@ pub mod sqs_ingest {
                 let (ring, active) = keys::active_key()?;
                 let mut rows = ingest::Rows::default();
                 rows.push(ring.get(active).expect("active"), method_of(None)?, e, v, sent_ms)?;
-                rows.insert(&t)?;
+                if let Some((_, reason)) = rows.insert_isolated(t)?.into_iter().next() {
+                    notice!("dead letter {message_id} still cannot be stored: {reason}");
+                    as_owner(owner, || {
+                        Spi::run_with_args(
+                            "UPDATE sqs_ingest.dead_letters SET reason_code = $3, reason = $4 WHERE queue_url = $1 AND message_id = $2",
+                            &[url.clone().into(), message_id.into(), reason.code().into(), reason.to_string().into()],
+                        )
+                    })
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                    return Ok(false);
+                }
                 as_owner(owner, || {
                     Spi::run_with_args(
                         "UPDATE sqs_ingest.dead_letters SET redriven_at = pg_catalog.now() WHERE queue_url = $1 AND message_id = $2;",
@@ -306,25 +352,7 @@ pub mod sqs_ingest {
     /// Stops this database's dynamic workers (of one queue, or all); each finishes its current batch. Returns how many.
     #[pg_extern(volatile, parallel_unsafe)]
     fn worker_stop(queue_url: default!(Option<&str>, "NULL")) -> i64 {
-        let owner = extension_owner();
-        let pids: Vec<Option<i32>> = as_owner(owner, || {
-            Spi::connect_mut(|c| {
-                let rows = c.update(
-                    "UPDATE sqs_ingest.workers SET stopped_at = pg_catalog.now()
-                      WHERE stopped_at IS NULL AND ($1::text IS NULL OR queue_url = $1) RETURNING pid",
-                    None,
-                    &[queue_url.map(str::to_string).into()],
-                )?;
-                Ok::<_, pgrx::spi::SpiError>(rows.map(|r| r.get::<i32>(1).ok().flatten()).collect())
-            })
-        })
-        .map_err(|e| Error::Internal(e.to_string()))
-        .or_raise();
-        for pid in pids.iter().flatten() {
-            // SIGTERM: the worker commits its current batch, sees its row stopped, and exits for good.
-            let _ = Spi::run_with_args("SELECT pg_catalog.pg_terminate_backend($1)", &[(*pid).into()]);
-        }
-        pids.len() as i64
+        crate::worker::stop_dynamic(queue_url).or_raise()
     }
 
     /// Every running sqs_ingest worker of the server: static (GUC) and dynamic ones.
@@ -342,25 +370,27 @@ pub mod sqs_ingest {
         ),
     > {
         let static_urls = gucs::worker_queue_urls().join(",");
-        let rows = Spi::connect(|c| {
-            let rows = c.select(
-                "SELECT a.pid, a.application_name::text, a.datname::text, a.state::text, a.backend_start
+        let rows = crate::privilege::pinned(|| {
+            Spi::connect(|c| {
+                let rows = c.select(
+                    "SELECT a.pid, a.application_name::text, a.datname::text, a.state::text, a.backend_start
                    FROM pg_catalog.pg_stat_activity a WHERE a.backend_type = 'sqs_ingest worker' ORDER BY a.pid",
-                None,
-                &[],
-            )?;
-            Ok::<_, pgrx::spi::SpiError>(
-                rows.map(|r| {
-                    (
-                        r.get::<i32>(1).ok().flatten().unwrap_or_default(),
-                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                        r.get::<String>(3).ok().flatten(),
-                        r.get::<String>(4).ok().flatten(),
-                        r.get::<pgrx::datum::TimestampWithTimeZone>(5).ok().flatten(),
-                    )
-                })
-                .collect::<Vec<_>>(),
-            )
+                    None,
+                    &[],
+                )?;
+                Ok::<_, pgrx::spi::SpiError>(
+                    rows.map(|r| {
+                        (
+                            r.get::<i32>(1).ok().flatten().unwrap_or_default(),
+                            r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                            r.get::<String>(3).ok().flatten(),
+                            r.get::<String>(4).ok().flatten(),
+                            r.get::<pgrx::datum::TimestampWithTimeZone>(5).ok().flatten(),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+                )
+            })
         })
         .map_err(|e| Error::Internal(e.to_string()))
         .or_raise();
@@ -438,6 +468,7 @@ pub unsafe extern "C-unwind" fn mask_wrapper(fcinfo: pg_sys::FunctionCallInfo) -
         TOKEN.with(|t| {
             let mut token = t.borrow_mut();
             key.mask_into(method, value, &mut token).map_err(Error::from).or_raise();
+            crate::audit::count_mask();
             pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(token.as_ptr().cast(), token.len() as i32))
         })
     }

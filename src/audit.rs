@@ -1,17 +1,28 @@
-//! The `unmask` audit trail: one `sqs_ingest.unmask_audit` row per call that reached the function.
+//! The audit trails: one `sqs_ingest.unmask_audit` row per `unmask` call that reached the function, and one
+//! `sqs_ingest.mask_audit` row per role and transaction that called `mask()` (how many calls, first and last).
 //!
 //! A call that reveals a value writes its row in the caller's transaction through a plan prepared once per
-//! backend (a bulk `unmask` over a million rows must not parse a million INSERTs). A refused call ends in an
-//! ERROR that rolls its own transaction back, so its row is written by a short-lived background worker in a
-//! transaction of its own: the refusal is on record even though the caller's statement failed. A revealing call
-//! whose row is rolled back with the caller's transaction or savepoint (the value was still shown) is written
-//! again the same way once that rollback happens, marked as such. Every call also gets a server-log line.
+//! backend (a bulk `unmask` over a million rows must not parse a million INSERTs). Everything else is kept in
+//! backend memory until the transaction ends, where it must survive whatever the caller does:
+//! * refused `unmask` calls (their ERROR rolls back at least the caller's statement or savepoint),
+//! * revealing calls whose own rows a rolled-back savepoint took away (the value was still shown),
+//! * `mask()` call counts (aggregated: a bulk mask of a million values is one row).
+//!
+//! When the transaction commits (or is prepared), they are written in it, just before the commit. When it
+//! aborts, they are written to a file under the data directory (`sqs_ingest_audit/`, readable by the server's
+//! OS user only) and one short-lived background worker per aborted transaction, connected as the extension
+//! owner with a pinned `search_path`, moves every waiting file of the database into the tables. If no worker
+//! slot is free, the file waits: this backend tries again at its next transaction end, and every audit worker
+//! sweeps all waiting files of its database, so nothing is lost for want of a slot. Every call also gets a
+//! server-log line.
 
 use crate::error::{Error, Result};
-use crate::privilege::{as_owner, extension_owner};
+use crate::privilege::{as_owner, extension_owner, last_known_owner};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 use sqs_ingest_core::mask::MaskError;
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
 
 const INSERT: &str = "INSERT INTO sqs_ingest.unmask_audit (session_role, effective_role, key_id, succeeded, failure)
                       VALUES ($1::text, $2::text, $3::int4, true, NULL)";
@@ -23,12 +34,13 @@ pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Resu
             .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))
     })?;
     crate::hold::ensure_callbacks();
+    let (session, current) = roles();
     // SAFETY: plain reads of backend-local state on the main thread.
     let g = unsafe {
         Group {
             subxact: pg_sys::GetCurrentSubTransactionId(),
-            session: pg_sys::GetSessionUserId().to_u32(),
-            current: pg_sys::GetUserId().to_u32(),
+            session,
+            current,
             key_id,
             count: 1,
             first_at: pg_sys::GetCurrentTimestamp(),
@@ -42,6 +54,77 @@ pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Resu
         }
     });
     Ok(())
+}
+
+/// Records a refused call; it is written when the transaction ends, whatever the caller does. Never raises.
+pub fn record_refusal(key_id: Option<i32>, refusal: Refusal) {
+    crate::hold::ensure_callbacks();
+    let (session, current) = roles();
+    // SAFETY: a plain read of the clock on the main thread.
+    let at = unsafe { pg_sys::GetCurrentTimestamp() };
+    PENDING.with(|p| {
+        p.borrow_mut().push(Record {
+            kind: Kind::Refused(refusal),
+            session,
+            current,
+            key_id,
+            count: 1,
+            first_at: at,
+            last_at: at,
+        })
+    });
+}
+
+fn refuse(code: pgrx::PgSqlErrorCode, message: &str, hint: &str) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(code, message.to_string(), "sqs_ingest")
+        .set_hint(hint.to_string())
+        .report(pgrx::PgLogLevel::ERROR);
+    unreachable!("ereport(ERROR) does not return")
+}
+
+/// Refuses audited functions where their audit row could not be written in the calling transaction's end: in a
+/// parallel worker (its memory and transaction hooks are not the leader's; a PARALLEL SAFE wrapper can put
+/// `mask()` there).
+pub fn refuse_in_parallel_worker(function: &str) {
+    // SAFETY: a plain read of a backend-local global.
+    if unsafe { pg_sys::ParallelWorkerNumber } >= 0 {
+        refuse(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            &format!("sqs_ingest.{function}() cannot run in a parallel worker"),
+            "Its calls are audited by the session that makes them; call it outside parallel query (it is PARALLEL RESTRICTED).",
+        );
+    }
+}
+
+/// Counts one `mask()` call of the current transaction (the per-row path: no allocation, no SQL).
+#[inline]
+pub fn count_mask() {
+    refuse_in_parallel_worker("mask");
+    let (session, current) = roles();
+    let count = MASKS.get();
+    if count.calls > 0 && (count.session, count.current) == (session, current) {
+        MASKS.set(MaskCount { calls: count.calls + 1, ..count });
+        return;
+    }
+    crate::hold::ensure_callbacks();
+    // SAFETY: a read of shared recovery state on the main thread.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        // A standby cannot write the audit row; the primary never hears of these calls.
+        refuse(
+            pgrx::PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "sqs_ingest.mask() cannot run during recovery (on a standby)",
+            "Its calls are audited in sqs_ingest.mask_audit, which a standby cannot write; call it on the primary.",
+        );
+    }
+    take_mask_count();
+    // SAFETY: a plain read of the clock on the main thread.
+    let at = unsafe { pg_sys::GetCurrentTimestamp() };
+    MASKS.set(MaskCount { calls: 1, session, current, first_at: at });
+}
+
+fn roles() -> (u32, u32) {
+    // SAFETY: plain reads of the backend's session and current user ids.
+    unsafe { (pg_sys::GetSessionUserId().to_u32(), pg_sys::GetUserId().to_u32()) }
 }
 
 /// Revealing calls whose audit rows were written in the current transaction, grouped by caller and savepoint.
@@ -58,31 +141,126 @@ impl Group {
     fn same_caller(&self, o: &Group) -> bool {
         (self.subxact, self.session, self.current, self.key_id) == (o.subxact, o.session, o.current, o.key_id)
     }
+
+    fn lost(&self) -> Record {
+        Record {
+            kind: Kind::RevealedThenRolledBack,
+            session: self.session,
+            current: self.current,
+            key_id: self.key_id,
+            count: self.count as u64,
+            first_at: self.first_at,
+            last_at: self.first_at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct MaskCount {
+    calls: u64,
+    session: u32,
+    current: u32,
+    first_at: i64,
 }
 
 thread_local! {
     /// Audit rows written in this transaction (they vanish if it rolls back).
-    static WRITTEN: std::cell::RefCell<Vec<Group>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Audit rows a rolled-back savepoint took with it; rewritten when the transaction ends.
-    static LOST: std::cell::RefCell<Vec<Group>> = const { std::cell::RefCell::new(Vec::new()) };
+    static WRITTEN: RefCell<Vec<Group>> = const { RefCell::new(Vec::new()) };
+    /// Records not yet written anywhere durable.
+    static PENDING: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+    /// Records written in the transaction now committing: pending again if the commit fails after all.
+    static FLUSHING: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+    /// `mask()` calls of the current transaction by the current roles.
+    static MASKS: Cell<MaskCount> = const { Cell::new(MaskCount { calls: 0, session: 0, current: 0, first_at: 0 }) };
+    /// A file of this backend waits for an audit worker (no slot was free, or this backend's last worker was
+    /// still running, when it was written).
+    static FILE_WAITING: Cell<bool> = const { Cell::new(false) };
+    /// The audit worker this backend started last: at most one at a time per backend.
+    static LAST_WORKER: RefCell<Option<pgrx::bgworkers::DynamicBackgroundWorker>> = const { RefCell::new(None) };
+    static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
-fn rewrite(groups: Vec<Group>) {
-    for g in groups {
-        launch(g.first_at, g.session, g.current, g.key_id, Kind::RevealedThenRolledBack, g.count);
+fn take_mask_count() {
+    let count = MASKS.replace(MaskCount::default());
+    if count.calls == 0 {
+        return;
+    }
+    // SAFETY: a plain read of the clock on the main thread.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    PENDING.with(|p| {
+        p.borrow_mut().push(Record {
+            kind: Kind::Masked,
+            session: count.session,
+            current: count.current,
+            key_id: None,
+            count: count.calls,
+            first_at: count.first_at,
+            last_at: now,
+        })
+    });
+}
+
+/// Transaction hook, just before PREPARE TRANSACTION: a prepared transaction can still be rolled back by anyone
+/// later (`ROLLBACK PREPARED`), taking rows written in it along; refused while records wait.
+pub fn before_prepare() {
+    if MASKS.get().calls > 0 || PENDING.with(|p| !p.borrow().is_empty()) {
+        refuse(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "a transaction that called sqs_ingest.mask() or was refused an unmask cannot be prepared for two-phase commit",
+            "Their audit rows would be lost with a later ROLLBACK PREPARED; call them in an ordinary transaction.",
+        );
     }
 }
 
-/// Transaction-end hooks, called from [`crate::hold`]'s callbacks. Never raise.
-pub fn after_commit() {
-    WRITTEN.with(|w| w.borrow_mut().clear());
-    rewrite(LOST.with(|l| std::mem::take(&mut *l.borrow_mut())));
+/// Transaction hook, just before COMMIT: writes what is pending in the committing transaction.
+/// May raise (then the transaction aborts and [`after_abort`] keeps the records).
+pub fn before_commit() {
+    take_mask_count();
+    let records = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if records.is_empty() {
+        return;
+    }
+    FLUSHING.with(|f| f.borrow_mut().extend(records.iter().cloned()));
+    // SAFETY: a plain read of the backend's pid.
+    let pid = unsafe { pg_sys::MyProcPid };
+    // The statement that made the calls is over: the commit hook runs with no active snapshot of its own.
+    // SAFETY: pushes a snapshot for the SPI statements below and pops it after; an ERROR in between aborts the
+    // transaction, which resets the snapshot stack.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    let written = as_owner(extension_owner(), || write(&records, pid, false));
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    if let Err(e) = written {
+        e.raise();
+    }
 }
 
+/// Transaction hook after COMMIT or PREPARE. Never raises.
+pub fn after_commit() {
+    WRITTEN.with(|w| w.borrow_mut().clear());
+    FLUSHING.with(|f| f.borrow_mut().clear());
+    retry_waiting_file();
+}
+
+/// Transaction hook after ABORT: everything not yet durable goes to a file and one audit worker. Never raises.
 pub fn after_abort() {
-    let mut all = LOST.with(|l| std::mem::take(&mut *l.borrow_mut()));
-    all.extend(WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut())));
-    rewrite(all);
+    take_mask_count();
+    let mut all = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    all.extend(FLUSHING.with(|f| std::mem::take(&mut *f.borrow_mut())));
+    all.extend(WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut())).iter().map(Group::lost));
+    if all.is_empty() {
+        retry_waiting_file();
+        return;
+    }
+    // SAFETY: plain reads of backend-local globals on the main thread.
+    let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
+    match write_file(database, pid, &all) {
+        Ok(()) => launch(database),
+        Err(e) => warning!(
+            "sqs_ingest: {} audit record(s) could not be saved for the audit worker ({e}); they are in the server log",
+            all.len()
+        ),
+    }
 }
 
 pub fn after_subxact_abort(my: pg_sys::SubTransactionId) {
@@ -92,14 +270,14 @@ pub fn after_subxact_abort(my: pg_sys::SubTransactionId) {
         *w = kept;
         gone
     });
-    LOST.with(|l| l.borrow_mut().extend(gone));
+    PENDING.with(|p| p.borrow_mut().extend(gone.iter().map(Group::lost)));
 }
 
 pub fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransactionId) {
     WRITTEN.with(|w| w.borrow_mut().iter_mut().filter(|g| g.subxact >= my).for_each(|g| g.subxact = parent));
 }
 
-/// Why a call was refused, as carried to the audit worker (the worker turns it back into the message).
+/// Why a call was refused, as stored in `unmask_audit.failure`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     Malformed,
@@ -112,7 +290,7 @@ pub enum Refusal {
 impl Refusal {
     pub fn of(e: &Error) -> Refusal {
         match e {
-            Error::Mask(MaskError::Malformed) => Refusal::Malformed,
+            Error::Mask(MaskError::Malformed) | Error::Mask(MaskError::TokenTooLong(_)) => Refusal::Malformed,
             Error::Mask(MaskError::Irreversible) => Refusal::Irreversible,
             Error::Mask(MaskError::UnknownKey(_)) => Refusal::UnknownKey,
             Error::Mask(_) => Refusal::Tampered,
@@ -147,11 +325,12 @@ impl Refusal {
     }
 }
 
-/// What the audit worker writes: a refusal, or revealing calls whose own rows were rolled back.
+/// What one audit record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Refused(Refusal),
     RevealedThenRolledBack,
+    Masked,
 }
 
 impl Kind {
@@ -159,105 +338,68 @@ impl Kind {
         match self {
             Kind::Refused(r) => r.code(),
             Kind::RevealedThenRolledBack => "revealed",
+            Kind::Masked => "masked",
         }
     }
 
     fn from_code(code: &str) -> Option<Kind> {
-        if code == "revealed" {
-            Some(Kind::RevealedThenRolledBack)
-        } else {
-            Refusal::from_code(code).map(Kind::Refused)
-        }
-    }
-
-    fn failure(self, key_id: Option<i32>) -> String {
-        match self {
-            Kind::Refused(r) => r.message(key_id),
-            Kind::RevealedThenRolledBack => {
-                "value revealed; the caller rolled back, so this row was written after the rollback".to_string()
-            }
+        match code {
+            "revealed" => Some(Kind::RevealedThenRolledBack),
+            "masked" => Some(Kind::Masked),
+            other => Refusal::from_code(other).map(Kind::Refused),
         }
     }
 }
 
-/// What the audit worker needs, packed into `bgw_extra` (128 bytes): no names, no token, no value.
-#[derive(Debug, PartialEq, Eq)]
+/// One audit record: no names, no token, no value (role oids, a key id, a count, times in Postgres µs).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
-    pub(crate) database: u32,
-    pub(crate) pid: i32,
-    pub(crate) at_us: i64,
+    pub(crate) kind: Kind,
     pub(crate) session: u32,
     pub(crate) current: u32,
     pub(crate) key_id: Option<i32>,
-    pub(crate) kind: Kind,
-    pub(crate) count: u32,
+    pub(crate) count: u64,
+    pub(crate) first_at: i64,
+    pub(crate) last_at: i64,
 }
 
 impl Record {
-    pub(crate) fn encode(&self) -> String {
+    pub(crate) fn encode(&self, pid: i32) -> String {
         let kid = self.key_id.map_or_else(|| "-".to_string(), |k| k.to_string());
         format!(
-            "v1|{}|{}|{}|{}|{}|{}|{}|{}",
-            self.database,
-            self.pid,
-            self.at_us,
+            "v2|{}|{}|{}|{kid}|{}|{}|{}|{pid}",
+            self.kind.code(),
             self.session,
             self.current,
-            kid,
-            self.kind.code(),
-            self.count
+            self.count,
+            self.first_at,
+            self.last_at
         )
     }
 
-    pub(crate) fn decode(s: &str) -> Option<Record> {
+    /// The record and the pid of the backend that made the calls.
+    pub(crate) fn decode(s: &str) -> Option<(Record, i32)> {
         let f: Vec<&str> = s.split('|').collect();
-        if f.len() != 9 || f[0] != "v1" {
+        if f.len() != 9 || f[0] != "v2" {
             return None;
         }
-        Some(Record {
-            database: f[1].parse().ok()?,
-            pid: f[2].parse().ok()?,
-            at_us: f[3].parse().ok()?,
-            session: f[4].parse().ok()?,
-            current: f[5].parse().ok()?,
-            key_id: if f[6] == "-" { None } else { Some(f[6].parse().ok()?) },
-            kind: Kind::from_code(f[7])?,
-            count: f[8].parse().ok().filter(|n| *n > 0)?,
-        })
-    }
-}
-
-/// Records a refused call through a background worker, so the row outlives the ERROR that follows.
-/// Never raises: if no worker slot is free, a WARNING says so (the server-log line is already written).
-pub fn record_refusal(key_id: Option<i32>, refusal: Refusal) {
-    // SAFETY: plain reads of backend-local state on the main thread.
-    let (at_us, session, current) =
-        unsafe { (pg_sys::GetCurrentTimestamp(), pg_sys::GetSessionUserId().to_u32(), pg_sys::GetUserId().to_u32()) };
-    launch(at_us, session, current, key_id, Kind::Refused(refusal), 1);
-}
-
-/// Starts an audit worker for `count` calls of this backend's database. Never raises.
-fn launch(at_us: i64, session: u32, current: u32, key_id: Option<i32>, kind: Kind, count: u32) {
-    // SAFETY: plain reads of backend-local globals on the main thread.
-    let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
-    let record = Record { database, pid, at_us, session, current, key_id, kind, count };
-    let started = BackgroundWorkerBuilder::new("sqs_ingest unmask audit")
-        .set_type("sqs_ingest audit")
-        .set_library("sqs_ingest")
-        .set_function("sqs_ingest_audit_worker_main")
-        .set_extra(&record.encode())
-        .enable_spi_access()
-        .set_restart_time(None)
-        .load_dynamic();
-    if started.is_err() {
-        warning!(
-            "sqs_ingest: {count} unmask call(s) could not be written to sqs_ingest.unmask_audit (no free background worker slot); they are in the server log"
-        );
+        Some((
+            Record {
+                kind: Kind::from_code(f[1])?,
+                session: f[2].parse().ok()?,
+                current: f[3].parse().ok()?,
+                key_id: if f[4] == "-" { None } else { Some(f[4].parse().ok()?) },
+                count: f[5].parse().ok().filter(|n| *n > 0)?,
+                first_at: f[6].parse().ok()?,
+                last_at: f[7].parse().ok()?,
+            },
+            f[8].parse().ok()?,
+        ))
     }
 }
 
 fn role_or_oid(oid: u32) -> String {
-    // SAFETY: noerr lookup on the worker's main thread inside its transaction; a non-NULL result is copied.
+    // SAFETY: noerr lookup on the main thread inside a transaction; a non-NULL result is copied.
     unsafe {
         let name = pg_sys::GetUserNameFromId(pg_sys::Oid::from(oid), true);
         if name.is_null() {
@@ -268,43 +410,234 @@ fn role_or_oid(oid: u32) -> String {
     }
 }
 
+/// Writes records into the audit tables, in the current transaction, as the extension owner (pinned path).
+/// `rolled_back`: the calls' own transaction rolled back (written by the audit worker).
+fn write(records: &[Record], pid: i32, rolled_back: bool) -> Result<()> {
+    let has_mask_audit = Spi::get_one::<bool>("SELECT to_regclass('sqs_ingest.mask_audit') IS NOT NULL")
+        .map_err(|e| Error::Internal(format!("cannot write the audit trail: {e}")))?
+        .unwrap_or(false);
+    for r in records {
+        let result = match r.kind {
+            Kind::Masked if !has_mask_audit => Ok(()), // a schema not yet updated to 0.4.0: server log only
+            Kind::Masked => Spi::run_with_args(
+                "INSERT INTO sqs_ingest.mask_audit
+                     (first_call_at, last_call_at, session_role, effective_role, backend_pid, calls, rolled_back)
+                 VALUES (timestamptz '2000-01-01 00:00:00+00' + $1::int8 * interval '1 microsecond',
+                         timestamptz '2000-01-01 00:00:00+00' + $2::int8 * interval '1 microsecond',
+                         $3, $4, $5, $6, $7)",
+                &[
+                    r.first_at.into(),
+                    r.last_at.into(),
+                    role_or_oid(r.session).into(),
+                    role_or_oid(r.current).into(),
+                    pid.into(),
+                    (r.count as i64).into(),
+                    rolled_back.into(),
+                ],
+            ),
+            Kind::Refused(_) | Kind::RevealedThenRolledBack => {
+                let (succeeded, failure) = match r.kind {
+                    Kind::Refused(refusal) => (false, refusal.message(r.key_id)),
+                    _ => (
+                        true,
+                        "value revealed; the caller rolled back, so this row was written after the rollback"
+                            .to_string(),
+                    ),
+                };
+                Spi::run_with_args(
+                    "INSERT INTO sqs_ingest.unmask_audit
+                         (called_at, session_role, effective_role, backend_pid, key_id, succeeded, failure)
+                     SELECT timestamptz '2000-01-01 00:00:00+00' + $1::int8 * interval '1 microsecond',
+                            $2, $3, $4, $5, $6, $7
+                       FROM generate_series(1::int8, $8::int8)",
+                    &[
+                        r.first_at.into(),
+                        role_or_oid(r.session).into(),
+                        role_or_oid(r.current).into(),
+                        pid.into(),
+                        r.key_id.into(),
+                        succeeded.into(),
+                        failure.into(),
+                        (r.count as i64).into(),
+                    ],
+                )
+            }
+        };
+        result.map_err(|e| Error::Internal(format!("cannot write the audit trail: {e}")))?;
+    }
+    Ok(())
+}
+
+// ---- Files and the audit worker -------------------------------------------------------------------------
+
+/// Under the data directory (every backend's working directory): protected like the data itself.
+const DIR: &str = "sqs_ingest_audit";
+
+thread_local! {
+    static FILE_SEQ: Cell<u64> = const { Cell::new(0) };
+}
+
+fn write_file(database: u32, pid: i32, records: &[Record]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(DIR)?;
+    let seq = FILE_SEQ.get() + 1;
+    FILE_SEQ.set(seq);
+    // SAFETY: a plain read of the clock.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    let stem = format!("{database}.{pid}.{now}.{seq}");
+    let tmp = Path::new(DIR).join(format!("{stem}.tmp"));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    for r in records {
+        writeln!(f, "{}", r.encode(pid))?;
+    }
+    f.sync_all()?;
+    std::fs::rename(&tmp, Path::new(DIR).join(format!("{stem}.pending")))
+}
+
+fn retry_waiting_file() {
+    if FILE_WAITING.get() {
+        // SAFETY: a plain read of a backend-local global.
+        launch(unsafe { pg_sys::MyDatabaseId.to_u32() });
+    }
+}
+
+/// Starts the audit worker for this database, unless this backend's previous one has not finished (then the file
+/// waits for the next transaction end, or this backend's exit). Never raises: with no free slot the file waits.
+fn launch(database: u32) {
+    register_exit_hook();
+    let busy = LAST_WORKER.with(|w| w.borrow().as_ref().is_some_and(|w| w.pid().is_ok()));
+    if busy {
+        FILE_WAITING.set(true);
+        return;
+    }
+    start_worker(database);
+}
+
+fn register_exit_hook() {
+    if !EXIT_HOOK.replace(true) {
+        // SAFETY: registers a static callback; called on the main thread.
+        unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0usize)) };
+    }
+}
+
+/// A backend that ends with a file waiting starts one more worker for it.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    if FILE_WAITING.get() {
+        // SAFETY: a plain read of a backend-local global.
+        let database = unsafe { pg_sys::MyDatabaseId.to_u32() };
+        let _ = std::panic::catch_unwind(|| start_worker(database));
+    }
+}
+
+fn start_worker(database: u32) {
+    let owner = last_known_owner().map_or(0, |o| o.to_u32());
+    let started = BackgroundWorkerBuilder::new("sqs_ingest audit")
+        .set_type("sqs_ingest audit")
+        .set_library("sqs_ingest")
+        .set_function("sqs_ingest_audit_worker_main")
+        .set_extra(&format!("v2|{database}|{owner}"))
+        .enable_spi_access()
+        .set_restart_time(None)
+        .load_dynamic();
+    if let Ok(handle) = started {
+        FILE_WAITING.set(false);
+        LAST_WORKER.with(|w| *w.borrow_mut() = Some(handle));
+    } else {
+        if !FILE_WAITING.get() {
+            warning!(
+                "sqs_ingest: no free background worker slot to write audit records now (raise max_worker_processes); they are saved and will be written when a slot is free"
+            );
+        }
+        FILE_WAITING.set(true);
+    }
+}
+
+/// Claims every waiting file of `database` (renamed, so two workers never write one file twice).
+fn claim_files(database: u32) -> Vec<PathBuf> {
+    // SAFETY: a plain read of the worker's pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    let prefix = format!("{database}.");
+    let Ok(entries) = std::fs::read_dir(DIR) else { return Vec::new() };
+    let mut claimed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        // A file claimed by a worker that died before finishing is taken over.
+        let orphaned = name.rsplit_once(".claimed.").and_then(|(_, pid)| pid.parse::<i32>().ok()).is_some_and(|pid| {
+            // SAFETY: kill with signal 0 only checks whether the process exists.
+            pid != me && unsafe { libc::kill(pid, 0) } != 0
+        });
+        if !name.ends_with(".pending") && !orphaned {
+            continue;
+        }
+        let stem = name.strip_suffix(".pending").or_else(|| name.split(".claimed.").next()).unwrap_or(&name);
+        let target = Path::new(DIR).join(format!("{stem}.claimed.{me}"));
+        if std::fs::rename(entry.path(), &target).is_ok() {
+            claimed.push(target);
+        }
+    }
+    claimed.sort();
+    claimed
+}
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
-    let Some(record) = Record::decode(BackgroundWorker::get_extra()) else {
-        log!("sqs_ingest audit worker: unreadable record, nothing written");
+    let extra: Vec<&str> = BackgroundWorker::get_extra().split('|').collect();
+    let (Some(database), Some(owner)) =
+        (extra.get(1).and_then(|d| d.parse::<u32>().ok()), extra.get(2).and_then(|o| o.parse::<u32>().ok()))
+    else {
+        log!("sqs_ingest audit worker: unreadable arguments, nothing written");
         return;
     };
-    // As the bootstrap superuser: the refused caller may have no rights at all, and the row is the extension's.
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(record.database)), None);
-    let written = BackgroundWorker::transaction(|| -> std::result::Result<bool, pgrx::spi::SpiError> {
-        let present = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('sqs_ingest.unmask_audit') IS NOT NULL")?;
+    // As the extension owner: the refused caller may have no rights at all, and the rows are the extension's.
+    let owner = (owner != 0).then(|| pg_sys::Oid::from(owner));
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), owner);
+    // Files keep arriving while earlier ones are written (backends with a worker still running leave theirs):
+    // sweep until none is left.
+    for _ in 0..100 {
+        let files = claim_files(database);
+        if files.is_empty() {
+            return;
+        }
+        write_files(&files);
+    }
+}
+
+fn write_files(files: &[PathBuf]) {
+    let mut records = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        records.extend(text.lines().filter_map(Record::decode));
+    }
+    let written = BackgroundWorker::transaction(|| -> Result<bool> {
+        let present =
+            Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('sqs_ingest.unmask_audit') IS NOT NULL").ok().flatten();
         if present != Some(true) {
             return Ok(false);
         }
-        Spi::run_with_args(
-            "INSERT INTO sqs_ingest.unmask_audit
-                 (called_at, session_role, effective_role, backend_pid, key_id, succeeded, failure)
-             SELECT pg_catalog.timestamptz '2000-01-01 00:00:00+00' + $1 * pg_catalog.interval '1 microsecond',
-                    $2, $3, $4, $5, $6, $7
-               FROM pg_catalog.generate_series(1, $8)",
-            &[
-                record.at_us.into(),
-                role_or_oid(record.session).into(),
-                role_or_oid(record.current).into(),
-                record.pid.into(),
-                record.key_id.into(),
-                matches!(record.kind, Kind::RevealedThenRolledBack).into(),
-                record.kind.failure(record.key_id).into(),
-                (record.count as i32).into(),
-            ],
-        )?;
-        Ok(true)
+        as_owner(extension_owner(), || {
+            for (record, pid) in &records {
+                write(std::slice::from_ref(record), *pid, true)?;
+            }
+            Ok(true)
+        })
     });
     match written {
-        Ok(true) => {}
-        Ok(false) => log!("sqs_ingest audit worker: sqs_ingest is not installed in that database; nothing written"),
-        Err(e) => log!("sqs_ingest audit worker: could not write the refusal: {e}"),
+        Ok(true) => files.iter().for_each(|f| {
+            let _ = std::fs::remove_file(f);
+        }),
+        Ok(false) => {
+            log!("sqs_ingest audit worker: sqs_ingest is not installed in that database; nothing written");
+            files.iter().for_each(|f| {
+                let _ = std::fs::remove_file(f);
+            });
+        }
+        Err(e) => log!("sqs_ingest audit worker: could not write the audit records: {}", e.scrubbed()),
     }
 }

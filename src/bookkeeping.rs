@@ -3,6 +3,8 @@
 
 use crate::error::{Error, Result};
 use pgrx::prelude::*;
+use sqs_ingest_core::event::{Rejection, KEPT_BODY_PREFIX_BYTES, MAX_BODY_BYTES};
+use sqs_ingest_core::mask::{random_nonce, KeyMaterial};
 use std::collections::HashSet;
 
 /// How this database's ledger names a queue: by `sqs_ingest.queue_key(url)` (schema 0.3.0 and later) or, in a
@@ -56,6 +58,16 @@ pub fn claim(queue: &LedgerQueue, ids: Vec<String>, outcomes: Vec<String>) -> Re
     .map_err(|e| Error::Internal(format!("ledger insert failed: {e}")))
 }
 
+/// Marks ledger entries claimed as stored whose rows the table then refused: they are dead letters.
+pub fn mark_dead_letters(queue: &LedgerQueue, message_ids: Vec<String>) -> Result<()> {
+    let (column, _, queue_arg) = queue.column_and_arg();
+    Spi::run_with_args(
+        &format!("UPDATE sqs_ingest.ledger SET outcome = 'dead_letter' WHERE {column} = $1 AND message_id = ANY($2)"),
+        &[queue_arg, message_ids.into()],
+    )
+    .map_err(|e| Error::Internal(format!("ledger update failed: {e}")))
+}
+
 /// Marks a ledger entry as stored from a dead letter.
 pub fn mark_redriven(queue: &LedgerQueue, message_id: &str) -> Result<()> {
     let (column, _, queue_arg) = queue.column_and_arg();
@@ -64,6 +76,28 @@ pub fn mark_redriven(queue: &LedgerQueue, message_id: &str) -> Result<()> {
         &[queue_arg, message_id.into()],
     )
     .map_err(|e| Error::Internal(format!("ledger update failed: {e}")))
+}
+
+/// What this database's (possibly not yet updated) schema has, detected once per ingest call: new library files
+/// keep ingesting into an older schema until `ALTER EXTENSION ... UPDATE` runs there.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Schema {
+    /// `dead_letters.body_digest` (0.4.0).
+    pub body_digest: bool,
+}
+
+impl Schema {
+    pub fn detect() -> Result<Schema> {
+        let body_digest = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                             WHERE attrelid OPERATOR(pg_catalog.=) 'sqs_ingest.dead_letters'::pg_catalog.regclass
+                               AND attname OPERATOR(pg_catalog.=) 'body_digest'::pg_catalog.name
+                               AND NOT attisdropped)",
+        )
+        .map_err(|e| Error::Internal(format!("schema lookup failed: {e}")))?
+        .unwrap_or(false);
+        Ok(Schema { body_digest })
+    }
 }
 
 /// Dead letters of one batch, as column arrays.
@@ -76,22 +110,55 @@ pub struct DeadLetters {
     pub reasons: Vec<String>,
     pub bodies: Vec<Vec<u8>>,
     pub body_bytes: Vec<i32>,
+    pub digests: Vec<Option<Vec<u8>>>,
 }
 
-pub fn store_dead_letters(queue_url: &str, key_id: i32, d: DeadLetters) -> Result<()> {
+impl DeadLetters {
+    /// Adds a rejected message: its body encrypted whole, or, when it is too large ever to be stored, only its
+    /// first [`KEPT_BODY_PREFIX_BYTES`] bytes encrypted plus a keyed digest of the whole body.
+    pub fn push(&mut self, key: &KeyMaterial, m: crate::sqs::Received, reason: &Rejection) {
+        let body = m.body.as_bytes();
+        let (kept, digest) = if body.len() > MAX_BODY_BYTES {
+            (&body[..KEPT_BODY_PREFIX_BYTES], Some(key.body_digest(body).to_vec()))
+        } else {
+            (body, None)
+        };
+        self.bodies.push(key.seal_blob(random_nonce(), kept));
+        self.digests.push(digest);
+        self.body_bytes.push(body.len() as i32);
+        self.message_ids.push(m.message_id);
+        self.sent_ms.push(m.sent_timestamp_ms);
+        self.receive_counts.push(m.receive_count);
+        self.reason_codes.push(reason.code().to_string());
+        self.reasons.push(reason.to_string());
+    }
+}
+
+pub fn store_dead_letters(queue_url: &str, key_id: i32, schema: Schema, d: DeadLetters) -> Result<()> {
     if d.message_ids.is_empty() {
         return Ok(());
     }
-    crate::plans::run(
+    let (digest_column, digest_value, digest_update) = if schema.body_digest {
+        (", body_digest", ", g", ", body_digest = EXCLUDED.body_digest")
+    } else {
+        ("", "", "")
+    };
+    let sql = format!(
         "INSERT INTO sqs_ingest.dead_letters
-            (queue_url, message_id, sent_at, receive_count, reason_code, reason, key_id, body_encrypted, body_bytes)
-         SELECT $1::text, m, pg_catalog.to_timestamp(s / 1000.0), c, rc, r, $2::int4, b, n
-           FROM unnest($3::text[], $4::int8[], $5::int4[], $6::text[], $7::text[], $8::bytea[], $9::int4[])
-                AS u(m, s, c, rc, r, b, n)
+            (queue_url, message_id, sent_at, receive_count, reason_code, reason, key_id, body_encrypted, body_bytes{digest_column})
+         SELECT $1::pg_catalog.text, m, pg_catalog.to_timestamp(s OPERATOR(pg_catalog./) 1000.0::pg_catalog.float8),
+                c, rc, r, $2::pg_catalog.int4, b, n{digest_value}
+           FROM unnest($3::pg_catalog.text[], $4::pg_catalog.int8[], $5::pg_catalog.int4[],
+                                  $6::pg_catalog.text[], $7::pg_catalog.text[], $8::pg_catalog.bytea[],
+                                  $9::pg_catalog.int4[], $10::pg_catalog.bytea[])
+                AS u(m, s, c, rc, r, b, n, g)
          ON CONFLICT (queue_url, message_id) DO UPDATE
             SET reason_code = EXCLUDED.reason_code, reason = EXCLUDED.reason, key_id = EXCLUDED.key_id,
-                body_encrypted = EXCLUDED.body_encrypted, body_bytes = EXCLUDED.body_bytes,
-                received_at = pg_catalog.now(), redriven_at = NULL",
+                body_encrypted = EXCLUDED.body_encrypted, body_bytes = EXCLUDED.body_bytes{digest_update},
+                received_at = pg_catalog.now(), redriven_at = NULL"
+    );
+    crate::plans::run(
+        &sql,
         &[
             queue_url.into(),
             key_id.into(),
@@ -102,6 +169,7 @@ pub fn store_dead_letters(queue_url: &str, key_id: i32, d: DeadLetters) -> Resul
             d.reasons.into(),
             d.bodies.into(),
             d.body_bytes.into(),
+            d.digests.into(),
         ],
         |_| (),
     )

@@ -16,6 +16,12 @@ pub enum Error {
     QueueUrl { url: String, source: QueueUrlError },
     #[error("{0}")]
     InvalidArgument(String),
+    #[error("SQS endpoint host \"{0}\" is not in sqs_ingest.allowed_endpoints")]
+    EndpointNotAllowed(String),
+    #[error("{0}")]
+    NotAllowed(String),
+    #[error("{0}")]
+    Limit(String),
     #[error("{summary}")]
     Sqs { class: FailureClass, summary: String, detail: String },
     #[error("canceling statement due to user request")]
@@ -50,6 +56,8 @@ impl Error {
         use PgSqlErrorCode::*;
         match self {
             Error::QueueUrl { .. } | Error::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            Error::EndpointNotAllowed(_) | Error::NotAllowed(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Error::Limit(_) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             Error::Sqs { class, .. } => sqlstate_of(*class),
             Error::Interrupted => ERRCODE_QUERY_CANCELED,
             Error::Mask(MaskError::UnknownMethod(_)) => ERRCODE_INVALID_PARAMETER_VALUE,
@@ -83,6 +91,18 @@ impl Error {
                 "The transaction rolls back: nothing it received is stored, and its messages are released back to the queue."
             }
             Error::InvalidArgument(_) => "See the function's arguments in the README's SQL API section.",
+            Error::EndpointNotAllowed(_) => {
+                "Requests carry the server's AWS credentials, so they go only to hosts a superuser allowed: add the host to sqs_ingest.allowed_endpoints (ALTER SYSTEM, or ALTER DATABASE ... SET as a superuser) if it is a trusted SQS endpoint."
+            }
+            Error::Limit(_) => {
+                "Stop a worker with sqs_ingest.worker_stop(), or have a superuser raise sqs_ingest.max_dynamic_workers."
+            }
+            Error::NotAllowed(_) => {
+                "Dynamic workers connect as the role that starts them; start it as a role with LOGIN (not under SET ROLE to a NOLOGIN group role)."
+            }
+            Error::Mask(MaskError::TokenTooLong(_)) => {
+                "Pass a token exactly as stored in user_logins.masked_ip or masked_device_id."
+            }
             _ => return None,
         };
         Some(hint.to_string())
@@ -118,10 +138,15 @@ impl Error {
     }
 
     fn sqlstate_text(&self) -> String {
-        let code = self.sqlstate() as i32;
-        // Postgres packs SQLSTATE characters six bits each, lowest first.
-        (0..5).map(|i| (((code >> (6 * i)) & 0x3f) as u8 + b'0') as char).collect()
+        sqlstate_text(self.sqlstate())
     }
+}
+
+/// The five-character SQLSTATE of a code.
+pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
+    let code = code as i32;
+    // Postgres packs SQLSTATE characters six bits each, lowest first.
+    (0..5).map(|i| (((code >> (6 * i)) & 0x3f) as u8 + b'0') as char).collect()
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

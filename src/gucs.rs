@@ -30,6 +30,11 @@ static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static SQS_CLIENT: GucSetting<SqsClient> = GucSetting::<SqsClient>::new(SqsClient::Direct);
 /// Seconds between progress NOTICEs of a long ingest (0 disables them).
 static PROGRESS_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// Hosts that requests (and the credentials that sign them) may be sent to; superuser-only.
+static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"*.amazonaws.com, *.amazonaws.com.cn, localhost, 127.0.0.1, ::1"));
+/// Most dynamic workers (`worker_start()`) running at once in one database.
+static MAX_DYNAMIC_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
 // Background worker settings (read by the postmaster and by the workers on SIGHUP).
 static WORKER_ENABLED: GucSetting<bool> = GucSetting::<bool>::new(false);
@@ -39,6 +44,8 @@ static WORKER_COUNT: GucSetting<i32> = GucSetting::<i32>::new(1);
 static WORKER_BATCH_MESSAGES: GucSetting<i32> = GucSetting::<i32>::new(100);
 static WORKER_WAIT_S: GucSetting<i32> = GucSetting::<i32>::new(20);
 static WORKER_RESTART_S: GucSetting<i32> = GucSetting::<i32>::new(5);
+/// Role the static workers connect as; unset: they do not ingest.
+static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
     setting.get().and_then(|c| c.into_string().ok()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
@@ -117,6 +124,15 @@ pub fn worker_wait_s() -> i32 {
 pub fn worker_restart_s() -> i32 {
     WORKER_RESTART_S.get()
 }
+pub fn worker_role() -> Option<String> {
+    string(&WORKER_ROLE)
+}
+pub fn allowed_endpoints() -> String {
+    string(&ALLOWED_ENDPOINTS).unwrap_or_default()
+}
+pub fn max_dynamic_workers() -> i64 {
+    MAX_DYNAMIC_WORKERS.get() as i64
+}
 
 /// Secret values currently configured, for [`sqs_ingest_core::scrub::scrub`].
 pub fn configured_secrets() -> Vec<String> {
@@ -132,6 +148,61 @@ fn define_string(
     flags: GucFlags,
 ) {
     GucRegistry::define_string_guc(name, short, long, setting, context, flags);
+}
+
+/// Secrets are accepted only from the server's configuration files (postgresql.conf, `ALTER SYSTEM`) or its
+/// command line: values from `ALTER DATABASE/ROLE ... SET` would sit in `pg_db_role_setting` and `pg_roles`,
+/// which every login role can read, and `SET` would put them in a session other code can inspect.
+///
+/// # Safety
+/// Called by Postgres as a GUC check hook with a valid (possibly NULL) new value.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn only_from_configuration_files(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    use pgrx::pg_sys::{self, GucSource::*};
+    // SAFETY: Postgres passes a valid pointer to the candidate value (which may itself be NULL).
+    let empty = unsafe { newval.is_null() || (*newval).is_null() || *(*newval) == 0 };
+    if empty || matches!(source, PGC_S_DEFAULT | PGC_S_DYNAMIC_DEFAULT | PGC_S_ENV_VAR | PGC_S_FILE | PGC_S_ARGV) {
+        return true;
+    }
+    // SAFETY: the documented way for a check hook to describe its refusal: palloc'd strings in these globals.
+    unsafe {
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_CANT_CHANGE_RUNTIME_PARAM as i32);
+        pg_sys::GUC_check_errmsg_string =
+            pg_sys::pstrdup(c"sqs_ingest AWS credentials can only be set in the server's configuration files".as_ptr());
+        pg_sys::GUC_check_errhint_string = pg_sys::pstrdup(
+            c"Use ALTER SYSTEM (or postgresql.conf) and SELECT pg_reload_conf(), or give the server process an AWS identity (the default credential chain). Values set with ALTER DATABASE/ROLE ... SET are readable by every login role.".as_ptr(),
+        );
+    }
+    false
+}
+
+fn define_secret(
+    name: &'static CStr,
+    short: &'static CStr,
+    setting: &'static GucSetting<Option<CString>>,
+    flags: GucFlags,
+) {
+    // SAFETY: registers a string GUC backed by pgrx's static setting cell (as GucRegistry does), adding the
+    // check hook above; called once from _PG_init on the main thread.
+    unsafe {
+        pgrx::pg_sys::DefineCustomStringVariable(
+            name.as_ptr(),
+            short.as_ptr(),
+            c"Superuser-only, hidden from non-superusers, and accepted only from postgresql.conf / ALTER SYSTEM."
+                .as_ptr(),
+            setting.as_ptr().cast(),
+            std::ptr::null(),
+            GucContext::Suset as isize as _,
+            flags.bits(),
+            Some(only_from_configuration_files),
+            None,
+            None,
+        );
+    }
 }
 
 pub fn init() {
@@ -160,29 +231,41 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    define_string(
+    define_secret(
         c"sqs_ingest.aws_access_key_id",
         c"Static AWS access key id; empty uses the AWS default credential provider chain.",
-        c"Superuser-only and hidden from non-superusers.",
         &AWS_ACCESS_KEY_ID,
-        GucContext::Suset,
         secret,
     );
-    define_string(
+    define_secret(
         c"sqs_ingest.aws_secret_access_key",
         c"Static AWS secret access key; empty uses the AWS default credential provider chain.",
-        c"Superuser-only and hidden from non-superusers.",
         &AWS_SECRET_ACCESS_KEY,
-        GucContext::Suset,
+        secret,
+    );
+    define_secret(
+        c"sqs_ingest.aws_session_token",
+        c"Static AWS session token to go with the static key pair.",
+        &AWS_SESSION_TOKEN,
         secret,
     );
     define_string(
-        c"sqs_ingest.aws_session_token",
-        c"Static AWS session token to go with the static key pair.",
-        c"Superuser-only and hidden from non-superusers.",
-        &AWS_SESSION_TOKEN,
+        c"sqs_ingest.allowed_endpoints",
+        c"Hosts SQS requests (and the credentials signing them) may be sent to: comma-separated host names, *.domain patterns, or *.",
+        c"Superuser-only. Default: AWS's SQS hosts (*.amazonaws.com, *.amazonaws.com.cn) and loopback. A queue URL whose host is not listed is refused (42501) before any request.",
+        &ALLOWED_ENDPOINTS,
         GucContext::Suset,
-        secret,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.max_dynamic_workers",
+        c"Most workers started with sqs_ingest.worker_start() that run at once in one database.",
+        c"Default 4; superuser-only. worker_start() beyond it fails with 53400.",
+        &MAX_DYNAMIC_WORKERS,
+        0,
+        64,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"sqs_ingest.receive_concurrency",
@@ -307,6 +390,14 @@ pub fn init() {
         &WORKER_COUNT,
         0,
         64,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    define_string(
+        c"sqs_ingest.worker_role",
+        c"Role the static background workers connect as (its privileges are what they have).",
+        c"Unset (default): the static workers start but do not ingest, and say so in the server log. Never a superuser for tables other roles own: a superuser worker writes such a table as its owner.",
+        &WORKER_ROLE,
         GucContext::Postmaster,
         GucFlags::default(),
     );

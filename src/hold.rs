@@ -222,19 +222,26 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             )
             .report(pgrx::PgLogLevel::ERROR)
         }
+        // Before COMMIT or PREPARE the transaction is still open: audit records still in memory are written in it
+        // (an ERROR here aborts the commit, and the abort hook keeps them).
+        XACT_EVENT_PRE_PREPARE => {
+            crate::audit::before_prepare();
+            crate::audit::before_commit();
+        }
+        XACT_EVENT_PRE_COMMIT => crate::audit::before_commit(),
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Never raise after commit: a panic here would take the backend down.
             let _ = std::panic::catch_unwind(after_commit);
-            let _ = std::panic::catch_unwind(crate::worker::launch_pending);
+            let _ = std::panic::catch_unwind(crate::worker::after_commit);
             let _ = std::panic::catch_unwind(crate::audit::after_commit);
         }
         XACT_EVENT_PREPARE => {
-            // The audit rows now belong to the prepared transaction; only those a savepoint lost are rewritten.
+            // The audit rows now belong to the prepared transaction.
             let _ = std::panic::catch_unwind(crate::audit::after_commit);
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             let _ = std::panic::catch_unwind(after_abort);
-            crate::worker::forget_pending();
+            crate::worker::after_abort();
             let _ = std::panic::catch_unwind(crate::audit::after_abort);
         }
         _ => {}
@@ -254,10 +261,12 @@ unsafe extern "C-unwind" fn on_subxact(
         SUBXACT_EVENT_ABORT_SUB => {
             let _ = std::panic::catch_unwind(|| after_subxact_abort(my));
             crate::audit::after_subxact_abort(my);
+            crate::worker::after_subxact_abort(my);
         }
         SUBXACT_EVENT_COMMIT_SUB => {
             after_subxact_commit(my, parent);
             crate::audit::after_subxact_commit(my, parent);
+            crate::worker::after_subxact_commit(my, parent);
         }
         _ => {}
     }

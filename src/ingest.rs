@@ -7,14 +7,14 @@
 
 use crate::bookkeeping::{self, Counters, DeadLetters, LedgerQueue};
 use crate::error::{Error, Result};
-use crate::privilege::{as_owner, extension_owner};
+use crate::privilege::{as_owner, as_role, extension_owner, pinned, writer_for};
 use crate::sqs::{self, Received};
 use crate::target::{self, Target};
 use crate::{gucs, hold, keys};
 use pgrx::datum::Date;
 use pgrx::prelude::*;
-use sqs_ingest_core::event::{self, AppVersionColumn, AppVersionValue};
-use sqs_ingest_core::mask::{random_nonce, KeyMaterial, Method};
+use sqs_ingest_core::event::{self, AppVersionColumn, AppVersionValue, Rejection};
+use sqs_ingest_core::mask::{KeyMaterial, Method};
 use sqs_ingest_core::queue_url::QueueUrl;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -57,9 +57,15 @@ thread_local! {
     static LAST_PRUNE: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
 }
 
-/// Parses a queue URL argument (an ERROR before any side effect when malformed).
+/// Parses a queue URL argument: an ERROR before any side effect when it is malformed, or when its host is not in
+/// `sqs_ingest.allowed_endpoints` (requests carry the server's AWS credentials; they go to trusted hosts only).
 pub fn parse_queue_url(queue_url: &str) -> Result<QueueUrl> {
-    QueueUrl::parse(queue_url).map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })
+    let queue = QueueUrl::parse(queue_url)
+        .map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })?;
+    if !queue.host_allowed(&gucs::allowed_endpoints()) {
+        return Err(Error::EndpointNotAllowed(queue.host.chars().take(200).collect()));
+    }
+    Ok(queue)
 }
 
 /// Parses the arguments every entry point shares; raises before any side effect.
@@ -111,19 +117,34 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     // Messages are deleted right after COMMIT, so the commit must be durable first: with
     // synchronous_commit = off a crash could lose a committed batch whose messages are already gone.
     durable_commit();
+    // The target is the caller's to name, so it is resolved with the caller's search_path; every other
+    // statement runs with a pinned one (see crate::privilege).
+    let target = target::resolve_or_create(&gucs::target_table())?;
+    pinned(|| ingest_into(queue, opts, &client, info, &target, started))
+}
+
+fn ingest_into(
+    queue: &QueueUrl,
+    opts: &Options,
+    client: &sqs::Client,
+    info: sqs::QueueInfo,
+    target: &Target,
+    started: Instant,
+) -> Result<Summary> {
     let owner = extension_owner();
     as_owner(owner, || flush_unreported(&opts.worker))?;
-    let target = target::resolve_or_create(&gucs::target_table())?;
     let key = keys::active_material()?;
     let ledger_queue = as_owner(owner, || LedgerQueue::of(&queue.url))?;
+    let schema = as_owner(owner, bookkeeping::Schema::detect)?;
 
     let mut run = Run {
         queue,
         ledger_queue: &ledger_queue,
-        client: &client,
+        schema,
+        client,
         opts,
         owner,
-        target: &target,
+        target,
         key: &key,
         summary: Summary::default(),
     };
@@ -200,6 +221,7 @@ struct InFlight {
 struct Run<'a> {
     queue: &'a QueueUrl,
     ledger_queue: &'a LedgerQueue,
+    schema: bookkeeping::Schema,
     client: &'a sqs::Client,
     opts: &'a Options,
     owner: pg_sys::Oid,
@@ -354,6 +376,7 @@ impl Run<'_> {
         let fresh = as_owner(self.owner, || bookkeeping::claim(self.ledger_queue, ids, outcomes))?;
 
         let mut rows = Rows::default();
+        let mut row_messages = Vec::with_capacity(candidates.len());
         let mut dead = DeadLetters::default();
         for (m, verdict) in candidates {
             if !fresh.contains(&m.message_id) {
@@ -363,22 +386,26 @@ impl Run<'_> {
             match verdict {
                 Ok((e, version)) => {
                     rows.push(self.key, self.opts.method, e, version, m.sent_timestamp_ms)?;
+                    row_messages.push(m);
                 }
-                Err(reason) => {
-                    dead.message_ids.push(m.message_id);
-                    dead.sent_ms.push(m.sent_timestamp_ms);
-                    dead.receive_counts.push(m.receive_count);
-                    dead.reason_codes.push(reason.code().to_string());
-                    dead.reasons.push(reason.to_string());
-                    dead.body_bytes.push(m.body.len() as i32);
-                    dead.bodies.push(self.key.seal_blob(random_nonce(), m.body.as_bytes()));
-                }
+                Err(reason) => dead.push(self.key, m, &reason),
             }
         }
-        let inserted = rows.len() as i64;
-        rows.insert(self.target)?;
+        let refused = rows.insert_isolated(self.target)?;
+        let inserted = (row_messages.len() - refused.len()) as i64;
+        if !refused.is_empty() {
+            // Rows the table refused become dead letters like any other rejection (redrivable once fixed).
+            let mut messages: Vec<Option<Received>> = row_messages.into_iter().map(Some).collect();
+            let mut ids = Vec::with_capacity(refused.len());
+            for (i, reason) in refused {
+                let m = messages[i].take().expect("each refused row once");
+                ids.push(m.message_id.clone());
+                dead.push(self.key, m, &reason);
+            }
+            as_owner(self.owner, || bookkeeping::mark_dead_letters(self.ledger_queue, ids))?;
+        }
         let dead_count = dead.message_ids.len() as i64;
-        as_owner(self.owner, || bookkeeping::store_dead_letters(&self.queue.url, self.key.id(), dead))?;
+        as_owner(self.owner, || bookkeeping::store_dead_letters(&self.queue.url, self.key.id(), self.schema, dead))?;
         self.summary.inserted += inserted;
         self.summary.dead_lettered += dead_count;
         self.summary.deleted += receipts.len() as i64;
@@ -388,7 +415,7 @@ impl Run<'_> {
 }
 
 /// Column arrays of the rows of one batch.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Rows {
     user_id: Vec<String>,
     device_type: Vec<String>,
@@ -404,10 +431,6 @@ pub struct Rows {
 const PG_EPOCH_UNIX_DAYS: i64 = 10_957;
 
 impl Rows {
-    pub fn len(&self) -> usize {
-        self.user_id.len()
-    }
-
     pub fn push(
         &mut self,
         key: &KeyMaterial,
@@ -433,33 +456,142 @@ impl Rows {
         Ok(())
     }
 
-    /// One multi-row INSERT, as the calling role, so the target's own privileges apply.
-    pub fn insert(self, target: &Target) -> Result<()> {
+    /// Stores the rows and returns those the table refused (by position), with why. One multi-row INSERT in a
+    /// subtransaction; when the table refuses it for a data reason (SQLSTATE class 22 or 23, or an exception a
+    /// trigger raised, class P0), the batch is stored again row by row, each row in a subtransaction of its own,
+    /// so one bad row never blocks the rest. Any other error (a serialization failure, a deadlock, a lock
+    /// timeout, out of memory or disk) fails the call: its messages are released and received again later.
+    pub fn insert_isolated(self, target: &Target) -> Result<Vec<(usize, Rejection)>> {
         if self.user_id.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let rows = self.clone();
+        match in_subtransaction(|| self.insert(target)) {
+            Ok(stored) => return stored.map(|_| Vec::new()),
+            Err(report) if !refused_by_data(report.sql_error_code()) => raise_without_detail(&report, target),
+            Err(_) => {}
+        }
+        let mut refused = Vec::new();
+        for (i, row) in rows.into_single_rows().into_iter().enumerate() {
+            match in_subtransaction(|| row.insert(target)) {
+                Ok(stored) => stored?,
+                Err(report) if refused_by_data(report.sql_error_code()) => refused.push((
+                    i,
+                    Rejection::refused_by_table(
+                        &crate::error::sqlstate_text(report.sql_error_code()),
+                        report.message(),
+                    ),
+                )),
+                Err(report) => raise_without_detail(&report, target),
+            }
+        }
+        Ok(refused)
+    }
+
+    /// One row per `Rows`, in order.
+    fn into_single_rows(self) -> Vec<Rows> {
+        let integer = !self.version_int.is_empty();
+        let mut version_int = self.version_int.into_iter();
+        let mut version_text = self.version_text.into_iter();
+        let columns = self
+            .user_id
+            .into_iter()
+            .zip(self.device_type)
+            .zip(self.masked_ip)
+            .zip(self.masked_device_id)
+            .zip(self.locale)
+            .zip(self.create_date);
+        columns
+            .map(|(((((user_id, device_type), masked_ip), masked_device_id), locale), create_date)| Rows {
+                user_id: vec![user_id],
+                device_type: vec![device_type],
+                masked_ip: vec![masked_ip],
+                masked_device_id: vec![masked_device_id],
+                locale: vec![locale],
+                version_int: if integer { version_int.next().into_iter().collect() } else { Vec::new() },
+                version_text: if integer { Vec::new() } else { version_text.next().into_iter().collect() },
+                create_date: vec![create_date],
+            })
+            .collect()
+    }
+
+    /// One multi-row INSERT, as the calling role, so the target's own privileges apply (as the table's owner
+    /// when the caller is a superuser and the owner is not: see [`writer_for`]).
+    fn insert(self, target: &Target) -> Result<()> {
         let integer = matches!(target.limits.app_version, AppVersionColumn::Integer);
         let sql = format!(
             "INSERT INTO {} (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::{}[], $7::date[])",
+             SELECT * FROM unnest($1::pg_catalog.text[], $2::pg_catalog.text[], $3::pg_catalog.text[],
+                    $4::pg_catalog.text[], $5::pg_catalog.text[], $6::pg_catalog.{}[], $7::pg_catalog.date[])",
             target.name,
             if integer { "int4" } else { "text" }
         );
         let version: pgrx::datum::DatumWithOid =
             if integer { self.version_int.into() } else { self.version_text.into() };
-        crate::plans::run(
-            &sql,
-            &[
-                self.user_id.into(),
-                self.device_type.into(),
-                self.masked_ip.into(),
-                self.masked_device_id.into(),
-                self.locale.into(),
-                version,
-                self.create_date.into(),
-            ],
-            |_| (),
-        )
-        .map_err(|e| Error::Target(format!("insert into {} failed: {e}", target.name)))
+        let args = [
+            self.user_id.into(),
+            self.device_type.into(),
+            self.masked_ip.into(),
+            self.masked_device_id.into(),
+            self.locale.into(),
+            version,
+            self.create_date.into(),
+        ];
+        as_role(writer_for(target.owner), || crate::plans::run(&sql, &args, |_| ()))
+            .map_err(|e| Error::Target(format!("insert into {} failed: {e}", target.name)))
     }
+}
+
+/// Whether the table refused a row for what is in it (so that row, not the batch, is the problem): data
+/// exceptions (class 22), integrity constraint violations (23), and exceptions raised by PL/pgSQL (P0), e.g. by
+/// a trigger.
+fn refused_by_data(code: pgrx::PgSqlErrorCode) -> bool {
+    let state = crate::error::sqlstate_text(code);
+    state.starts_with("22") || state.starts_with("23") || state.starts_with("P0")
+}
+
+/// Re-raises a caught error of the target with its SQLSTATE and message but never its DETAIL ("Failing row
+/// contains (...)", "Key (...)=(...)" would put field values in the client's error and the server log).
+fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, target: &Target) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        report.sql_error_code(),
+        format!("insert into {} failed: {}", target.name, report.message()),
+        "sqs_ingest",
+    )
+    .set_hint("The batch was rolled back and its messages released; they are received again later.")
+    .report(pgrx::PgLogLevel::ERROR);
+    unreachable!("ereport(ERROR) does not return")
+}
+
+/// Runs `f` in an internal subtransaction (as PL/pgSQL's exception blocks do). An ERROR raised inside rolls back
+/// only the subtransaction and is returned; anything else (a Rust panic) propagates.
+fn in_subtransaction<R>(
+    f: impl FnOnce() -> R,
+) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
+    // SAFETY: the documented sequence for internal subtransactions on the main thread inside a transaction; the
+    // memory context and resource owner are restored afterwards on both paths, as pl_exec.c does.
+    let (context, owner) = unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+        (context, owner)
+    };
+    let result = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
+        .catch_others(|e| match e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r) => Err(Box::new(r)),
+            other => other.rethrow(),
+        })
+        .execute();
+    // SAFETY: closes the subtransaction opened above and restores the caller's context and owner.
+    unsafe {
+        if result.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+    result
 }

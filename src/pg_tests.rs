@@ -81,23 +81,28 @@ fn audit_records_survive_their_encoding() {
         (Some(7), Kind::Refused(Refusal::UnknownKey), 1),
         (None, Kind::Refused(Refusal::Malformed), 1),
         (Some(2_147_483_647), Kind::RevealedThenRolledBack, 4_000_000_000),
+        (None, Kind::Masked, u64::MAX),
     ] {
         let r = Record {
-            database: 16384,
-            pid: 4_194_304,
-            at_us: 848_000_000_123_456,
             session: 4_294_967_295,
             current: 10,
             key_id,
             kind,
             count,
+            first_at: 848_000_000_123_456,
+            last_at: 848_000_000_123_999,
         };
-        let s = r.encode();
-        assert!(s.len() < 128, "{s}");
-        assert_eq!(Record::decode(&s), Some(r));
+        let s = r.encode(4_194_304);
+        assert_eq!(Record::decode(&s), Some((r, 4_194_304)));
     }
-    assert_eq!(Record::decode("v2|1|2|3|4|5|-|tampered|1"), None);
-    assert_eq!(Record::decode("v1|1|2|3|4|5|-|tampered|0"), None, "a count of zero is not a record");
+    assert_eq!(Record::decode("v1|tampered|1|2|-|1|3|4|5"), None);
+    assert_eq!(Record::decode("v2|tampered|1|2|-|0|3|4|5"), None, "a count of zero is not a record");
+}
+
+/// A token longer than any valid one is refused before it is decoded (22023), and the refusal is audited.
+#[pg_test(error = "token is 4000006 characters; no valid token is longer than 223")]
+fn overlong_tokens_are_refused_before_decoding() {
+    Spi::run("SELECT sqs_ingest.unmask('enc:1:' || repeat('A', 4000000))").unwrap();
 }
 
 #[pg_test(error = "value is 129 bytes; masking accepts at most 128")]

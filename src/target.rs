@@ -1,15 +1,18 @@
-//! The table login rows go to: resolved with the caller's search_path, created on first ingest if missing
-//! (owned by the caller, never an extension member, so DROP EXTENSION keeps the data), and inspected for the
-//! column limits that validation checks against.
+//! The table login rows go to: resolved with the caller's search_path (naming it is the caller's choice; every
+//! other statement runs with a pinned path), created on first ingest if missing (owned by the caller, never an
+//! extension member, so DROP EXTENSION keeps the data), and inspected for the column limits that validation
+//! checks against and for its owner (see [`crate::privilege::writer_for`]).
 
 use crate::error::{Error, Result};
+use crate::privilege::{as_owner, extension_owner, pinned};
 use pgrx::prelude::*;
 use sqs_ingest_core::event::{AppVersionColumn, ColumnLimits};
 
-/// A target table that passed inspection. `name` is the regclass text: quoted and qualified as needed.
+/// A target table that passed inspection. `name` is the regclass text, schema-qualified and quoted.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub name: String,
+    pub owner: pg_sys::Oid,
     pub limits: ColumnLimits,
 }
 
@@ -22,12 +25,13 @@ pub fn resolve_or_create(name: &str) -> Result<Target> {
     let oid = match oid {
         Some(oid) => oid,
         None => {
-            // Concurrent first ingests: one creates, the others wait for it and then find the table.
-            Spi::run_with_args(
-                "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('sqs_ingest target ' || $1))",
-                &[name.into()],
-            )
-            .map_err(|e| Error::Target(e.to_string()))?;
+            // Concurrent first ingests: one creates, the others wait for it and then find the table. The lock is on
+            // an extension table only its owner may lock (an advisory lock key could be taken by any role), and one
+            // nothing else locks beyond row inserts.
+            as_owner(extension_owner(), || {
+                Spi::run("LOCK TABLE sqs_ingest.key_events IN SHARE UPDATE EXCLUSIVE MODE")
+                    .map_err(|e| Error::Target(e.to_string()))
+            })?;
             if let Some(oid) = lookup(name)? {
                 return inspect(oid);
             }
@@ -67,7 +71,7 @@ fn create(name: &str) -> Result<()> {
             masked_device_id varchar(256),
             locale varchar(32),
             app_version integer,
-            create_date date
+            create_date pg_catalog.date
         );
         COMMENT ON TABLE {quoted} IS 'User logins ingested from SQS by sqs_ingest; ip and device_id are masked';
         COMMENT ON COLUMN {quoted}.masked_ip IS 'ip masked by sqs_ingest (enc: tokens are reversible with sqs_ingest.unmask)';
@@ -79,6 +83,10 @@ fn create(name: &str) -> Result<()> {
 }
 
 fn inspect(oid: pg_sys::Oid) -> Result<Target> {
+    pinned(|| inspect_pinned(oid))
+}
+
+fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
     Spi::connect(|client| {
         let name: String = client
             .select("SELECT $1::pg_catalog.regclass::pg_catalog.text", None, &[oid.into()])
@@ -86,11 +94,10 @@ fn inspect(oid: pg_sys::Oid) -> Result<Target> {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let relkind: Option<String> = client
-            .select("SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1", None, &[oid.into()])
-            .and_then(|t| t.first().get_one())
-            .ok()
-            .flatten();
+        let (relkind, owner): (Option<String>, Option<pg_sys::Oid>) = client
+            .select("SELECT relkind::text, relowner FROM pg_catalog.pg_class WHERE oid = $1", None, &[oid.into()])
+            .and_then(|t| t.first().get_two())
+            .unwrap_or((None, None));
         if !matches!(relkind.as_deref(), Some("r") | Some("p")) {
             return Err(Error::Target(format!("\"{name}\" is not a table")));
         }
@@ -143,6 +150,6 @@ fn inspect(oid: pg_sys::Oid) -> Result<Target> {
                 )));
             }
         }
-        Ok(Target { name, limits })
+        Ok(Target { name, owner: owner.unwrap_or(pg_sys::Oid::INVALID), limits })
     })
 }

@@ -4,8 +4,14 @@
 //! `sqs_ingest()`: ledger, dead letters, and deletes after each COMMIT. SIGHUP reloads the settings (waking a
 //! long poll); SIGTERM stops after the current batch commits; a crashed worker is restarted after
 //! `sqs_ingest.worker_restart_delay`.
+//!
+//! Who a worker is: static workers connect as `sqs_ingest.worker_role` (unset: they do not ingest); dynamic
+//! workers as the role that called `worker_start()`, so a worker has exactly its starter's privileges. Like every
+//! caller, a worker connected as a superuser writes a table a non-superuser owns as that owner
+//! ([`crate::privilege::writer_for`]), and its own statements run with a pinned search_path.
 
 use crate::error::{Error, Result};
+use crate::privilege::{as_owner, extension_owner, pinned};
 use crate::{gucs, ingest};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -94,10 +100,12 @@ fn in_transaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 fn extension_ready() -> bool {
     in_transaction(|| {
-        Ok(Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'sqs_ingest')")
-            .ok()
-            .flatten()
-            .unwrap_or(false))
+        Ok(pinned(|| {
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'sqs_ingest')")
+        })
+        .ok()
+        .flatten()
+        .unwrap_or(false))
     })
     .unwrap_or(false)
 }
@@ -124,10 +132,15 @@ fn plan(source: &Source) -> Option<Plan> {
             (!queues.is_empty()).then(|| Plan { queues, batch: gucs::worker_batch_messages(), method: None })
         }
         Source::Dynamic(id) => in_transaction(|| {
-            let row = Spi::get_three_with_args::<String, i32, String>(
-                "SELECT queue_url, batch_messages, method FROM sqs_ingest.workers WHERE worker_id = $1 AND stopped_at IS NULL",
-                &[(*id).into()],
-            )
+            // SAFETY: a plain read of the role this worker connected as.
+            let me = unsafe { pg_sys::GetUserId() };
+            let row = as_owner(extension_owner(), || {
+                Spi::get_three_with_args::<String, i32, String>(
+                    "SELECT queue_url, batch_messages, method FROM sqs_ingest.workers
+                      WHERE worker_id = $1 AND stopped_at IS NULL AND run_as::oid = $2",
+                    &[(*id).into(), me.into()],
+                )
+            })
             .map_err(|e| Error::Internal(e.to_string()))?;
             Ok(match row {
                 (Some(url), batch, method) => Some(Plan {
@@ -147,16 +160,45 @@ fn record_error(url: &str, label: &str, e: &Error) {
     let text = e.scrubbed();
     log!("sqs_ingest {label}: ingest from {url} failed: {text}");
     let _ = in_transaction(|| {
-        let owner = crate::privilege::extension_owner();
-        crate::privilege::as_owner(owner, || {
+        as_owner(extension_owner(), || {
             crate::bookkeeping::add_counters(url, label, crate::bookkeeping::Counters::default(), None, Some(&text))
         })
     });
 }
 
-fn run(source: Source, label: String, database: &str) {
+/// Where a worker connects, and as whom.
+enum Connection {
+    /// Static workers: the database and role named in postgresql.conf.
+    Named { database: String, role: String },
+    /// Dynamic workers: the database and role of the `worker_start()` call.
+    Oids { database: pg_sys::Oid, role: pg_sys::Oid },
+}
+
+fn run(source: Source, label: String, connection: Connection) {
     attach();
-    BackgroundWorker::connect_worker_to_spi(Some(database), None);
+    let database = match connection {
+        Connection::Named { database, role } => {
+            BackgroundWorker::connect_worker_to_spi(Some(&database), Some(&role));
+            database
+        }
+        Connection::Oids { database, role } => {
+            BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), Some(role));
+            // A catalog lookup: only inside a transaction.
+            in_transaction(|| {
+                // SAFETY: the worker is connected and in a transaction; the name is copied at once.
+                Ok(unsafe {
+                    let name = pg_sys::get_database_name(database);
+                    if name.is_null() {
+                        database.to_u32().to_string()
+                    } else {
+                        std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+                    }
+                })
+            })
+            .unwrap_or_default()
+        }
+    };
+    let database = database.as_str();
     // SAFETY: sets this worker's own application_name (shown by pg_stat_activity and worker_status()).
     unsafe {
         let name = std::ffi::CString::new(label.clone()).unwrap_or_default();
@@ -170,8 +212,7 @@ fn run(source: Source, label: String, database: &str) {
     log!("sqs_ingest {label} started in database {database}");
     if let Source::Dynamic(id) = source {
         let _ = in_transaction(|| {
-            let owner = crate::privilege::extension_owner();
-            crate::privilege::as_owner(owner, || {
+            as_owner(extension_owner(), || {
                 Spi::run_with_args(
                     "UPDATE sqs_ingest.workers SET pid = pg_catalog.pg_backend_pid() WHERE worker_id = $1",
                     &[id.into()],
@@ -247,7 +288,18 @@ fn batch(url: &str, label: &str, plan: &Plan) -> Result<i64> {
 pub extern "C-unwind" fn sqs_ingest_worker_main(arg: pg_sys::Datum) {
     // SAFETY: the postmaster passes the Int32 datum set with set_argument.
     let index = unsafe { i32::from_polymorphic_datum(arg, false, pg_sys::INT4OID) }.unwrap_or(0);
-    run(Source::Static, format!("worker {index}"), &gucs::worker_database());
+    let label = format!("worker {index}");
+    let Some(role) = gucs::worker_role() else {
+        // Never ingest as the bootstrap superuser by default: that would run code of whoever owns the target.
+        // It connects to no database (shared catalogs only) and runs no statement: it is listed by worker_status()
+        // and pg_stat_activity, and says why it idles.
+        attach();
+        BackgroundWorker::connect_worker_to_spi(None, None);
+        log!("sqs_ingest {label}: sqs_ingest.worker_role is not set, so the static workers do not ingest; set it in postgresql.conf and restart");
+        while !stopping() && BackgroundWorker::wait_latch(Some(Duration::from_secs(3600))) {}
+        return;
+    };
+    run(Source::Static, label, Connection::Named { database: gucs::worker_database(), role });
 }
 
 /// Entry point of workers started with `sqs_ingest.worker_start()`; the argument is the row in sqs_ingest.workers.
@@ -256,11 +308,21 @@ pub extern "C-unwind" fn sqs_ingest_worker_main(arg: pg_sys::Datum) {
 pub extern "C-unwind" fn sqs_ingest_dynamic_worker_main(arg: pg_sys::Datum) {
     // SAFETY: as above.
     let id = unsafe { i32::from_polymorphic_datum(arg, false, pg_sys::INT4OID) }.unwrap_or(0);
-    let db = BackgroundWorker::get_extra().to_string();
-    run(Source::Dynamic(id), format!("dynamic worker {id}"), &db);
+    let extra: Vec<u32> = BackgroundWorker::get_extra().split('|').filter_map(|f| f.parse().ok()).collect();
+    let [database, role] = extra[..] else {
+        log!("sqs_ingest dynamic worker {id}: started by an older library (no role recorded); start it again with sqs_ingest.worker_start()");
+        return;
+    };
+    run(
+        Source::Dynamic(id),
+        format!("dynamic worker {id}"),
+        Connection::Oids { database: pg_sys::Oid::from(database), role: pg_sys::Oid::from(role) },
+    );
 }
 
-/// Starts a worker for one queue in the current database. Returns its worker id.
+/// Starts a worker for one queue in the current database, connected as the calling role (it has exactly that
+/// role's privileges). Refused beyond `sqs_ingest.max_dynamic_workers` running in this database. The worker starts
+/// when the calling transaction commits. Returns its worker id.
 pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Option<&str>) -> Result<i32> {
     if !preloaded() {
         return Err(Error::NotPreloaded(
@@ -268,38 +330,117 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
         ));
     }
     ingest::parse_args(queue_url, batch_messages.map(i64::from), method)?;
-    let db = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .unwrap_or_default();
-    let owner = crate::privilege::extension_owner();
-    let id = crate::privilege::as_owner(owner, || {
+    // SAFETY: plain reads of the current role and database on the main thread.
+    let (role, database) = unsafe { (pg_sys::GetUserId(), pg_sys::MyDatabaseId) };
+    if !pinned(|| crate::privilege::can_login(role)) {
+        return Err(Error::NotAllowed(format!(
+            "role \"{}\" cannot log in, so a worker cannot connect as it",
+            crate::privilege::role_name(role)
+        )));
+    }
+    let cap = gucs::max_dynamic_workers();
+    let id = as_owner(extension_owner(), || -> Result<i32> {
+        // Serialises concurrent starts, so two of them cannot both see room for one more.
+        Spi::run("LOCK TABLE sqs_ingest.workers IN SHARE ROW EXCLUSIVE MODE")
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let running = Spi::get_one::<i64>("SELECT count(*) FROM sqs_ingest.workers WHERE stopped_at IS NULL")
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .unwrap_or(0);
+        if running >= cap {
+            return Err(Error::Limit(format!(
+                "this database already runs {running} dynamic sqs_ingest worker(s), the most sqs_ingest.max_dynamic_workers ({cap}) allows"
+            )));
+        }
         Spi::get_one_with_args::<i32>(
-            "INSERT INTO sqs_ingest.workers (queue_url, batch_messages, method) VALUES ($1, $2, $3) RETURNING worker_id",
-            &[queue_url.into(), batch_messages.into(), method.map(str::to_string).into()],
+            "INSERT INTO sqs_ingest.workers (queue_url, batch_messages, method, run_as) VALUES ($1, $2, $3, $4::oid::regrole) RETURNING worker_id",
+            &[queue_url.into(), batch_messages.into(), method.map(str::to_string).into(), role.into()],
         )
-    })
-    .map_err(|e| Error::Internal(e.to_string()))?
-    .ok_or_else(|| Error::Internal("worker row not created".into()))?;
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .ok_or_else(|| Error::Internal("worker row not created".into()))
+    })?;
     // The worker reads its row, so it must be committed first: the worker is started at commit.
     crate::hold::ensure_callbacks();
-    PENDING_STARTS.with(|p| p.borrow_mut().push((id, db)));
+    PENDING_STARTS.with(|p| p.borrow_mut().push((current_subxact(), (id, database, role))));
     Ok(id)
 }
 
-thread_local! {
-    static PENDING_STARTS: std::cell::RefCell<Vec<(i32, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+/// Marks this database's dynamic workers (of one queue, or all) stopped; each is signalled when the calling
+/// transaction commits (a rolled-back stop stops nothing) and exits after its current batch. Returns how many.
+pub fn stop_dynamic(queue_url: Option<&str>) -> Result<i64> {
+    let pids: Vec<Option<i32>> = as_owner(extension_owner(), || {
+        Spi::connect_mut(|c| {
+            let rows = c.update(
+                "UPDATE sqs_ingest.workers SET stopped_at = now()
+                  WHERE stopped_at IS NULL AND ($1::text IS NULL OR queue_url = $1) RETURNING pid",
+                None,
+                &[queue_url.map(str::to_string).into()],
+            )?;
+            Ok::<_, pgrx::spi::SpiError>(rows.map(|r| r.get::<i32>(1).ok().flatten()).collect())
+        })
+    })
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    crate::hold::ensure_callbacks();
+    let subxact = current_subxact();
+    PENDING_STOPS.with(|p| p.borrow_mut().extend(pids.iter().flatten().map(|pid| (subxact, *pid))));
+    Ok(pids.len() as i64)
 }
 
-/// Called by the commit hook: launches the workers started in the committed transaction.
-pub fn launch_pending() {
+type Start = (i32, pg_sys::Oid, pg_sys::Oid);
+
+thread_local! {
+    /// Starts and stops of the current transaction, each with the subtransaction that made it: a rolled-back
+    /// savepoint takes its own away.
+    static PENDING_STARTS: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, Start)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PENDING_STOPS: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, i32)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn current_subxact() -> pg_sys::SubTransactionId {
+    // SAFETY: reading the current subtransaction id inside a transaction on the main thread.
+    unsafe { pg_sys::GetCurrentSubTransactionId() }
+}
+
+/// Subtransaction hooks: a rolled-back savepoint forgets its starts and stops; a released one hands them up.
+pub fn after_subxact_abort(my: pg_sys::SubTransactionId) {
+    PENDING_STARTS.with(|p| p.borrow_mut().retain(|(s, _)| *s < my));
+    PENDING_STOPS.with(|p| p.borrow_mut().retain(|(s, _)| *s < my));
+}
+
+pub fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransactionId) {
+    PENDING_STARTS.with(|p| p.borrow_mut().iter_mut().filter(|(s, _)| *s >= my).for_each(|(s, _)| *s = parent));
+    PENDING_STOPS.with(|p| p.borrow_mut().iter_mut().filter(|(s, _)| *s >= my).for_each(|(s, _)| *s = parent));
+}
+
+/// Whether `pid` is, right now, an sqs_ingest ingest worker connected to this backend's database.
+fn is_our_worker(pid: i32) -> bool {
+    // SAFETY: shared-memory lookups of another process by pid; the returned type name is only compared.
+    unsafe {
+        let kind = pg_sys::GetBackgroundWorkerTypeByPid(pid);
+        if kind.is_null() || std::ffi::CStr::from_ptr(kind).to_bytes() != WORKER_TYPE.as_bytes() {
+            return false;
+        }
+        let proc_ = pg_sys::BackendPidGetProc(pid);
+        !proc_.is_null() && (*proc_).databaseId == pg_sys::MyDatabaseId
+    }
+}
+
+/// Called by the commit hook: launches the workers started, and signals those stopped, in the committed transaction.
+pub fn after_commit() {
+    for (_, pid) in PENDING_STOPS.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+        // SIGTERM: the worker commits its current batch, sees its row stopped, and exits for good. Only ever a
+        // process that is one of our workers in this database now (a recorded pid may be stale).
+        if is_our_worker(pid) {
+            // SAFETY: sends SIGTERM to a process verified above to be one of this extension's workers.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
     let starts = PENDING_STARTS.with(|p| std::mem::take(&mut *p.borrow_mut()));
-    for (id, db) in starts {
+    for (_, (id, database, role)) in starts {
         let loaded = BackgroundWorkerBuilder::new(&format!("sqs_ingest dynamic worker {id}"))
             .set_type(WORKER_TYPE)
             .set_library("sqs_ingest")
             .set_function("sqs_ingest_dynamic_worker_main")
             .set_argument(id.into_datum())
-            .set_extra(&db)
+            .set_extra(&format!("{}|{}", database.to_u32(), role.to_u32()))
             .enable_spi_access()
             .set_restart_time(Some(Duration::from_secs(gucs::worker_restart_s() as u64)))
             .load_dynamic();
@@ -309,7 +450,8 @@ pub fn launch_pending() {
     }
 }
 
-/// Forgets workers started in an aborted transaction.
-pub fn forget_pending() {
+/// Forgets the starts and stops of an aborted transaction.
+pub fn after_abort() {
     PENDING_STARTS.with(|p| p.borrow_mut().clear());
+    PENDING_STOPS.with(|p| p.borrow_mut().clear());
 }

@@ -10,6 +10,11 @@ use std::fmt;
 /// Bodies larger than this are dead-lettered without parsing: a login event is a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Of a body over [`MAX_BODY_BYTES`] (which can never be redriven), a dead letter keeps only this many leading
+/// bytes (encrypted), with the body's size and a keyed digest: SQS allows bodies up to 256 KiB, and storing them
+/// whole would let any producer fill the dead-letter table with data nobody can use.
+pub const KEPT_BODY_PREFIX_BYTES: usize = 4 * 1024;
+
 /// Longest `ip` / `device_id` (in bytes) that masking accepts; its token always fits `varchar(256)`.
 pub const MAX_MASK_INPUT_BYTES: usize = crate::mask::MAX_PLAINTEXT_BYTES;
 
@@ -55,15 +60,43 @@ pub enum AppVersionValue {
 /// Why a message can't be stored. `code()` is a stable slug for queries; `Display` is the precise reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    BodyTooLarge { bytes: usize },
-    NotJson { detail: String },
-    NotObject { found: &'static str },
-    MissingField { field: &'static str },
-    WrongType { field: &'static str, expected: &'static str, found: &'static str },
-    NulByte { field: &'static str },
-    TooLong { field: &'static str, chars: usize, limit: usize },
-    MaskInputTooLong { field: &'static str, bytes: usize },
+    BodyTooLarge {
+        bytes: usize,
+    },
+    NotJson {
+        detail: String,
+    },
+    NotObject {
+        found: &'static str,
+    },
+    MissingField {
+        field: &'static str,
+    },
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+        found: &'static str,
+    },
+    NulByte {
+        field: &'static str,
+    },
+    TooLong {
+        field: &'static str,
+        chars: usize,
+        limit: usize,
+    },
+    MaskInputTooLong {
+        field: &'static str,
+        bytes: usize,
+    },
     InvalidVersion(VersionError),
+    /// The target table refused the row (a constraint, a trigger, a type's input check): the SQLSTATE and the
+    /// names Postgres' message gives, never the message itself (some quote the value).
+    RefusedByTable {
+        sqlstate: String,
+        constraint: Option<String>,
+        column: Option<String>,
+    },
 }
 
 impl Rejection {
@@ -77,6 +110,7 @@ impl Rejection {
             Rejection::NulByte { .. } => "nul_byte",
             Rejection::TooLong { .. } | Rejection::MaskInputTooLong { .. } => "value_too_long",
             Rejection::InvalidVersion(_) => "invalid_app_version",
+            Rejection::RefusedByTable { .. } => "refused_by_table",
         }
     }
 }
@@ -101,6 +135,33 @@ impl fmt::Display for Rejection {
                 write!(f, "field \"{field}\" is {bytes} bytes; masking accepts at most {MAX_MASK_INPUT_BYTES}")
             }
             Rejection::InvalidVersion(e) => write!(f, "{e}"),
+            Rejection::RefusedByTable { sqlstate, constraint, column } => {
+                write!(f, "the target table refused the row: SQLSTATE {sqlstate}")?;
+                if let Some(c) = constraint {
+                    write!(f, ", constraint \"{c}\"")?;
+                }
+                if let Some(c) = column {
+                    write!(f, ", column \"{c}\"")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Rejection {
+    /// The rejection for a row the table refused with `sqlstate` and Postgres' `message`, keeping only the
+    /// constraint and column names the message quotes (`constraint "x"`, `column "y"`): identifiers, never values.
+    pub fn refused_by_table(sqlstate: &str, message: &str) -> Rejection {
+        let quoted_after = |marker: &str| -> Option<String> {
+            let start = message.find(marker)? + marker.len();
+            let end = message[start..].find('"')?;
+            Some(message[start..start + end].chars().take(64).collect())
+        };
+        Rejection::RefusedByTable {
+            sqlstate: sqlstate.chars().take(5).collect(),
+            constraint: quoted_after("constraint \""),
+            column: quoted_after("column \""),
         }
     }
 }
@@ -134,11 +195,25 @@ fn take_optional_string(obj: &mut Map<String, Value>, field: &'static str) -> Re
 
 /// Parses a body into a [`LoginEvent`]. Unknown extra fields are ignored (producers may add fields);
 /// `locale` may be null or absent; every other field is a required string.
+/// What went wrong in a body that is not JSON, by category and position only: serde_json's own texts are
+/// value-free today, but the reason is stored where operators read it, so it is built here from parts that cannot
+/// carry a value.
+fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Io => "read error",
+        Category::Syntax => "syntax error",
+        Category::Data => "invalid data",
+        Category::Eof => "unexpected end of input",
+    };
+    format!("{what} at line {}, column {}", e.line(), e.column())
+}
+
 pub fn parse(body: &str) -> Result<LoginEvent, Rejection> {
     if body.len() > MAX_BODY_BYTES {
         return Err(Rejection::BodyTooLarge { bytes: body.len() });
     }
-    let value: Value = serde_json::from_str(body).map_err(|e| Rejection::NotJson { detail: e.to_string() })?;
+    let value: Value = serde_json::from_str(body).map_err(|e| Rejection::NotJson { detail: json_error(&e) })?;
     let mut obj = match value {
         Value::Object(map) => map,
         other => return Err(Rejection::NotObject { found: kind(&other) }),
@@ -324,9 +399,58 @@ mod tests {
 
     #[test]
     fn invalid_version_is_a_rejection() {
-        let e = parse(&with("app_version", "2.x".into())).unwrap();
+        let e = parse(&with("app_version", "2.xq7".into())).unwrap();
         let r = validate(&e, &table_limits()).unwrap_err();
         assert_eq!(r.code(), "invalid_app_version");
-        assert!(r.to_string().contains("2.x"));
+        // The reason names the part, never the value (producers put device ids and IPs in the wrong fields).
+        assert!(r.to_string().contains("part 2"), "{r}");
+        assert!(!r.to_string().contains("xq7"), "{r}");
+    }
+
+    #[test]
+    fn refused_rows_keep_names_never_values() {
+        let cases = [
+            (
+                "23505",
+                "duplicate key value violates unique constraint \"logins_user_key\"",
+                Some("logins_user_key"),
+                None,
+            ),
+            (
+                "23514",
+                "new row for relation \"user_logins\" violates check constraint \"no_test\"",
+                Some("no_test"),
+                None,
+            ),
+            (
+                "23502",
+                "null value in column \"locale\" of relation \"user_logins\" violates not-null constraint",
+                None,
+                Some("locale"),
+            ),
+            ("22P02", "invalid input syntax for type integer: \"203.0.113.77\"", None, None),
+            ("P0001", "user 203.0.113.77 is blocked", None, None),
+        ];
+        for (state, message, constraint, column) in cases {
+            let r = Rejection::refused_by_table(state, message);
+            assert_eq!(r.code(), "refused_by_table");
+            let text = r.to_string();
+            assert!(text.contains(state), "{text}");
+            assert!(!text.contains("203.0.113.77"), "{text}");
+            if let Some(c) = constraint {
+                assert!(text.contains(&format!("constraint \"{c}\"")), "{text}");
+            }
+            if let Some(c) = column {
+                assert!(text.contains(&format!("column \"{c}\"")), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn not_json_reasons_give_the_position_not_the_text() {
+        let r = parse("{\"ip\": \"203.0.113.77\", \"device_id\": tru").unwrap_err();
+        assert_eq!(r.code(), "not_json");
+        assert!(r.to_string().contains("line 1, column"), "{r}");
+        assert!(!r.to_string().contains("203.0.113.77") && !r.to_string().contains("tru"), "{r}");
     }
 }

@@ -17,7 +17,12 @@ pub struct QueueUrl {
     pub region: Option<String>,
     pub account: String,
     pub name: String,
+    /// The URL's host, lower-cased, without IPv6 brackets or port (what [`QueueUrl::host_allowed`] checks).
+    pub host: String,
 }
+
+/// The default of `sqs_ingest.allowed_endpoints`: AWS's SQS hosts and loopback.
+pub const DEFAULT_ALLOWED_ENDPOINTS: &str = "*.amazonaws.com, *.amazonaws.com.cn, localhost, 127.0.0.1, ::1";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum QueueUrlError {
@@ -111,7 +116,27 @@ impl QueueUrl {
             region,
             account: account.to_string(),
             name: name.to_string(),
+            host: host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase(),
         })
+    }
+
+    /// Whether requests (and the credentials signing them) may go to this URL's host, given the comma-separated
+    /// patterns of `sqs_ingest.allowed_endpoints`: `*` allows every host, `*.example.com` any host under
+    /// example.com (not example.com itself), anything else one host exactly (case-insensitive; IPv6 with or
+    /// without brackets).
+    pub fn host_allowed(&self, patterns: &str) -> bool {
+        patterns.split(',').map(|p| p.trim().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()).any(
+            |p| match p.strip_prefix("*.") {
+                _ if p == "*" => true,
+                Some(suffix) => {
+                    !suffix.is_empty()
+                        && self.host.len() > suffix.len() + 1
+                        && self.host.ends_with(suffix)
+                        && self.host.as_bytes()[self.host.len() - suffix.len() - 1] == b'.'
+                }
+                None => !p.is_empty() && p == self.host,
+            },
+        )
     }
 
     pub fn is_aws(&self) -> bool {
@@ -164,6 +189,28 @@ mod tests {
         assert_eq!(QueueUrl::parse("http://h/0/bad name"), Err(QueueUrlError::Name));
         assert_eq!(QueueUrl::parse(&format!("http://h/0/{}", "q".repeat(81))), Err(QueueUrlError::Name));
         assert_eq!(QueueUrl::parse("http://h/0/.fifo"), Err(QueueUrlError::Name));
+    }
+
+    #[test]
+    fn allowed_endpoints_match_hosts_exactly_or_by_domain() {
+        let allowed = |url: &str| QueueUrl::parse(url).unwrap().host_allowed(DEFAULT_ALLOWED_ENDPOINTS);
+        assert!(allowed("https://sqs.eu-west-1.amazonaws.com/123456789012/q"));
+        assert!(allowed("https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q"));
+        assert!(allowed("http://localhost:4566/000000000000/q"));
+        assert!(allowed("http://LOCALHOST:4566/000000000000/q"));
+        assert!(allowed("http://127.0.0.1:4566/000000000000/q"));
+        assert!(allowed("http://[::1]:4566/000000000000/q"));
+        assert!(!allowed("http://127.0.0.2:4566/000000000000/q"));
+        assert!(!allowed("http://evil.example:80/000000000000/q"));
+        assert!(!allowed("http://amazonaws.com.evil.example/000000000000/q"));
+        assert!(!allowed("http://evilamazonaws.com/000000000000/q"));
+        assert!(!allowed("http://localhost.evil.example/000000000000/q"));
+        let q = QueueUrl::parse("http://queue.internal:9324/0/q").unwrap();
+        assert!(!q.host_allowed(""));
+        assert!(q.host_allowed("*"));
+        assert!(q.host_allowed(" queue.internal "));
+        assert!(q.host_allowed("*.internal"));
+        assert!(!q.host_allowed("*.queue.internal"));
     }
 
     #[test]

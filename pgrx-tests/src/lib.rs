@@ -60,6 +60,49 @@ impl Harness {
             .unwrap_or_else(|e| panic!("cannot connect to database {db}: {e:?}"))
     }
 
+    /// A connection as `user` (a login role), e.g. a non-superuser member of `sqs_ingest_operator`.
+    pub fn connect_as(&self, db: &str, user: &str) -> Client {
+        postgres::Config::new()
+            .host_path(&self.host)
+            .port(self.port)
+            .user(user)
+            .dbname(db)
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to database {db} as {user}: {e:?}"))
+    }
+
+    /// A connection as `user` that keeps every NOTICE and WARNING the server sends it (severity and text).
+    pub fn connect_collecting_notices(&self, db: &str, user: &str) -> (Client, Arc<Mutex<Vec<String>>>) {
+        let notices = Arc::new(Mutex::new(Vec::new()));
+        let sink = notices.clone();
+        let c = postgres::Config::new()
+            .host_path(&self.host)
+            .port(self.port)
+            .user(user)
+            .dbname(db)
+            .notice_callback(move |n| {
+                let text = format!("{}: {} {:?} {:?}", n.severity(), n.message(), n.detail(), n.hint());
+                sink.lock().unwrap().push(text);
+            })
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to database {db} as {user}: {e:?}"));
+        (c, notices)
+    }
+
+    /// A new login role that is a member of `granted` (dropped first if a previous run left it).
+    pub fn login_role(&self, c: &mut Client, name: &str, granted: &[&str]) {
+        c.batch_execute(&format!(
+            "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{name}') THEN
+                 EXECUTE 'REASSIGN OWNED BY {name} TO postgres'; EXECUTE 'DROP OWNED BY {name}'; DROP ROLE {name};
+             END IF; END $$;
+             CREATE ROLE {name} LOGIN"
+        ))
+        .unwrap();
+        for g in granted {
+            c.batch_execute(&format!("GRANT {g} TO {name}")).unwrap();
+        }
+    }
+
     /// A new, empty database with the extension created (dropped first if a previous run left it).
     pub fn fresh_db(&self, name: &str) -> Client {
         let mut admin = self.connect("postgres");
@@ -88,6 +131,118 @@ impl Harness {
             let sent: i64 = c.query_one("SELECT sqs_ingest.queue_send($1, $2)", &[&url, &v]).unwrap().get(0);
             assert_eq!(sent as usize, chunk.len(), "SQS accepted fewer messages than sent");
         }
+    }
+}
+
+/// The server log of the shared end-to-end cluster (scripts/test.sh starts it with `-l <dir>/postgres.log`).
+pub fn server_log() -> String {
+    let data = std::env::var("SQS_INGEST_PGDATA").expect("SQS_INGEST_PGDATA");
+    std::fs::read_to_string(format!("{data}/../postgres.log")).unwrap_or_default()
+}
+
+/// A Postgres cluster of a test's own (for settings the shared cluster must not get: a hostile database, a
+/// tiny max_worker_processes), with the library preloaded; stopped when dropped.
+pub struct PrivateCluster {
+    pub dir: String,
+    pub port: u16,
+    bin: String,
+}
+
+impl PrivateCluster {
+    pub fn start(name: &str, conf: &str) -> PrivateCluster {
+        let bin = std::env::var("SQS_INGEST_PG_BIN").expect("SQS_INGEST_PG_BIN");
+        let shared = std::env::var("SQS_INGEST_PGDATA").expect("SQS_INGEST_PGDATA");
+        let dir = format!("{shared}/../../{name}");
+        let _ = std::process::Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &format!("{bin}/pg_ctl"),
+                "-D",
+                &format!("{dir}/data"),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .env_remove("RUST_BACKTRACE")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        std::process::Command::new("chown").args(["postgres:postgres", &dir]).status().unwrap();
+        run(&[&format!("{bin}/initdb"), "-D", &format!("{dir}/data"), "-U", "postgres", "--auth=trust"]);
+        let conf = format!(
+            "listen_addresses = ''\nport = {port}\nunix_socket_directories = '{dir}'\nlog_min_messages = warning\n{conf}\n"
+        );
+        let mut file = std::fs::OpenOptions::new().append(true).open(format!("{dir}/data/postgresql.conf")).unwrap();
+        file.write_all(conf.as_bytes()).unwrap();
+        run(&[
+            &format!("{bin}/pg_ctl"),
+            "-D",
+            &format!("{dir}/data"),
+            "-l",
+            &format!("{dir}/postgres.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]);
+        PrivateCluster { dir, port, bin }
+    }
+
+    /// Restarts the cluster (fast): every session, background workers included, starts over.
+    pub fn restart(&self) {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{}/pg_ctl", self.bin), "-D", &format!("{}/data", self.dir)])
+            .args(["-l", &format!("{}/postgres.log", self.dir), "-m", "fast", "-w", "-t", "60", "restart"])
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "restart failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn connect(&self, db: &str, user: &str) -> Client {
+        postgres::Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .user(user)
+            .dbname(db)
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to database {db} as {user}: {e:?}"))
+    }
+
+    /// A connection with a search_path of pg_catalog only, for the test's own checks in a hostile database.
+    pub fn connect_checker(&self, db: &str) -> Client {
+        postgres::Config::new()
+            .host_path(&self.dir)
+            .port(self.port)
+            .user("postgres")
+            .dbname(db)
+            .options("-c search_path=pg_catalog")
+            .connect(NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to database {db}: {e:?}"))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(format!("{}/postgres.log", self.dir)).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{}/pg_ctl", self.bin), "-D", &format!("{}/data", self.dir)])
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
     }
 }
 
@@ -155,7 +310,13 @@ pub struct FixedEndpoint {
 
 impl FixedEndpoint {
     pub fn start(status: &str, content_type: &str, body: &str) -> FixedEndpoint {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        FixedEndpoint::start_on("127.0.0.1", status, content_type, body)
+    }
+
+    /// The same, listening on another loopback address (e.g. 127.0.0.2, which is not in the default
+    /// `sqs_ingest.allowed_endpoints`).
+    pub fn start_on(address: &str, status: &str, content_type: &str, body: &str) -> FixedEndpoint {
+        let listener = TcpListener::bind(format!("{address}:0")).unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (seen, status, content_type, body) =

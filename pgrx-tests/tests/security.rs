@@ -90,7 +90,25 @@ fn no_key_material_or_secret_is_visible_to_an_ordinary_role() {
     c.batch_execute("SELECT sqs_ingest.mask('seed a key')").unwrap();
     let key_hex: String = c.query_one("SELECT encode(key_bytes, 'hex') FROM sqs_ingest.keys", &[]).unwrap().get(0);
     let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
-    c.batch_execute(&format!("ALTER DATABASE e2e_no_leaks SET sqs_ingest.aws_secret_access_key = '{secret}'")).unwrap();
+    // Where a login role could read it, a secret is refused (55P02, with a hint to use ALTER SYSTEM) ...
+    for sql in [
+        format!("ALTER DATABASE e2e_no_leaks SET sqs_ingest.aws_secret_access_key = '{secret}'"),
+        format!("ALTER ROLE {plain} SET sqs_ingest.aws_secret_access_key = '{secret}'"),
+        format!("ALTER ROLE {plain} IN DATABASE e2e_no_leaks SET sqs_ingest.aws_session_token = '{secret}'"),
+        format!("ALTER ROLE ALL SET sqs_ingest.aws_access_key_id = '{secret}'"),
+        format!("ALTER FUNCTION sqs_ingest.app_version_text(int) SET sqs_ingest.aws_secret_access_key = '{secret}'"),
+        format!("SET sqs_ingest.aws_secret_access_key = '{secret}'"),
+        format!("SELECT set_config('sqs_ingest.aws_secret_access_key', '{secret}', false)"),
+    ] {
+        let e = c.batch_execute(&sql).expect_err(&sql);
+        let db = e.as_db_error().expect("a server error");
+        assert_eq!(db.code().code(), "55P02", "{sql}: {e}");
+        assert!(db.hint().is_some_and(|h| h.contains("ALTER SYSTEM")), "{sql}: {:?}", db.hint());
+        assert!(!db.message().contains(secret), "{sql}");
+    }
+    // ... while the server's own configuration (ALTER SYSTEM writes postgresql.auto.conf) accepts it.
+    c.batch_execute(&format!("ALTER SYSTEM SET sqs_ingest.aws_session_token = '{secret}'")).unwrap();
+    c.batch_execute("ALTER SYSTEM RESET sqs_ingest.aws_session_token").unwrap();
     drop(c);
     let mut c = h.connect("e2e_no_leaks");
     c.batch_execute(&format!("SET ROLE {plain}")).unwrap();
@@ -103,6 +121,16 @@ fn no_key_material_or_secret_is_visible_to_an_ordinary_role() {
     assert!(!settings.iter().any(|s| s.contains(secret) || s.contains("aws_secret")), "{settings:?}");
     let e = c.batch_execute("SHOW sqs_ingest.aws_secret_access_key").unwrap_err();
     assert!(!e.to_string().contains(secret));
+    // Every catalog of settings a login role can read.
+    for sql in [
+        "SELECT coalesce(string_agg(array_to_string(setconfig, ','), ';'), '') FROM pg_db_role_setting",
+        "SELECT coalesce(string_agg(array_to_string(rolconfig, ','), ';'), '') FROM pg_roles",
+        "SELECT coalesce(string_agg(array_to_string(proconfig, ','), ';'), '') FROM pg_proc",
+        "SELECT coalesce(string_agg(setting, ';'), '') FROM pg_settings",
+    ] {
+        let all: String = c.query_one(sql, &[]).unwrap().get(0);
+        assert!(!all.contains(secret), "{sql}");
+    }
     // Nothing readable by the role holds the key bytes: scan every column of every table and view it can read.
     let readable: Vec<String> = c
         .query(
