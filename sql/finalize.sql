@@ -77,9 +77,11 @@ BEGIN
           LEFT JOIN pg_catalog.pg_database db ON db.oid OPERATOR(pg_catalog.=) x.setdatabase
           LEFT JOIN pg_catalog.pg_roles ro ON ro.oid OPERATOR(pg_catalog.=) x.setrole,
                LATERAL pg_catalog.unnest(x.setconfig) AS c
-         WHERE c OPERATOR(pg_catalog.~~) 'sqs\_ingest.aws\_%'
+         WHERE c OPERATOR(pg_catalog.~~*) 'sqs\_ingest.aws\_%'
     LOOP
-        IF s.rolname IS NULL THEN
+        IF s.rolname IS NULL AND s.datname IS NULL THEN
+            EXECUTE pg_catalog.format('ALTER ROLE ALL RESET %s', s.name);
+        ELSIF s.rolname IS NULL THEN
             EXECUTE pg_catalog.format('ALTER DATABASE %I RESET %s', s.datname, s.name);
         ELSIF s.datname IS NULL THEN
             EXECUTE pg_catalog.format('ALTER ROLE %I RESET %s', s.rolname, s.name);

@@ -81,13 +81,7 @@ pub mod sqs_ingest {
     /// partitions of a partitioned table.
     fn rekey(target_oid: pg_sys::Oid) -> Result<i64> {
         crate::privilege::pinned(|| {
-            let name = Spi::get_one_with_args::<String>(
-                "SELECT $1::pg_catalog.regclass::pg_catalog.text",
-                &[target_oid.into()],
-            )
-            .map_err(|e| Error::Target(e.to_string()))?
-            .ok_or_else(|| Error::Target("no such table".into()))?;
-            let t = target::resolve_existing(&name)?;
+            let t = target::resolve_oid(target_oid)?;
             let writer = crate::privilege::writer_for(t.owner);
             crate::privilege::as_role(writer, || rekey_rows(&t))
         })
@@ -102,7 +96,7 @@ pub mod sqs_ingest {
             "SELECT tableoid, ctid::text, masked_ip, masked_device_id FROM {}
               WHERE (masked_ip::text LIKE 'enc:%' AND masked_ip::text NOT LIKE $1)
                  OR (masked_device_id::text LIKE 'enc:%' AND masked_device_id::text NOT LIKE $1)",
-            t.name
+            t.current_name()?
         );
         #[allow(clippy::type_complexity)]
         let rows: Vec<(pg_sys::Oid, String, Option<String>, Option<String>)> = Spi::connect(|c| {
@@ -142,7 +136,7 @@ pub mod sqs_ingest {
                 "UPDATE {} AS t SET masked_ip = u.ip, masked_device_id = u.dev
                    FROM unnest($1::oid[], $2::text[]::tid[], $3::text[], $4::text[]) AS u(tab, ctid, ip, dev)
                   WHERE t.tableoid = u.tab AND t.ctid = u.ctid",
-                t.name
+                t.current_name()?
             );
             Spi::run_with_args(&update, &[tables.into(), ctids.into(), ips.into(), devices.into()])
                 .map_err(|e| Error::Target(e.to_string()))?;
@@ -171,13 +165,16 @@ pub mod sqs_ingest {
     fn redrive_into(message_id: &str, queue_url: Option<&str>, t: &target::Target) -> Result<bool> {
         let owner = extension_owner();
         let found = as_owner(owner, || {
-            Spi::connect(|c| {
-                let rows = c.select(
+            // FOR UPDATE: two concurrent redrives of one dead letter store it once (the second waits, then sees
+            // it redriven).
+            Spi::connect_mut(|c| {
+                let rows = c.update(
                     "SELECT queue_url, key_id, body_encrypted, body_bytes,
                             (EXTRACT(EPOCH FROM sent_at) * 1000)::int8, redriven_at IS NOT NULL
                        FROM sqs_ingest.dead_letters
                       WHERE message_id = $1 AND ($2::text IS NULL OR queue_url = $2)
-                      ORDER BY received_at DESC LIMIT 1",
+                      ORDER BY received_at DESC LIMIT 1
+                        FOR UPDATE",
                     None,
                     &[message_id.into(), queue_url.map(str::to_string).into()],
                 )?;

@@ -170,13 +170,13 @@ thread_local! {
     static PENDING: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
     /// Records written in the transaction now committing: pending again if the commit fails after all.
     static FLUSHING: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
+    /// Records of a committing read-only transaction, for the audit worker once it has committed.
+    static AFTER_COMMIT: RefCell<Vec<Record>> = const { RefCell::new(Vec::new()) };
     /// `mask()` calls of the current transaction by the current roles.
     static MASKS: Cell<MaskCount> = const { Cell::new(MaskCount { calls: 0, session: 0, current: 0, first_at: 0 }) };
     /// A file of this backend waits for an audit worker (no slot was free, or this backend's last worker was
     /// still running, when it was written).
     static FILE_WAITING: Cell<bool> = const { Cell::new(false) };
-    /// The audit worker this backend started last: at most one at a time per backend.
-    static LAST_WORKER: RefCell<Option<pgrx::bgworkers::DynamicBackgroundWorker>> = const { RefCell::new(None) };
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -220,6 +220,12 @@ pub fn before_commit() {
     if records.is_empty() {
         return;
     }
+    // SAFETY: a plain read of a backend-local global.
+    if unsafe { pg_sys::XactReadOnly } {
+        // A read-only transaction cannot write them: they go to the audit worker after the commit.
+        AFTER_COMMIT.with(|a| a.borrow_mut().extend(records));
+        return;
+    }
     FLUSHING.with(|f| f.borrow_mut().extend(records.iter().cloned()));
     // SAFETY: a plain read of the backend's pid.
     let pid = unsafe { pg_sys::MyProcPid };
@@ -239,7 +245,12 @@ pub fn before_commit() {
 pub fn after_commit() {
     WRITTEN.with(|w| w.borrow_mut().clear());
     FLUSHING.with(|f| f.borrow_mut().clear());
-    retry_waiting_file();
+    let read_only = AFTER_COMMIT.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    if read_only.is_empty() {
+        retry_waiting_file();
+    } else {
+        to_worker(&read_only);
+    }
 }
 
 /// Transaction hook after ABORT: everything not yet durable goes to a file and one audit worker. Never raises.
@@ -248,17 +259,55 @@ pub fn after_abort() {
     let mut all = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     all.extend(FLUSHING.with(|f| std::mem::take(&mut *f.borrow_mut())));
     all.extend(WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut())).iter().map(Group::lost));
+    all.extend(AFTER_COMMIT.with(|a| std::mem::take(&mut *a.borrow_mut())));
     if all.is_empty() {
         retry_waiting_file();
         return;
     }
+    to_worker(&all);
+}
+
+/// Errors of ingest calls whose transaction rolled back (queue URL, worker label, scrubbed text): written to
+/// `sqs_ingest.stats.last_error` by the audit worker, so they are on record even if the session ends right after
+/// (as pg_cron's do). Never raises.
+pub fn save_errors(errors: Vec<(String, String, String)>) {
+    use base64::Engine;
+    if errors.is_empty() {
+        return;
+    }
+    let b64 = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t.as_bytes());
     // SAFETY: plain reads of backend-local globals on the main thread.
     let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
-    match write_file(database, pid, &all) {
+    let lines = errors.iter().map(|(url, worker, text)| format!("e1|{}|{}|{}", b64(url), b64(worker), b64(text)));
+    match write_lines(database, pid, lines) {
+        Ok(()) => launch(database),
+        Err(e) => warning!(
+            "sqs_ingest: an ingest error could not be saved for sqs_ingest.stats ({e}); it is in the server log"
+        ),
+    }
+}
+
+fn decode_error(line: &str) -> Option<(String, String, String)> {
+    use base64::Engine;
+    let text = |t: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).ok().and_then(|b| String::from_utf8(b).ok())
+    };
+    let f: Vec<&str> = line.split('|').collect();
+    match f.as_slice() {
+        ["e1", url, worker, message] => Some((text(url)?, text(worker)?, text(message)?)),
+        _ => None,
+    }
+}
+
+/// Saves records to a file and has the audit worker write them. Never raises.
+fn to_worker(records: &[Record]) {
+    // SAFETY: plain reads of backend-local globals on the main thread.
+    let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
+    match write_file(database, pid, records) {
         Ok(()) => launch(database),
         Err(e) => warning!(
             "sqs_ingest: {} audit record(s) could not be saved for the audit worker ({e}); they are in the server log",
-            all.len()
+            records.len()
         ),
     }
 }
@@ -478,6 +527,10 @@ thread_local! {
 }
 
 fn write_file(database: u32, pid: i32, records: &[Record]) -> std::io::Result<()> {
+    write_lines(database, pid, records.iter().map(|r| r.encode(pid)))
+}
+
+fn write_lines(database: u32, pid: i32, lines: impl Iterator<Item = String>) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(DIR)?;
@@ -488,8 +541,8 @@ fn write_file(database: u32, pid: i32, records: &[Record]) -> std::io::Result<()
     let stem = format!("{database}.{pid}.{now}.{seq}");
     let tmp = Path::new(DIR).join(format!("{stem}.tmp"));
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    for r in records {
-        writeln!(f, "{}", r.encode(pid))?;
+    for line in lines {
+        writeln!(f, "{line}")?;
     }
     f.sync_all()?;
     std::fs::rename(&tmp, Path::new(DIR).join(format!("{stem}.pending")))
@@ -502,13 +555,27 @@ fn retry_waiting_file() {
     }
 }
 
-/// Starts the audit worker for this database, unless this backend's previous one has not finished (then the file
-/// waits for the next transaction end, or this backend's exit). Never raises: with no free slot the file waits.
+/// The file an audit worker holds while it works for a database (its pid inside): at most one runs per database.
+fn running_file(database: u32) -> PathBuf {
+    Path::new(DIR).join(format!("{database}.running"))
+}
+
+/// Whether a live audit worker holds the database's running file.
+fn worker_running(database: u32) -> bool {
+    std::fs::read_to_string(running_file(database))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0)
+}
+
+/// Starts the audit worker for this database, unless one is already at work there (it sweeps again after it
+/// lets go, so it also takes files written meanwhile). Never raises: with no free slot the file waits (for this
+/// backend's next transaction end or exit, or any later audit worker of the database).
 fn launch(database: u32) {
     register_exit_hook();
-    let busy = LAST_WORKER.with(|w| w.borrow().as_ref().is_some_and(|w| w.pid().is_ok()));
-    if busy {
-        FILE_WAITING.set(true);
+    if worker_running(database) {
+        FILE_WAITING.set(false);
         return;
     }
     start_worker(database);
@@ -516,8 +583,10 @@ fn launch(database: u32) {
 
 fn register_exit_hook() {
     if !EXIT_HOOK.replace(true) {
-        // SAFETY: registers a static callback; called on the main thread.
-        unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0usize)) };
+        // SAFETY: registers a static callback; called on the main thread. on_shmem_exit callbacks run after the
+        // transaction abort of a backend that exits mid-transaction (a before_shmem_exit callback), whose records
+        // are then already in a file.
+        unsafe { pg_sys::on_shmem_exit(Some(on_exit), pg_sys::Datum::from(0usize)) };
     }
 }
 
@@ -541,9 +610,8 @@ fn start_worker(database: u32) {
         .enable_spi_access()
         .set_restart_time(None)
         .load_dynamic();
-    if let Ok(handle) = started {
+    if started.is_ok() {
         FILE_WAITING.set(false);
-        LAST_WORKER.with(|w| *w.borrow_mut() = Some(handle));
     } else {
         if !FILE_WAITING.get() {
             warning!(
@@ -563,7 +631,7 @@ fn claim_files(database: u32) -> Vec<PathBuf> {
     let mut claimed = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&prefix) {
+        if !name.starts_with(&prefix) || name.ends_with(".running") {
             continue;
         }
         // A file claimed by a worker that died before finishing is taken over.
@@ -598,22 +666,50 @@ pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
     // As the extension owner: the refused caller may have no rights at all, and the rows are the extension's.
     let owner = (owner != 0).then(|| pg_sys::Oid::from(owner));
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), owner);
-    // Files keep arriving while earlier ones are written (backends with a worker still running leave theirs):
-    // sweep until none is left.
+    // One worker per database at a time: a second one leaves the work to the first.
+    if !hold_running_file(database) {
+        return;
+    }
+    // Files keep arriving while earlier ones are written (backends that saw this worker running leave theirs):
+    // sweep until none is left, let go of the running file, and sweep once more for files written meanwhile.
     for _ in 0..100 {
         let files = claim_files(database);
         if files.is_empty() {
-            return;
+            break;
         }
+        write_files(&files);
+    }
+    let _ = std::fs::remove_file(running_file(database));
+    let files = claim_files(database);
+    if !files.is_empty() {
         write_files(&files);
     }
 }
 
+/// Takes the database's running file (or one left by a worker that died). False if a live worker holds it.
+fn hold_running_file(database: u32) -> bool {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: a plain read of the worker's pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(running_file(database)) {
+            Ok(mut f) => return writeln!(f, "{me}").is_ok(),
+            Err(_) if worker_running(database) => return false,
+            Err(_) => {
+                let _ = std::fs::remove_file(running_file(database));
+            }
+        }
+    }
+    false
+}
+
 fn write_files(files: &[PathBuf]) {
-    let mut records = Vec::new();
+    let (mut records, mut errors) = (Vec::new(), Vec::new());
     for path in files {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         records.extend(text.lines().filter_map(Record::decode));
+        errors.extend(text.lines().filter_map(decode_error));
     }
     let written = BackgroundWorker::transaction(|| -> Result<bool> {
         let present =
@@ -624,6 +720,10 @@ fn write_files(files: &[PathBuf]) {
         as_owner(extension_owner(), || {
             for (record, pid) in &records {
                 write(std::slice::from_ref(record), *pid, true)?;
+            }
+            for (url, worker, text) in &errors {
+                let none = crate::bookkeeping::Counters::default();
+                crate::bookkeeping::add_counters(url, worker, none, None, Some(text))?;
             }
             Ok(true)
         })

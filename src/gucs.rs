@@ -33,6 +33,8 @@ static PROGRESS_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// Hosts that requests (and the credentials that sign them) may be sent to; superuser-only.
 static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"*.amazonaws.com, *.amazonaws.com.cn, localhost, 127.0.0.1, ::1"));
+/// Bound on the deletes after a COMMIT (the transaction's locks are held until they end).
+static POST_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 /// Most dynamic workers (`worker_start()`) running at once in one database.
 static MAX_DYNAMIC_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
@@ -129,6 +131,9 @@ pub fn worker_role() -> Option<String> {
 }
 pub fn allowed_endpoints() -> String {
     string(&ALLOWED_ENDPOINTS).unwrap_or_default()
+}
+pub fn post_commit_timeout_ms() -> u64 {
+    POST_COMMIT_TIMEOUT_MS.get() as u64
 }
 pub fn max_dynamic_workers() -> i64 {
     MAX_DYNAMIC_WORKERS.get() as i64
@@ -256,6 +261,16 @@ pub fn init() {
         &ALLOWED_ENDPOINTS,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.post_commit_timeout",
+        c"Upper bound on deleting a committed transaction's messages from SQS (its locks are held until then).",
+        c"Default 5000 ms. Messages not deleted in time are redelivered later and recognised as duplicates. Terminating the backend (pg_terminate_backend, fast shutdown) also ends the phase.",
+        &POST_COMMIT_TIMEOUT_MS,
+        100,
+        600_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"sqs_ingest.max_dynamic_workers",

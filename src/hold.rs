@@ -138,9 +138,14 @@ fn take() -> Option<(Vec<Group>, tokio::task::JoinHandle<()>)> {
 /// DeleteMessageBatch calls in flight after a commit.
 const DELETE_CONCURRENCY: usize = 8;
 
+/// Deletes the committed transaction's messages. The transaction still holds its locks until this returns, so the
+/// whole phase is bounded by `sqs_ingest.post_commit_timeout` whatever the batch size, and ends early when the
+/// backend is told to terminate (pg_terminate_backend, fast shutdown). Messages not deleted then are redelivered
+/// after their visibility timeout and recognised as duplicates by the ledger.
 fn after_commit() {
     let Some((groups, heartbeat)) = take() else { return };
     heartbeat.abort();
+    let deadline = std::time::Instant::now() + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
     let mut total = BatchOutcome::default();
     for (client, url, receipts) in groups {
         // On the network thread, beside the connections: the main thread only waits for the total.
@@ -148,7 +153,18 @@ fn after_commit() {
         let task_url = url.clone();
         let task =
             sqs::runtime().spawn(async move { sqs::delete(&client, &task_url, &receipts, DELETE_CONCURRENCY).await });
-        let outcome = sqs::block_on_uninterruptible(task).unwrap_or(BatchOutcome { succeeded: 0, failed: n });
+        let abort = task.abort_handle();
+        let outcome = match sqs::block_on_until(task, deadline) {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(_)) => BatchOutcome { succeeded: 0, failed: n },
+            None => {
+                abort.abort();
+                pgrx::warning!(
+                    "sqs_ingest: deletes after COMMIT stopped (sqs_ingest.post_commit_timeout passed, or the backend is terminating); {n} messages from {url} may be redelivered and will be recognised as duplicates"
+                );
+                BatchOutcome { succeeded: 0, failed: n }
+            }
+        };
         total.succeeded += outcome.succeeded;
         total.failed += outcome.failed;
         if outcome.failed > 0 {
@@ -225,6 +241,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         // Before COMMIT or PREPARE the transaction is still open: audit records still in memory are written in it
         // (an ERROR here aborts the commit, and the abort hook keeps them).
         XACT_EVENT_PRE_PREPARE => {
+            crate::worker::before_prepare();
             crate::audit::before_prepare();
             crate::audit::before_commit();
         }
@@ -243,6 +260,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             let _ = std::panic::catch_unwind(after_abort);
             crate::worker::after_abort();
             let _ = std::panic::catch_unwind(crate::audit::after_abort);
+            let _ = std::panic::catch_unwind(crate::ingest::after_abort);
         }
         _ => {}
     }

@@ -91,6 +91,13 @@ pub fn remember_error(queue_url: &str, worker: &str, error: &Error) {
     UNREPORTED_ERRORS.with(|e| e.borrow_mut().push((queue_url.to_string(), worker.to_string(), error.scrubbed())));
 }
 
+/// Transaction hook after ABORT: the errors of the calls that rolled back go to the audit worker, which writes
+/// them to `sqs_ingest.stats` at once (the session may end before it calls again). Never raises.
+pub fn after_abort() {
+    let errors = UNREPORTED_ERRORS.with(|e| std::mem::take(&mut *e.borrow_mut()));
+    crate::audit::save_errors(errors);
+}
+
 /// Writes what earlier transactions of this backend could not: post-commit delete outcomes and errors.
 pub fn flush_unreported(worker: &str) -> Result<()> {
     let deletes = hold::take_unreported();
@@ -465,6 +472,14 @@ impl Rows {
         if self.user_id.is_empty() {
             return Ok(Vec::new());
         }
+        if !target.can_refuse_rows {
+            // Nothing in the table can refuse a row that passed validation: no subtransaction (each would take a
+            // subtransaction id, and more than 64 in one transaction slow every snapshot of the server).
+            return match in_subtransaction_free(|| self.insert(target)) {
+                Ok(stored) => stored.map(|_| Vec::new()),
+                Err(report) => raise_without_detail(&report, target),
+            };
+        }
         let rows = self.clone();
         match in_subtransaction(|| self.insert(target)) {
             Ok(stored) => return stored.map(|_| Vec::new()),
@@ -523,7 +538,7 @@ impl Rows {
             "INSERT INTO {} (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date)
              SELECT * FROM unnest($1::pg_catalog.text[], $2::pg_catalog.text[], $3::pg_catalog.text[],
                     $4::pg_catalog.text[], $5::pg_catalog.text[], $6::pg_catalog.{}[], $7::pg_catalog.date[])",
-            target.name,
+            target.current_name()?,
             if integer { "int4" } else { "text" }
         );
         let version: pgrx::datum::DatumWithOid =
@@ -563,13 +578,25 @@ fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, targ
     unreachable!("ereport(ERROR) does not return")
 }
 
+/// Runs `f` and returns an ERROR it raises (the caller re-raises it at once: the transaction is aborted).
+fn in_subtransaction_free<R>(
+    f: impl FnOnce() -> R,
+) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
+        .catch_others(|e| match e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r) => Err(Box::new(r)),
+            other => other.rethrow(),
+        })
+        .execute()
+}
+
 /// Runs `f` in an internal subtransaction (as PL/pgSQL's exception blocks do). An ERROR raised inside rolls back
-/// only the subtransaction and is returned; anything else (a Rust panic) propagates.
+/// only the subtransaction and is returned; anything else (a Rust panic) rolls it back too and propagates.
 fn in_subtransaction<R>(
     f: impl FnOnce() -> R,
 ) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
     // SAFETY: the documented sequence for internal subtransactions on the main thread inside a transaction; the
-    // memory context and resource owner are restored afterwards on both paths, as pl_exec.c does.
+    // memory context and resource owner are restored afterwards on every path, as pl_exec.c does.
     let (context, owner) = unsafe {
         let context = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
@@ -577,12 +604,8 @@ fn in_subtransaction<R>(
         pg_sys::MemoryContextSwitchTo(context);
         (context, owner)
     };
-    let result = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
-        .catch_others(|e| match e {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(r) => Err(Box::new(r)),
-            other => other.rethrow(),
-        })
-        .execute();
+    let result =
+        pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f()))).catch_others(|e| Err(Box::new(e))).execute();
     // SAFETY: closes the subtransaction opened above and restores the caller's context and owner.
     unsafe {
         if result.is_ok() {
@@ -593,5 +616,11 @@ fn in_subtransaction<R>(
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;
     }
-    result
+    match result {
+        Ok(r) => Ok(r),
+        Err(caught) => match *caught {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(report) => Err(Box::new(report)),
+            other => other.rethrow(),
+        },
+    }
 }

@@ -140,6 +140,27 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
     }
 }
 
+/// Runs a future until it completes, `deadline` passes, or the backend is told to terminate (checked every
+/// 100 ms; never raises: used after commit). `None` when it did not complete.
+pub fn block_on_until<F: Future>(fut: F, deadline: std::time::Instant) -> Option<F::Output> {
+    runtime().block_on(async {
+        let mut fut = std::pin::pin!(fut);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                _ = tick.tick() => {
+                    // SAFETY: sig_atomic_t flags set by signal handlers; read on the main thread.
+                    let terminating = unsafe { pg_sys::ProcDiePending != 0 || pg_sys::ShutdownRequestPending != 0 };
+                    if terminating || std::time::Instant::now() >= deadline {
+                        return None;
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// Runs a future to completion without servicing interrupts (used after commit, where nothing may raise).
 pub fn block_on_uninterruptible<F: Future>(fut: F) -> F::Output {
     runtime().block_on(fut)

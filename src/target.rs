@@ -8,12 +8,58 @@ use crate::privilege::{as_owner, extension_owner, pinned};
 use pgrx::prelude::*;
 use sqs_ingest_core::event::{AppVersionColumn, ColumnLimits};
 
-/// A target table that passed inspection. `name` is the regclass text, schema-qualified and quoted.
+/// A target table that passed inspection, locked (ROW EXCLUSIVE) for the rest of the transaction: it cannot be
+/// dropped, re-owned or given new constraints or triggers meanwhile. `name` is its schema-qualified name at
+/// inspection, for messages; statements name it by [`Target::current_name`], so a table swapped in under the
+/// same name (a schema rename) is never the one written.
 #[derive(Debug, Clone)]
 pub struct Target {
+    pub oid: pg_sys::Oid,
     pub name: String,
     pub owner: pg_sys::Oid,
     pub limits: ColumnLimits,
+    /// Whether the table can refuse a row that passed validation (constraints, unique indexes, NOT NULL, domain
+    /// columns, triggers, rules, partitioning): only then is each batch stored in a subtransaction.
+    pub can_refuse_rows: bool,
+}
+
+impl Target {
+    /// The table's schema-qualified, quoted name now, from the system caches (by OID, not by name).
+    pub fn current_name(&self) -> Result<String> {
+        // SAFETY: syscache lookups by OID on the main thread inside a transaction; results are copied at once.
+        unsafe {
+            let rel = pg_sys::get_rel_name(self.oid);
+            let namespace = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(self.oid));
+            if rel.is_null() || namespace.is_null() {
+                return Err(Error::Target(format!("table {} no longer exists", self.name)));
+            }
+            let quoted = pg_sys::quote_qualified_identifier(namespace, rel);
+            Ok(std::ffi::CStr::from_ptr(quoted).to_string_lossy().into_owned())
+        }
+    }
+}
+
+/// Locks a table found by name against DROP, owner and schema changes for the rest of the transaction, then
+/// checks the name still names it (as RangeVarGetRelidExtended does).
+fn lookup_locked(name: &str) -> Result<Option<pg_sys::Oid>> {
+    for _ in 0..3 {
+        let Some(oid) = lookup(name)? else { return Ok(None) };
+        // SAFETY: a heavyweight lock on a relation OID, released at transaction end.
+        unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as i32) };
+        if lookup(name)? == Some(oid) {
+            return Ok(Some(oid));
+        }
+        // SAFETY: releases the lock taken just above on a table that no longer has this name.
+        unsafe { pg_sys::UnlockRelationOid(oid, pg_sys::RowExclusiveLock as i32) };
+    }
+    Err(Error::Target(format!("table \"{name}\" keeps changing; try again")))
+}
+
+/// Locks and inspects the table with this OID (for `rekey(regclass)`).
+pub fn resolve_oid(oid: pg_sys::Oid) -> Result<Target> {
+    // SAFETY: as in lookup_locked.
+    unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as i32) };
+    inspect(oid)
 }
 
 const COLUMNS: [&str; 7] =
@@ -21,7 +67,7 @@ const COLUMNS: [&str; 7] =
 
 /// Resolves `name` to a table, creating it with the standard schema if it does not exist.
 pub fn resolve_or_create(name: &str) -> Result<Target> {
-    let oid = lookup(name)?;
+    let oid = lookup_locked(name)?;
     let oid = match oid {
         Some(oid) => oid,
         None => {
@@ -32,22 +78,15 @@ pub fn resolve_or_create(name: &str) -> Result<Target> {
                 Spi::run("LOCK TABLE sqs_ingest.key_events IN SHARE UPDATE EXCLUSIVE MODE")
                     .map_err(|e| Error::Target(e.to_string()))
             })?;
-            if let Some(oid) = lookup(name)? {
+            if let Some(oid) = lookup_locked(name)? {
                 return inspect(oid);
             }
             create(name)?;
-            lookup(name)?.ok_or_else(|| Error::Target(format!("table \"{name}\" was created but cannot be found")))?
+            lookup_locked(name)?
+                .ok_or_else(|| Error::Target(format!("table \"{name}\" was created but cannot be found")))?
         }
     };
     inspect(oid)
-}
-
-/// Resolves `name` to an existing table without creating it.
-pub fn resolve_existing(name: &str) -> Result<Target> {
-    match lookup(name)? {
-        Some(oid) => inspect(oid),
-        None => Err(Error::Target(format!("table \"{name}\" does not exist"))),
-    }
 }
 
 fn lookup(name: &str) -> Result<Option<pg_sys::Oid>> {
@@ -94,10 +133,21 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let (relkind, owner): (Option<String>, Option<pg_sys::Oid>) = client
-            .select("SELECT relkind::text, relowner FROM pg_catalog.pg_class WHERE oid = $1", None, &[oid.into()])
-            .and_then(|t| t.first().get_two())
-            .unwrap_or((None, None));
+        let (relkind, owner, can_refuse_rows): (Option<String>, Option<pg_sys::Oid>, Option<bool>) = client
+            .select(
+                "SELECT c.relkind::text, c.relowner,
+                        c.relkind = 'p' OR c.relispartition OR c.relhastriggers OR c.relhasrules
+                        OR EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid)
+                        OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique)
+                        OR EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                                      AND (a.attnotnull OR t.typtype = 'd'))
+                   FROM pg_class c WHERE c.oid = $1",
+                None,
+                &[oid.into()],
+            )
+            .and_then(|t| t.first().get_three())
+            .unwrap_or((None, None, None));
         if !matches!(relkind.as_deref(), Some("r") | Some("p")) {
             return Err(Error::Target(format!("\"{name}\" is not a table")));
         }
@@ -150,6 +200,12 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
                 )));
             }
         }
-        Ok(Target { name, owner: owner.unwrap_or(pg_sys::Oid::INVALID), limits })
+        Ok(Target {
+            oid,
+            name,
+            owner: owner.unwrap_or(pg_sys::Oid::INVALID),
+            limits,
+            can_refuse_rows: can_refuse_rows.unwrap_or(true),
+        })
     })
 }

@@ -343,9 +343,16 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
         // Serialises concurrent starts, so two of them cannot both see room for one more.
         Spi::run("LOCK TABLE sqs_ingest.workers IN SHARE ROW EXCLUSIVE MODE")
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let running = Spi::get_one::<i64>("SELECT count(*) FROM sqs_ingest.workers WHERE stopped_at IS NULL")
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .unwrap_or(0);
+        // Rows of workers that are running, or were started in the last minute and may still be starting; not
+        // rows whose worker could not be launched (no slot) or did not come back after a restart.
+        let running = Spi::get_one::<i64>(
+            "SELECT count(*) FROM sqs_ingest.workers w
+              WHERE w.stopped_at IS NULL
+                AND ((w.pid IS NULL AND w.started_at > now() - interval '1 minute')
+                     OR w.pid IN (SELECT a.pid FROM pg_stat_activity a WHERE a.backend_type = 'sqs_ingest worker'))",
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .unwrap_or(0);
         if running >= cap {
             return Err(Error::Limit(format!(
                 "this database already runs {running} dynamic sqs_ingest worker(s), the most sqs_ingest.max_dynamic_workers ({cap}) allows"
@@ -447,6 +454,21 @@ pub fn after_commit() {
         if loaded.is_err() {
             warning!("sqs_ingest: could not start dynamic worker {id}: no free background worker slot (raise max_worker_processes)");
         }
+    }
+}
+
+/// Refuses PREPARE TRANSACTION while the transaction started or stopped workers: the prepared transaction may be
+/// committed or rolled back later by another session, which would not act on them.
+pub fn before_prepare() {
+    let pending = PENDING_STARTS.with(|p| !p.borrow().is_empty()) || PENDING_STOPS.with(|p| !p.borrow().is_empty());
+    if pending {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "a transaction that started or stopped sqs_ingest workers cannot be prepared for two-phase commit",
+            "sqs_ingest",
+        )
+        .set_hint("Call worker_start() and worker_stop() in an ordinary transaction.")
+        .report(pgrx::PgLogLevel::ERROR);
     }
 }
 

@@ -158,10 +158,13 @@ impl Rejection {
             let end = message[start..].find('"')?;
             Some(message[start..start + end].chars().take(64).collect())
         };
+        // Only integrity violations (class 23) have messages Postgres writes with these names; an exception a
+        // trigger raises (class P0) has whatever text its author chose, which may hold values.
+        let integrity = sqlstate.starts_with("23");
         Rejection::RefusedByTable {
             sqlstate: sqlstate.chars().take(5).collect(),
-            constraint: quoted_after("constraint \""),
-            column: quoted_after("column \""),
+            constraint: quoted_after("constraint \"").filter(|_| integrity),
+            column: quoted_after("column \"").filter(|_| integrity),
         }
     }
 }
@@ -430,6 +433,7 @@ mod tests {
             ),
             ("22P02", "invalid input syntax for type integer: \"203.0.113.77\"", None, None),
             ("P0001", "user 203.0.113.77 is blocked", None, None),
+            ("P0001", "constraint \"203.0.113.77\" says no", None, None),
         ];
         for (state, message, constraint, column) in cases {
             let r = Rejection::refused_by_table(state, message);

@@ -82,7 +82,17 @@ fn redrive_stores_a_dead_letter_once_its_cause_is_fixed() {
     // Still too long: stays a dead letter.
     assert!(!c.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get::<_, bool>(0));
     c.batch_execute("ALTER TABLE user_logins ALTER COLUMN user_id TYPE varchar(256)").unwrap();
+    // Two concurrent redrives of one dead letter: the second waits for the first and stores nothing.
+    let mut other = h.connect("e2e_redrive");
+    c.batch_execute("BEGIN").unwrap();
     assert!(c.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get::<_, bool>(0));
+    let second = {
+        let id = id.clone();
+        std::thread::spawn(move || other.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get::<_, bool>(0))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    c.batch_execute("COMMIT").unwrap();
+    assert!(!second.join().unwrap(), "a concurrent redrive stored the dead letter a second time");
     assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins WHERE length(user_id) = 129"), 1);
     assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.dead_letters WHERE redriven_at IS NOT NULL"), 1);
     // Redriving twice stores nothing more.

@@ -80,3 +80,25 @@ fn cancel_and_statement_timeout_interrupt_a_long_poll() {
     assert_eq!(sqlstate(&e), "57014");
     assert!(started.elapsed() < Duration::from_millis(1500), "took {:?}", started.elapsed());
 }
+
+/// A failing call's error reaches sqs_ingest.stats even when its session ends right after (as pg_cron's do).
+#[test]
+fn a_failed_calls_error_reaches_stats_after_its_session_ends() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_error_stats");
+    let missing = format!("{}/000000000000/e2e-no-such-queue-for-stats", h.endpoint);
+    {
+        let mut short_lived = h.connect("e2e_error_stats");
+        let e = short_lived.query("SELECT * FROM sqs_ingest($1)", &[&missing]).unwrap_err();
+        assert_eq!(sqlstate(&e), "42704");
+    } // the session ends here, without another call
+    eventually("the error is in stats", std::time::Duration::from_secs(30), || {
+        let r = c
+            .query_opt(
+                "SELECT last_error FROM sqs_ingest.stats WHERE queue_url = $1 AND last_error IS NOT NULL",
+                &[&missing],
+            )
+            .unwrap();
+        r.is_some_and(|r| r.get::<_, String>(0).starts_with("42704"))
+    });
+}

@@ -33,6 +33,15 @@ fn an_operator_runs_ingest_drain_redrive_stats_and_workers_without_superuser() {
         c.query_one("SELECT tableowner::text FROM pg_tables WHERE tablename = 'user_logins'", &[]).unwrap().get(0);
     assert_eq!(owner, op);
 
+    // While an ingest's transaction is open, its target cannot be dropped or swapped (it is locked by OID).
+    c.batch_execute("BEGIN").unwrap();
+    ingest(&mut c, &url);
+    admin.batch_execute("SET lock_timeout = '300ms'").unwrap();
+    let e = admin.batch_execute("DROP TABLE public.user_logins").unwrap_err();
+    assert_eq!(sqlstate(&e), "55P03", "{e:?}");
+    admin.batch_execute("RESET lock_timeout").unwrap();
+    c.batch_execute("COMMIT").unwrap();
+
     // Drain, as a procedure that commits per batch.
     h.send(&mut admin, &url, &(10..35).map(login).collect::<Vec<_>>());
     let r = c.query_one("CALL sqs_ingest_drain($1, batch_messages => 10)", &[&url]).unwrap();
