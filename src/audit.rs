@@ -560,13 +560,13 @@ fn running_file(database: u32) -> PathBuf {
     Path::new(DIR).join(format!("{database}.running"))
 }
 
-/// Whether a live audit worker holds the database's running file.
+/// Whether an audit worker holds the database's running file: it keeps an exclusive `flock` on it for its whole
+/// life, which the kernel drops when it exits however it exits (a pid could be reused; a lock cannot linger).
 fn worker_running(database: u32) -> bool {
-    std::fs::read_to_string(running_file(database))
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok())
-        // SAFETY: kill with signal 0 only checks whether the process exists.
-        .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0)
+    use std::os::unix::io::AsRawFd;
+    let Ok(f) = std::fs::File::open(running_file(database)) else { return false };
+    // SAFETY: a non-blocking lock attempt on a file descriptor we own; released when `f` is dropped.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }
 
 /// Starts the audit worker for this database, unless one is already at work there (it sweeps again after it
@@ -623,28 +623,32 @@ fn start_worker(database: u32) {
 }
 
 /// Claims every waiting file of `database` (renamed, so two workers never write one file twice).
+/// Claims every waiting file of `database`: renamed to this worker and `flock`ed until this worker exits, so two
+/// workers never write one file twice. A file claimed by a worker that died before finishing (its lock gone with
+/// it) is taken over.
 fn claim_files(database: u32) -> Vec<PathBuf> {
+    use std::os::unix::io::AsRawFd;
     // SAFETY: a plain read of the worker's pid.
     let me = unsafe { pg_sys::MyProcPid };
     let prefix = format!("{database}.");
+    let mine = format!(".claimed.{me}");
     let Ok(entries) = std::fs::read_dir(DIR) else { return Vec::new() };
     let mut claimed = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&prefix) || name.ends_with(".running") {
+        let pending = name.ends_with(".pending");
+        if !name.starts_with(&prefix) || name.ends_with(&mine) || !(pending || name.contains(".claimed.")) {
             continue;
         }
-        // A file claimed by a worker that died before finishing is taken over.
-        let orphaned = name.rsplit_once(".claimed.").and_then(|(_, pid)| pid.parse::<i32>().ok()).is_some_and(|pid| {
-            // SAFETY: kill with signal 0 only checks whether the process exists.
-            pid != me && unsafe { libc::kill(pid, 0) } != 0
-        });
-        if !name.ends_with(".pending") && !orphaned {
-            continue;
+        let Ok(f) = std::fs::File::open(entry.path()) else { continue };
+        // SAFETY: a non-blocking lock attempt on a descriptor we own; kept (forgotten) while we hold the file.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // another live worker holds it
         }
         let stem = name.strip_suffix(".pending").or_else(|| name.split(".claimed.").next()).unwrap_or(&name);
-        let target = Path::new(DIR).join(format!("{stem}.claimed.{me}"));
+        let target = Path::new(DIR).join(format!("{stem}{mine}"));
         if std::fs::rename(entry.path(), &target).is_ok() {
+            std::mem::forget(f);
             claimed.push(target);
         }
     }
@@ -666,6 +670,20 @@ pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
     // As the extension owner: the refused caller may have no rights at all, and the rows are the extension's.
     let owner = (owner != 0).then(|| pg_sys::Oid::from(owner));
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(database)), owner);
+    // Settings a database owner can impose on every connection (ALTER DATABASE ... SET) must not stop the audit.
+    for (name, value) in
+        [(c"default_transaction_read_only", c"off"), (c"statement_timeout", c"0"), (c"lock_timeout", c"0")]
+    {
+        // SAFETY: sets this worker's own session settings on its main thread, before any transaction.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
     // One worker per database at a time: a second one leaves the work to the first.
     if !hold_running_file(database) {
         return;
@@ -686,22 +704,23 @@ pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
     }
 }
 
-/// Takes the database's running file (or one left by a worker that died). False if a live worker holds it.
+/// Takes the database's running file and holds its `flock` for the rest of this worker's life. False if another
+/// worker holds it.
 fn hold_running_file(database: u32) -> bool {
-    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    // SAFETY: a plain read of the worker's pid.
-    let me = unsafe { pg_sys::MyProcPid };
-    for _ in 0..2 {
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(running_file(database)) {
-            Ok(mut f) => return writeln!(f, "{me}").is_ok(),
-            Err(_) if worker_running(database) => return false,
-            Err(_) => {
-                let _ = std::fs::remove_file(running_file(database));
-            }
-        }
+    use std::os::unix::io::AsRawFd;
+    let Ok(f) =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(running_file(database))
+    else {
+        return false;
+    };
+    // SAFETY: a non-blocking lock attempt on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return false;
     }
-    false
+    // Kept open (and locked) until the process exits.
+    std::mem::forget(f);
+    true
 }
 
 fn write_files(files: &[PathBuf]) {

@@ -22,6 +22,8 @@ pub enum Error {
     NotAllowed(String),
     #[error("{0}")]
     Limit(String),
+    #[error("{0}")]
+    Permission(String),
     #[error("{summary}")]
     Sqs { class: FailureClass, summary: String, detail: String },
     #[error("canceling statement due to user request")]
@@ -56,7 +58,9 @@ impl Error {
         use PgSqlErrorCode::*;
         match self {
             Error::QueueUrl { .. } | Error::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
-            Error::EndpointNotAllowed(_) | Error::NotAllowed(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            Error::EndpointNotAllowed(_) | Error::NotAllowed(_) | Error::Permission(_) => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
             Error::Limit(_) => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             Error::Sqs { class, .. } => sqlstate_of(*class),
             Error::Interrupted => ERRCODE_QUERY_CANCELED,
@@ -94,6 +98,7 @@ impl Error {
             Error::EndpointNotAllowed(_) => {
                 "Requests carry the server's AWS credentials, so they go only to hosts a superuser allowed: add the host to sqs_ingest.allowed_endpoints (ALTER SYSTEM, or ALTER DATABASE ... SET as a superuser) if it is a trusted SQS endpoint."
             }
+            Error::Permission(_) => "Grant the calling role INSERT on the target table (UPDATE for rekey).",
             Error::Limit(_) => {
                 "Stop a worker with sqs_ingest.worker_stop(), or have a superuser raise sqs_ingest.max_dynamic_workers."
             }

@@ -148,6 +148,7 @@ pub fn block_on_until<F: Future>(fut: F, deadline: std::time::Instant) -> Option
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
+                biased;
                 out = &mut fut => return Some(out),
                 _ = tick.tick() => {
                     // SAFETY: sig_atomic_t flags set by signal handlers; read on the main thread.

@@ -44,6 +44,9 @@ impl Target {
 fn lookup_locked(name: &str) -> Result<Option<pg_sys::Oid>> {
     for _ in 0..3 {
         let Some(oid) = lookup(name)? else { return Ok(None) };
+        // Only a role that may write the table may lock it (as LOCK TABLE's own check): otherwise a role could
+        // hold a lock on any table by naming it in sqs_ingest.target_table.
+        require(oid, pg_sys::ACL_INSERT as pg_sys::AclMode)?;
         // SAFETY: a heavyweight lock on a relation OID, released at transaction end.
         unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as i32) };
         if lookup(name)? == Some(oid) {
@@ -55,8 +58,19 @@ fn lookup_locked(name: &str) -> Result<Option<pg_sys::Oid>> {
     Err(Error::Target(format!("table \"{name}\" keeps changing; try again")))
 }
 
+fn require(oid: pg_sys::Oid, mode: pg_sys::AclMode) -> Result<()> {
+    // SAFETY: a catalog privilege check on the main thread inside a transaction.
+    let ok = unsafe { pg_sys::pg_class_aclcheck(oid, pg_sys::GetUserId(), mode) } == pg_sys::AclResult::ACLCHECK_OK;
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Permission(format!("permission denied for the target table (oid {})", oid.to_u32())))
+    }
+}
+
 /// Locks and inspects the table with this OID (for `rekey(regclass)`).
 pub fn resolve_oid(oid: pg_sys::Oid) -> Result<Target> {
+    require(oid, pg_sys::ACL_UPDATE as pg_sys::AclMode)?;
     // SAFETY: as in lookup_locked.
     unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as i32) };
     inspect(oid)
@@ -138,10 +152,15 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
                 "SELECT c.relkind::text, c.relowner,
                         c.relkind = 'p' OR c.relispartition OR c.relhastriggers OR c.relhasrules
                         OR EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = c.oid)
-                        OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique)
+                        OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                                      AND (i.indisunique OR i.indexprs IS NOT NULL OR i.indpred IS NOT NULL))
                         OR EXISTS (SELECT 1 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
                                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                                      AND (a.attnotnull OR t.typtype = 'd'))
+                                      AND (a.attnotnull OR a.atthasdef OR a.attgenerated <> '' OR a.attidentity <> ''
+                                           OR t.typtype <> 'b'
+                                           OR (a.attname IN ('user_id', 'device_type', 'masked_ip', 'masked_device_id', 'locale')
+                                               AND a.atttypid NOT IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype))
+                                           OR (a.attname = 'create_date' AND a.atttypid <> 'date'::regtype)))
                    FROM pg_class c WHERE c.oid = $1",
                 None,
                 &[oid.into()],

@@ -34,7 +34,9 @@ pub enum QueueUrlError {
     NoHost,
     #[error("queue URL must not have a query string or fragment")]
     Query,
-    #[error("queue URL path must be /<account id>/<queue name>")]
+    #[error(
+        "queue URL path must be /<account id>/<queue name> (or LocalStack's /queue/<region>/<account id>/<queue name>)"
+    )]
     Path,
     #[error("queue name must be 1-80 characters of A-Z, a-z, 0-9, '-' and '_' (optionally ending in .fifo)")]
     Name,
@@ -97,8 +99,17 @@ impl QueueUrl {
             return Err(QueueUrlError::NoHost);
         }
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-        let [account, name] = segments.as_slice() else {
-            return Err(QueueUrlError::Path);
+        // `/<account>/<name>`, or LocalStack's path form `/queue/<region>/<account>/<name>` (what its CreateQueue
+        // and GetQueueUrl return with SQS_ENDPOINT_STRATEGY=path).
+        let (path_region, account, name) = match segments.as_slice() {
+            [account, name] => (None, *account, *name),
+            ["queue", region, account, name]
+                if !region.is_empty()
+                    && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
+            {
+                (Some(region.to_string()), *account, *name)
+            }
+            _ => return Err(QueueUrlError::Path),
         };
         if account.is_empty() || !account.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(QueueUrlError::Path);
@@ -108,7 +119,7 @@ impl QueueUrl {
         }
         let (endpoint, region) = match aws_region(host) {
             Some(region) => (None, region),
-            None => (Some(format!("{scheme}://{authority}")), None),
+            None => (Some(format!("{scheme}://{authority}")), path_region),
         };
         Ok(QueueUrl {
             url: text.trim_end_matches('/').to_string(),
@@ -173,6 +184,17 @@ mod tests {
             assert!(q.is_aws(), "{url}");
             assert_eq!(q.region.as_deref(), region, "{url}");
         }
+    }
+
+    #[test]
+    fn localstack_path_form_names_its_region() {
+        let q = QueueUrl::parse("http://localhost:4566/queue/eu-west-1/000000000000/login-queue").unwrap();
+        assert_eq!(q.endpoint.as_deref(), Some("http://localhost:4566"));
+        assert_eq!(q.region.as_deref(), Some("eu-west-1"));
+        assert_eq!((q.account.as_str(), q.name.as_str()), ("000000000000", "login-queue"));
+        assert_eq!(q.url, "http://localhost:4566/queue/eu-west-1/000000000000/login-queue");
+        assert_eq!(QueueUrl::parse("http://h/queue/EU/0/q"), Err(QueueUrlError::Path));
+        assert_eq!(QueueUrl::parse("http://h/other/r/0/q"), Err(QueueUrlError::Path));
     }
 
     #[test]

@@ -225,3 +225,16 @@ fn long_runs_report_progress_at_the_configured_rate() {
     ingest(&mut c, &url);
     assert!(notices.lock().unwrap().iter().all(|n| !n.contains("received")), "progress_interval = 0 silences them");
 }
+
+/// The URL LocalStack itself returns (its path strategy: /queue/<region>/<account>/<name>) is accepted.
+#[test]
+fn localstacks_own_queue_url_form_is_accepted() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_path_form");
+    let url = h.fresh_queue(&mut c, "e2e-path-form", 30);
+    let returned: String = c.query_one("SELECT sqs_ingest.queue_create($1)", &[&url]).unwrap().get(0);
+    assert!(returned.contains("/queue/us-east-1/000000000000/e2e-path-form"), "{returned}");
+    h.send(&mut c, &returned, &[login(1), login(2), login(3)]);
+    assert_eq!(ingest(&mut c, &returned).inserted, 3);
+    eventually("queue empty", std::time::Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
+}

@@ -328,4 +328,15 @@ fn a_role_without_privileges_cannot_block_the_first_ingest() {
     let mut c = h.connect_as("e2e_lp_lock", op);
     c.batch_execute("SET statement_timeout = '20s'").unwrap();
     assert_eq!(ingest(&mut c, &url).inserted, 1, "the first ingest waited on a stranger's lock");
+    // Nor can an operator lock a table it may not write by naming it as the target: refused before any lock.
+    admin
+        .batch_execute(
+            "CREATE TABLE private_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+               masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)",
+        )
+        .unwrap();
+    c.batch_execute("SET sqs_ingest.target_table = 'public.private_logins'; BEGIN").unwrap();
+    let e = c.query("SELECT * FROM sqs_ingest($1)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
+    c.batch_execute("ROLLBACK").unwrap();
 }
