@@ -220,9 +220,46 @@ fn maybe_prune(url: &str, ledger_queue: &LedgerQueue, retention_s: Option<i64>) 
 /// Messages gathered before one batch is stored (unless the pipeline runs dry first).
 const STORE_AT: usize = 100;
 
+/// One ReceiveMessage on the network thread. Its messages reach the ingest loop through a channel; if the loop is
+/// gone before it takes them (an ERROR, a cancel, `statement_timeout`), the task or the dropped `InFlight` releases
+/// them at once (visibility 0) instead of leaving them hidden until their visibility timeout.
 struct InFlight {
-    handle: tokio::task::JoinHandle<Result<Vec<Received>>>,
+    handle: tokio::task::JoinHandle<()>,
+    rx: Option<tokio::sync::oneshot::Receiver<Result<Vec<Received>>>>,
     requested: i64,
+    client: sqs::Client,
+    url: String,
+}
+
+fn release_soon(client: sqs::Client, url: String, messages: Vec<Received>) {
+    let receipts: Vec<String> = messages.into_iter().map(|m| m.receipt_handle).collect();
+    if !receipts.is_empty() {
+        sqs::runtime().spawn(async move {
+            sqs::change_visibility(&client, &url, &receipts, 0, 4).await;
+        });
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // Received, but never taken by the loop.
+        if let Some(Ok(Ok(messages))) = self.rx.take().map(|mut rx| rx.try_recv()) {
+            release_soon(self.client.clone(), std::mem::take(&mut self.url), messages);
+        }
+    }
+}
+
+/// Messages received and not yet stored; released when dropped unstored (the call ended early).
+struct Unstored {
+    client: sqs::Client,
+    url: String,
+    messages: Vec<Received>,
+}
+
+impl Drop for Unstored {
+    fn drop(&mut self) {
+        release_soon(self.client.clone(), std::mem::take(&mut self.url), std::mem::take(&mut self.messages));
+    }
 }
 
 struct Run<'a> {
@@ -239,9 +276,20 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn spawn(&self, n: i64, wait_s: i32) -> InFlight {
-        let fut =
-            sqs::receive(self.client.clone(), self.queue.url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
-        InFlight { handle: sqs::runtime().spawn(fut), requested: n }
+        let (client, url) = (self.client.clone(), self.queue.url.clone());
+        let fut = sqs::receive(client.clone(), url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (task_client, task_url) = (client.clone(), url.clone());
+        let handle = sqs::runtime().spawn(async move {
+            if let Err(Ok(messages)) = tx.send(fut.await) {
+                // The loop is gone: nobody will store these.
+                let receipts: Vec<String> = messages.into_iter().map(|m| m.receipt_handle).collect();
+                if !receipts.is_empty() {
+                    sqs::change_visibility(&task_client, &task_url, &receipts, 0, 4).await;
+                }
+            }
+        });
+        InFlight { handle, rx: Some(rx), requested: n, client, url }
     }
 
     /// Keeps up to `concurrency` short polls in flight while the queue has not looked empty.
@@ -263,12 +311,12 @@ impl Run<'_> {
         let mut confirmed_once = false;
         let progress_every = Duration::from_secs(gucs::progress_interval_s());
         let mut next_progress = started + progress_every;
-        let mut pending: Vec<Received> = Vec::new();
+        let mut pending = Unstored { client: self.client.clone(), url: self.queue.url.clone(), messages: Vec::new() };
         loop {
             self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             if in_flight.is_empty() {
-                if !pending.is_empty() {
-                    self.store(std::mem::take(&mut pending))?;
+                if !pending.messages.is_empty() {
+                    self.store(std::mem::take(&mut pending.messages))?;
                 }
                 // A worker that already holds messages commits them now rather than long-polling for more inside
                 // the same transaction (its rows would stay invisible, and its messages undeleted, for the wait).
@@ -292,12 +340,13 @@ impl Run<'_> {
             while in_flight.front().is_some_and(|f| f.handle.is_finished()) {
                 done.push(in_flight.pop_front().expect("non-empty"));
             }
-            let mut batch = Vec::new();
+            let before = pending.messages.len();
             let mut woke = false;
-            for f in done {
+            for mut f in done {
                 let abort = f.handle.abort_handle();
-                let got = match sqs::block_on(f.handle) {
-                    Ok(joined) => joined.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??,
+                let rx = f.rx.take().expect("an in-flight receive is taken once");
+                let got = match sqs::block_on(rx) {
+                    Ok(received) => received.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??,
                     Err(Error::Interrupted) => {
                         // A worker asked to stop or reload: abandon the pending polls, store what we have.
                         abort.abort();
@@ -319,12 +368,12 @@ impl Run<'_> {
                     confirmed_once = self.opts.return_after_wake;
                     woke = true;
                 }
-                batch.extend(got);
+                pending.messages.extend(got);
             }
             if confirming && saw_empty && in_flight.is_empty() {
                 confirmed_once = true;
             }
-            if batch.is_empty() {
+            if pending.messages.len() == before {
                 continue;
             }
             // Refill the pipeline before the database work, so receives overlap the inserts.
@@ -333,13 +382,12 @@ impl Run<'_> {
             } else {
                 self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             }
-            pending.extend(batch);
             // While more receives are on their way, gather them into larger batches: fewer statements, and fewer
             // waits on the network thread, per message.
-            if pending.len() < STORE_AT && !in_flight.is_empty() && !woke {
+            if pending.messages.len() < STORE_AT && !in_flight.is_empty() && !woke {
                 continue;
             }
-            self.store(std::mem::take(&mut pending))?;
+            self.store(std::mem::take(&mut pending.messages))?;
             if self.opts.progress_notices && !progress_every.is_zero() && Instant::now() >= next_progress {
                 let s = &self.summary;
                 let secs = started.elapsed().as_secs_f64();
@@ -358,15 +406,21 @@ impl Run<'_> {
         Ok(saw_empty && unrequested > 0)
     }
 
-    fn store(&mut self, batch: Vec<Received>) -> Result<()> {
+    fn store(&mut self, mut batch: Vec<Received>) -> Result<()> {
         let limits = self.target.limits;
         let mut seen = HashSet::with_capacity(batch.len());
         let mut receipts = Vec::with_capacity(batch.len());
         let mut candidates = Vec::with_capacity(batch.len());
         let (mut ids, mut outcomes) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
-        for mut m in batch {
-            self.summary.received += 1;
+        for m in batch.iter_mut() {
             receipts.push(std::mem::take(&mut m.receipt_handle));
+        }
+        // Held by this transaction from now on: a COMMIT deletes them, an abort (even one that lands inside the
+        // inserts below) releases them.
+        self.summary.deleted += receipts.len() as i64;
+        hold::hold(self.client, &self.queue.url, receipts, gucs::visibility_timeout_s());
+        for m in batch {
+            self.summary.received += 1;
             if m.message_id.is_empty() {
                 self.summary.duplicates += 1; // SQS always sets MessageId; without one it cannot be deduplicated.
                 continue;
@@ -415,8 +469,6 @@ impl Run<'_> {
         as_owner(self.owner, || bookkeeping::store_dead_letters(&self.queue.url, self.key.id(), self.schema, dead))?;
         self.summary.inserted += inserted;
         self.summary.dead_lettered += dead_count;
-        self.summary.deleted += receipts.len() as i64;
-        hold::hold(self.client, &self.queue.url, receipts, gucs::visibility_timeout_s());
         Ok(())
     }
 }

@@ -225,3 +225,24 @@ fn two_phase_commit_is_refused_and_loses_nothing() {
     let counts = ingest(&mut c, &url);
     assert_eq!((counts.received, counts.inserted, counts.duplicates), (5, 5, 0));
 }
+
+/// A call cancelled mid-drain (statement_timeout) releases at once every message it received, including those of
+/// receives still in flight or received and not yet stored: none stays hidden until its visibility timeout.
+#[test]
+fn a_cancelled_call_releases_everything_it_received() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_cancel_release");
+    let url = h.fresh_queue(&mut c, "e2e-cancel-release", 120);
+    create_user_logins(&mut c);
+    h.send(&mut c, &url, &(0..8000).map(login).collect::<Vec<_>>());
+    // Warm the session's SQS clients first, so the cancel lands while receives are in flight, not in set-up.
+    depth(&mut c, &url);
+    c.batch_execute("SET sqs_ingest.visibility_timeout = 120; SET statement_timeout = '1s'").unwrap();
+    let e = c.query("SELECT * FROM sqs_ingest($1)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "57014", "{e:?}");
+    c.batch_execute("RESET statement_timeout").unwrap();
+    eventually("nothing left in flight", Duration::from_secs(20), || depth(&mut c, &url).1 == 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), 0);
+    assert_eq!(ingest(&mut c, &url).inserted, 8000);
+    eventually("queue empty", Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
+}
