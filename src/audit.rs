@@ -233,7 +233,8 @@ pub fn before_commit() {
     // SAFETY: pushes a snapshot for the SPI statements below and pops it after; an ERROR in between aborts the
     // transaction, which resets the snapshot stack.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let written = as_owner(extension_owner(), || write(&records, pid, false));
+    let with_pid: Vec<(Record, i32)> = records.iter().map(|r| (r.clone(), pid)).collect();
+    let written = as_owner(extension_owner(), || write(&with_pid, false));
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
     if let Err(e) = written {
@@ -461,11 +462,12 @@ fn role_or_oid(oid: u32) -> String {
 
 /// Writes records into the audit tables, in the current transaction, as the extension owner (pinned path).
 /// `rolled_back`: the calls' own transaction rolled back (written by the audit worker).
-fn write(records: &[Record], pid: i32, rolled_back: bool) -> Result<()> {
+fn write(records: &[(Record, i32)], rolled_back: bool) -> Result<()> {
     let has_mask_audit = Spi::get_one::<bool>("SELECT to_regclass('sqs_ingest.mask_audit') IS NOT NULL")
         .map_err(|e| Error::Internal(format!("cannot write the audit trail: {e}")))?
         .unwrap_or(false);
-    for r in records {
+    for (r, pid) in records {
+        let pid = *pid;
         let result = match r.kind {
             Kind::Masked if !has_mask_audit => Ok(()), // a schema not yet updated to 0.4.0: server log only
             Kind::Masked => Spi::run_with_args(
@@ -737,9 +739,7 @@ fn write_files(files: &[PathBuf]) {
             return Ok(false);
         }
         as_owner(extension_owner(), || {
-            for (record, pid) in &records {
-                write(std::slice::from_ref(record), *pid, true)?;
-            }
+            write(&records, true)?;
             for (url, worker, text) in &errors {
                 let none = crate::bookkeeping::Counters::default();
                 crate::bookkeeping::add_counters(url, worker, none, None, Some(text))?;

@@ -527,7 +527,7 @@ impl Rows {
         if !target.can_refuse_rows {
             // Nothing in the table can refuse a row that passed validation: no subtransaction (each would take a
             // subtransaction id, and more than 64 in one transaction slow every snapshot of the server).
-            return match in_subtransaction_free(|| self.insert(target)) {
+            return match catch_error(|| self.insert(target)) {
                 Ok(stored) => stored.map(|_| Vec::new()),
                 Err(report) => raise_without_detail(&report, target),
             };
@@ -630,10 +630,9 @@ fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, targ
     unreachable!("ereport(ERROR) does not return")
 }
 
-/// Runs `f` and returns an ERROR it raises (the caller re-raises it at once: the transaction is aborted).
-fn in_subtransaction_free<R>(
-    f: impl FnOnce() -> R,
-) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
+/// Runs `f` and returns an ERROR it raises, without a subtransaction (the caller re-raises it at once: the
+/// transaction is aborted).
+fn catch_error<R>(f: impl FnOnce() -> R) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
         .catch_others(|e| match e {
             pgrx::pg_sys::panic::CaughtError::PostgresError(r) => Err(Box::new(r)),
