@@ -61,7 +61,7 @@ COMMENT ON COLUMN sqs_ingest.key_events.by_role IS 'Role that caused it';
 CREATE FUNCTION sqs_ingest.queue_key(queue_url text) RETURNS int8
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN ('x' || pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(queue_url, 'UTF8')), 'hex'), 16))::pg_catalog.bit(64)::pg_catalog.int8;
-COMMENT ON FUNCTION sqs_ingest.queue_key(text) IS 'Key of a queue URL in sqs_ingest.ledger: the first 64 bits of its SHA-256, as int8';
+COMMENT ON FUNCTION sqs_ingest.queue_key(text) IS 'Key of a queue in sqs_ingest.ledger: the first 64 bits of the SHA-256 of the text, as int8; the ledger keys a queue by queue_key(queue_arn(url)) since 0.5.0';
 
 CREATE TABLE sqs_ingest.ledger (
     queue_key   int8 NOT NULL,
@@ -73,7 +73,7 @@ CREATE TABLE sqs_ingest.ledger (
 CREATE INDEX ledger_age ON sqs_ingest.ledger (ingested_at);
 REVOKE ALL ON sqs_ingest.ledger FROM PUBLIC;
 COMMENT ON TABLE sqs_ingest.ledger IS 'Every MessageId ingested, written in the same transaction as its row: a redelivered message is a duplicate. Pruned after the queue retention';
-COMMENT ON COLUMN sqs_ingest.ledger.queue_key IS 'Queue the message came from: sqs_ingest.queue_key(queue_url)';
+COMMENT ON COLUMN sqs_ingest.ledger.queue_key IS 'Queue the message came from: sqs_ingest.queue_key(sqs_ingest.queue_arn(queue_url)), the same for every spelling of its URL (0.5.0)';
 COMMENT ON COLUMN sqs_ingest.ledger.message_id IS 'SQS MessageId';
 COMMENT ON COLUMN sqs_ingest.ledger.outcome IS 'stored, dead_letter, or redriven (stored later from a dead letter)';
 COMMENT ON COLUMN sqs_ingest.ledger.ingested_at IS 'Transaction time of ingest';
@@ -105,7 +105,7 @@ COMMENT ON COLUMN sqs_ingest.dead_letters.message_id IS 'SQS MessageId (argument
 COMMENT ON COLUMN sqs_ingest.dead_letters.received_at IS 'When it was dead-lettered';
 COMMENT ON COLUMN sqs_ingest.dead_letters.sent_at IS 'SQS SentTimestamp';
 COMMENT ON COLUMN sqs_ingest.dead_letters.receive_count IS 'SQS ApproximateReceiveCount when it was dead-lettered';
-COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large, refused_by_table (0.4.0: the target table refused the row; the reason gives the SQLSTATE and constraint or column name)';
+COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large, refused_by_table (0.4.0), too_many_receives, no_message_id, no_receipt_handle (0.5.0)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.reason IS 'Precise reason, naming the field (never its value)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.key_id IS 'Key the body is encrypted with';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_encrypted IS 'AES-256-GCM encrypted body (random nonce); readable only through sqs_ingest.dead_letter_body() by the owner';
@@ -183,29 +183,7 @@ COMMENT ON TABLE sqs_ingest.counters IS 'Per queue, worker, backend and hour cou
 COMMENT ON COLUMN sqs_ingest.counters.worker IS 'Empty for SQL sessions, "worker N" for background workers';
 COMMENT ON COLUMN sqs_ingest.counters.last_error IS 'Last error, scrubbed of secrets';
 
-CREATE VIEW sqs_ingest.stats AS
-SELECT c.queue_url,
-       c.worker,
-       pg_catalog.sum(c.received)::bigint        AS received,
-       pg_catalog.sum(c.inserted)::bigint        AS inserted,
-       pg_catalog.sum(c.duplicates)::bigint      AS duplicates,
-       pg_catalog.sum(c.dead_lettered)::bigint   AS dead_lettered,
-       pg_catalog.sum(c.deleted)::bigint         AS deleted,
-       pg_catalog.sum(c.delete_failures)::bigint AS delete_failures,
-       pg_catalog.max(c.last_success_at)         AS last_success_at,
-       (SELECT e.last_error FROM sqs_ingest.counters e
-         WHERE e.queue_url = c.queue_url AND e.worker = c.worker AND e.last_error IS NOT NULL
-         ORDER BY e.last_error_at DESC LIMIT 1)  AS last_error,
-       pg_catalog.max(c.last_error_at)           AS last_error_at,
-       (SELECT d.approximate_depth FROM sqs_ingest.counters d
-         WHERE d.queue_url = c.queue_url AND d.depth_at IS NOT NULL
-         ORDER BY d.depth_at DESC LIMIT 1)       AS approximate_depth
-  FROM sqs_ingest.counters c
- GROUP BY c.queue_url, c.worker;
-REVOKE ALL ON sqs_ingest.stats FROM PUBLIC;
-GRANT SELECT ON sqs_ingest.stats TO sqs_ingest_operator;
-COMMENT ON VIEW sqs_ingest.stats IS 'Ingest counters per queue and worker, last success, last error (scrubbed), and the queue depth seen at the last ingest';
-COMMENT ON COLUMN sqs_ingest.stats.deleted IS 'Messages handed to the commit hook for deletion; failures after commit are in delete_failures';
+-- The view sqs_ingest.stats is created in finalize.sql (it keys a queue by sqs_ingest.queue_arn()).
 
 -- pg_dump includes these tables, so a dump restores keys, ledger, dead letters and the audit trail.
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.keys', '');
@@ -237,6 +215,6 @@ COMMENT ON TABLE sqs_ingest.workers IS 'Workers started with sqs_ingest.worker_s
 COMMENT ON COLUMN sqs_ingest.workers.queue_url IS 'Queue the worker ingests from';
 COMMENT ON COLUMN sqs_ingest.workers.batch_messages IS 'Messages per transaction (NULL: sqs_ingest.worker_batch_messages)';
 COMMENT ON COLUMN sqs_ingest.workers.method IS 'Masking method (NULL: sqs_ingest.masking_method)';
-COMMENT ON COLUMN sqs_ingest.workers.stopped_at IS 'Set by sqs_ingest.worker_stop(); the worker then exits for good';
+COMMENT ON COLUMN sqs_ingest.workers.stopped_at IS 'Set by sqs_ingest.worker_stop(); the worker then exits for good. While NULL the worker is wanted: it comes back after a server restart (0.5.0); worker_status() shows what runs';
 COMMENT ON COLUMN sqs_ingest.workers.pid IS 'Backend pid of the running worker';
 COMMENT ON COLUMN sqs_ingest.workers.run_as IS 'Role the worker connects as: the role that called worker_start(). Since 0.4.0';

@@ -45,7 +45,7 @@ BEGIN
                      ELSE pg_catalog.int8smaller(batch_messages::pg_catalog.int8,
                                                  max_messages OPERATOR(pg_catalog.-) received) END;
         EXIT WHEN want OPERATOR(pg_catalog.<=) 0::pg_catalog.int8;
-        SELECT * INTO r FROM @extschema@.sqs_ingest(queue_url, want, method);
+        SELECT * INTO r FROM sqs_ingest.drain_batch(queue_url, want, method);
         COMMIT;  -- the commit hook deletes this batch's messages from SQS now
         SELECT * INTO d FROM sqs_ingest.last_commit_deletes();
         received := received OPERATOR(pg_catalog.+) r.received;
@@ -56,7 +56,9 @@ BEGIN
             deleted := deleted OPERATOR(pg_catalog.+) d.deleted;
             delete_failures := delete_failures OPERATOR(pg_catalog.+) d.failed;
         END IF;
-        EXIT WHEN r.received OPERATOR(pg_catalog.<) want;  -- the queue was confirmed empty
+        -- Until the queue was confirmed empty (a FIFO queue: until a batch receives nothing, since each COMMIT
+        -- lets the next messages of the groups it held through).
+        EXIT WHEN NOT r.more;
     END LOOP;
     PERFORM sqs_ingest.flush_stats();
     elapsed_ms := pg_catalog.date_part('epoch'::pg_catalog.text,
@@ -95,17 +97,53 @@ BEGIN
 END
 $scrub$;
 
--- Privileges: nothing but app_version_text is PUBLIC.
+-- Counters per queue (by its ARN, so every spelling of one queue adds up; 0.5.0) and worker.
+CREATE VIEW sqs_ingest.stats AS
+WITH c AS (
+    SELECT COALESCE(sqs_ingest.queue_arn(k.queue_url), k.queue_url) AS queue, k.*
+      FROM sqs_ingest.counters k
+), depth AS (
+    SELECT DISTINCT ON (c.queue) c.queue, c.approximate_depth
+      FROM c WHERE c.depth_at IS NOT NULL
+     ORDER BY c.queue, c.depth_at DESC
+)
+SELECT (pg_catalog.array_agg(c.queue_url ORDER BY c.hour DESC))[1] AS queue_url,
+       c.worker,
+       pg_catalog.sum(c.received)::bigint        AS received,
+       pg_catalog.sum(c.inserted)::bigint        AS inserted,
+       pg_catalog.sum(c.duplicates)::bigint      AS duplicates,
+       pg_catalog.sum(c.dead_lettered)::bigint   AS dead_lettered,
+       pg_catalog.sum(c.deleted)::bigint         AS deleted,
+       pg_catalog.sum(c.delete_failures)::bigint AS delete_failures,
+       pg_catalog.max(c.last_success_at)         AS last_success_at,
+       (pg_catalog.array_agg(c.last_error ORDER BY c.last_error_at DESC)
+            FILTER (WHERE c.last_error IS NOT NULL))[1] AS last_error,
+       pg_catalog.max(c.last_error_at)           AS last_error_at,
+       pg_catalog.max(d.approximate_depth)       AS approximate_depth,
+       c.queue                                   AS queue_arn
+  FROM c LEFT JOIN depth d ON d.queue = c.queue
+ GROUP BY c.queue, c.worker;
+REVOKE ALL ON sqs_ingest.stats FROM PUBLIC;
+GRANT SELECT ON sqs_ingest.stats TO sqs_ingest_operator;
+COMMENT ON VIEW sqs_ingest.stats IS 'Ingest counters per queue (every spelling of its URL together) and worker, last success, last error (scrubbed), and the queue depth seen at the last ingest';
+COMMENT ON COLUMN sqs_ingest.stats.queue_url IS 'The URL the queue was last ingested by (a queue is keyed by queue_arn)';
+COMMENT ON COLUMN sqs_ingest.stats.deleted IS 'Messages handed to the commit hook for deletion; failures after commit are in delete_failures';
+COMMENT ON COLUMN sqs_ingest.stats.approximate_depth IS 'Messages SQS reported available at the last ingest (never 0 while a FIFO queue still holds messages); NULL if unknown';
+COMMENT ON COLUMN sqs_ingest.stats.queue_arn IS 'The queue''s identity, sqs_ingest.queue_arn(queue_url). Since 0.5.0';
+
+-- Privileges: nothing but app_version_text, queue_key and queue_arn is PUBLIC.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sqs_ingest FROM PUBLIC;
 REVOKE ALL ON FUNCTION sqs_ingest(text, bigint, text) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION sqs_ingest.app_version_text(integer) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION sqs_ingest.queue_key(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION sqs_ingest.queue_arn(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION sqs_ingest.unmask(text) TO sqs_ingest_unmasker;
 GRANT EXECUTE ON FUNCTION sqs_ingest.mask(text, text) TO sqs_ingest_unmasker, sqs_ingest_masker;
 GRANT EXECUTE ON FUNCTION sqs_ingest(text, bigint, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.last_commit_deletes() TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.drain_batch(text, bigint, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.flush_stats() TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.redrive(text, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.queue_depth(text) TO sqs_ingest_operator;
@@ -117,8 +155,10 @@ COMMENT ON FUNCTION sqs_ingest.unmask(text) IS 'Reveal the value of an enc: toke
 COMMENT ON FUNCTION sqs_ingest.rotate_key() IS 'Generate a new active masking key; tokens of older keys still unmask';
 COMMENT ON FUNCTION sqs_ingest.rekey(regclass) IS 'Rewrite enc: tokens of older keys in the table to the active key; returns how many tokens changed';
 COMMENT ON FUNCTION sqs_ingest.rekey_table(oid) IS 'Implementation of sqs_ingest.rekey';
+COMMENT ON FUNCTION sqs_ingest.queue_arn(text) IS 'The queue''s ARN (arn:aws:sqs:region:account:name), the same for every spelling of its URL; region from the URL, else sqs_ingest.region. NULL for text that is not a queue URL';
 COMMENT ON FUNCTION sqs_ingest.app_version_text(integer) IS 'Print a packed app_version (M*10000+m*100+p) as M.m.p';
 COMMENT ON FUNCTION sqs_ingest.redrive(text, text) IS 'Re-process one dead letter by message id (after fixing its cause); true if it is now stored';
+COMMENT ON FUNCTION sqs_ingest.drain_batch(text, bigint, text) IS 'One batch of sqs_ingest_drain: as sqs_ingest(), plus whether the queue may hold more (a FIFO queue goes on while batches receive messages). Since 0.5.0';
 COMMENT ON FUNCTION sqs_ingest.last_commit_deletes() IS 'Messages deleted from SQS (and failures) after this session''s last committing ingest';
 COMMENT ON FUNCTION sqs_ingest.flush_stats() IS 'Write this session''s post-commit delete outcomes and remembered errors to sqs_ingest.stats';
 COMMENT ON FUNCTION sqs_ingest.queue_send(text, text[]) IS 'Send message bodies to a queue (operations and tests); superuser only by default';

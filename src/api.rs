@@ -150,6 +150,15 @@ pub mod sqs_ingest {
         version::unpack(code)
     }
 
+    /// The queue's ARN, `arn:aws:sqs:<region>:<account>:<name>`: its identity whatever the spelling of its URL
+    /// (host name or address, LocalStack's path and domain forms, AWS's current and legacy hosts). The region is
+    /// the one the URL names, else `sqs_ingest.region` (requests are signed for it). The ledger, `stats` and
+    /// `worker_stop()` key a queue by it. NULL for text that is not a queue URL (no error: views call it).
+    #[pg_extern(stable, strict, parallel_safe)]
+    fn queue_arn(queue_url: &str) -> Option<String> {
+        sqs_ingest_core::queue_url::QueueUrl::parse(queue_url).ok().map(|q| q.arn(&gucs::region()))
+    }
+
     /// Re-processes one dead letter (after its cause was fixed). Returns true if it is now stored.
     #[pg_extern(volatile, parallel_unsafe)]
     fn redrive(message_id: &str, queue_url: default!(Option<&str>, "NULL")) -> bool {
@@ -395,11 +404,13 @@ pub mod sqs_ingest {
         let out: Vec<_> = rows
             .into_iter()
             .map(|(pid, label, db, state, start)| {
-                let urls = if label.starts_with("dynamic") {
+                let urls = if let Some(id) = label.strip_prefix("dynamic worker ") {
+                    // By the worker's id (its label), never by a recorded pid, which may be stale.
+                    let id: i32 = id.parse().unwrap_or(-1);
                     as_owner(owner, || {
                         Spi::get_one_with_args::<String>(
-                            "SELECT queue_url FROM sqs_ingest.workers WHERE pid = $1",
-                            &[pid.into()],
+                            "SELECT queue_url FROM sqs_ingest.workers WHERE worker_id = $1 AND pid = $2",
+                            &[id.into(), pid.into()],
                         )
                     })
                     .ok()

@@ -5,33 +5,54 @@ use crate::error::{Error, Result};
 use pgrx::prelude::*;
 use sqs_ingest_core::event::{Rejection, KEPT_BODY_PREFIX_BYTES, MAX_BODY_BYTES};
 use sqs_ingest_core::mask::{random_nonce, KeyMaterial};
+use sqs_ingest_core::queue_url::QueueUrl;
 use std::collections::HashSet;
 
-/// How this database's ledger names a queue: by `sqs_ingest.queue_key(url)` (schema 0.3.0 and later) or, in a
-/// database whose schema is still older (new library files installed, `ALTER EXTENSION ... UPDATE` not yet run
-/// there), by the URL itself. Both work, so a library upgrade never stops ingest before the schema update.
+/// How this database's ledger names a queue: by `sqs_ingest.queue_key(<the queue's ARN>)` (schema 0.5.0 and
+/// later: every spelling of one queue reaches the same rows; 0.3.0 and 0.4.0 keyed by the URL's text, see
+/// [`adopt_spelling`]) or, in a database whose schema is older than 0.3.0 (new library files installed,
+/// `ALTER EXTENSION ... UPDATE` not yet run there), by the URL itself. All work, so a library upgrade never stops
+/// ingest before the schema update.
 #[derive(Debug, Clone)]
 pub enum LedgerQueue {
     Key(i64),
     Url(String),
 }
 
+thread_local! {
+    /// Spellings whose rows under the old URL key this backend already moved to the queue's identity key.
+    static ADOPTED: std::cell::RefCell<HashSet<(i64, String)>> = std::cell::RefCell::new(HashSet::new());
+}
+
+/// The queue's identity ([`QueueUrl::arn`]); the URL text itself when it does not parse (rows of old releases).
+pub fn queue_identity(queue_url: &str) -> String {
+    QueueUrl::parse(queue_url).map_or_else(|_| queue_url.to_string(), |q| q.arn(&crate::gucs::region()))
+}
+
 impl LedgerQueue {
     pub fn of(queue_url: &str) -> Result<LedgerQueue> {
         let keyed = Spi::get_one::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                             WHERE attrelid = 'sqs_ingest.ledger'::pg_catalog.regclass
-                               AND attname = 'queue_key' AND NOT attisdropped)",
+                             WHERE attrelid OPERATOR(pg_catalog.=) 'sqs_ingest.ledger'::pg_catalog.regclass
+                               AND attname OPERATOR(pg_catalog.=) 'queue_key'::pg_catalog.name AND NOT attisdropped)",
         )
         .map_err(|e| Error::Internal(format!("ledger lookup failed: {e}")))?
         .unwrap_or(false);
         if !keyed {
             return Ok(LedgerQueue::Url(queue_url.to_string()));
         }
-        Spi::get_one_with_args::<i64>("SELECT sqs_ingest.queue_key($1)", &[queue_url.into()])
-            .map_err(|e| Error::Internal(format!("queue key lookup failed: {e}")))?
-            .map(LedgerQueue::Key)
-            .ok_or_else(|| Error::Internal("sqs_ingest.queue_key returned NULL".into()))
+        let key = |text: &str| {
+            Spi::get_one_with_args::<i64>("SELECT sqs_ingest.queue_key($1)", &[text.into()])
+                .map_err(|e| Error::Internal(format!("queue key lookup failed: {e}")))?
+                .ok_or_else(|| Error::Internal("sqs_ingest.queue_key returned NULL".into()))
+        };
+        let identity = key(&queue_identity(queue_url))?;
+        let spelling = key(queue_url)?;
+        if spelling != identity && !ADOPTED.with(|a| a.borrow().contains(&(identity, queue_url.to_string()))) {
+            adopt_spelling(spelling, identity)?;
+            ADOPTED.with(|a| a.borrow_mut().insert((identity, queue_url.to_string())));
+        }
+        Ok(LedgerQueue::Key(identity))
     }
 
     /// The ledger's queue column, its SQL type and the statement parameter for it.
@@ -41,6 +62,22 @@ impl LedgerQueue {
             LedgerQueue::Url(u) => ("queue_url", "text", u.clone().into()),
         }
     }
+}
+
+/// Moves ledger rows written under a URL spelling's own key (releases 0.3.0 and 0.4.0, by a spelling the
+/// upgrade script did not know) to the queue's identity key, so the MessageIds they hold stay duplicates. Where
+/// both keys hold one MessageId (a message stored twice before 0.5.0), one row is kept.
+fn adopt_spelling(spelling: i64, identity: i64) -> Result<()> {
+    Spi::run_with_args(
+        "WITH moved AS (
+            DELETE FROM sqs_ingest.ledger WHERE queue_key OPERATOR(pg_catalog.=) $1
+            RETURNING message_id, outcome, ingested_at)
+         INSERT INTO sqs_ingest.ledger (queue_key, message_id, outcome, ingested_at)
+         SELECT $2, message_id, outcome, ingested_at FROM moved
+         ON CONFLICT DO NOTHING",
+        &[spelling.into(), identity.into()],
+    )
+    .map_err(|e| Error::Internal(format!("ledger key update failed: {e}")))
 }
 
 /// Records MessageIds in the ledger; returns the ones that were not there before (the rest are duplicates).

@@ -38,6 +38,11 @@ pub enum Error {
     NotPreloaded(String),
     #[error("{0}")]
     Internal(String),
+    /// An ERROR Postgres raised inside an ingest (a lock timeout, a serialization failure, a table the caller
+    /// cannot write), caught so that it reaches `stats.last_error` and a worker carries on; re-raised with its
+    /// SQLSTATE, message and hint (never its DETAIL, which may quote values).
+    #[error("{message}")]
+    Postgres { code: PgSqlErrorCode, message: String, hint: Option<String> },
 }
 
 fn sqlstate_of(class: FailureClass) -> PgSqlErrorCode {
@@ -72,11 +77,13 @@ impl Error {
             Error::Target(_) => ERRCODE_WRONG_OBJECT_TYPE,
             Error::NotPreloaded(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Error::Internal(_) => ERRCODE_INTERNAL_ERROR,
+            Error::Postgres { code, .. } => *code,
         }
     }
 
     pub fn hint(&self) -> Option<String> {
         let hint = match self {
+            Error::Postgres { hint, .. } => return hint.clone(),
             Error::QueueUrl { .. } => "Pass the queue URL as SQS returns it, e.g. http://localhost:4566/000000000000/login-queue or https://sqs.us-east-1.amazonaws.com/123456789012/login-queue.",
             Error::Sqs { class, .. } => class.hint(),
             Error::Mask(MaskError::UnknownMethod(_)) => "Use 'encrypt' or 'hmac'.",

@@ -35,6 +35,8 @@ static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"*.amazonaws.com, *.amazonaws.com.cn, localhost, 127.0.0.1, ::1"));
 /// Bound on the deletes after a COMMIT (the transaction's locks are held until they end).
 static POST_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+/// Receives after which a message not yet stored becomes a dead letter (0: never).
+static MAX_RECEIVE_COUNT: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// Most dynamic workers (`worker_start()`) running at once in one database.
 static MAX_DYNAMIC_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
@@ -134,6 +136,9 @@ pub fn allowed_endpoints() -> String {
 }
 pub fn post_commit_timeout_ms() -> u64 {
     POST_COMMIT_TIMEOUT_MS.get() as u64
+}
+pub fn max_receive_count() -> i32 {
+    MAX_RECEIVE_COUNT.get()
 }
 pub fn max_dynamic_workers() -> i64 {
     MAX_DYNAMIC_WORKERS.get() as i64
@@ -271,6 +276,16 @@ pub fn init() {
         600_000,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.max_receive_count",
+        c"Receives (SQS ApproximateReceiveCount) after which a message that was never stored becomes a dead letter.",
+        c"Default 10; 0 turns it off. Each earlier attempt failed (a transient error rolls the batch back and releases its messages with a backoff of 2^receive_count seconds); the dead letter is redrivable once the cause is fixed. Keep it below the maxReceiveCount of an SQS redrive policy, or SQS moves the message first.",
+        &MAX_RECEIVE_COUNT,
+        0,
+        1000,
+        GucContext::Userset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"sqs_ingest.max_dynamic_workers",

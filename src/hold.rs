@@ -3,8 +3,11 @@
 //! Received messages stay invisible on the queue while their transaction runs: a background task extends their
 //! visibility before it expires. When the transaction commits, they are deleted (DeleteMessageBatch, positional
 //! ids, per-entry failures counted). When it aborts, or the subtransaction that received them rolls back, they
-//! are released (visibility 0) so another consumer can take them at once. Nothing here may raise after commit:
-//! failures become WARNINGs and counters.
+//! are released (visibility 0) so another consumer can take them at once — unless the transaction failed for a
+//! transient reason (a serialization failure, deadlock, lock timeout, lack of disk or memory: see
+//! [`back_off_on_abort`]), when each message comes back after a backoff that grows with its
+//! `ApproximateReceiveCount` (2, 4, 8, ... seconds, at most 256), so a database in trouble is not hammered.
+//! Nothing here may raise after commit: failures become WARNINGs and counters.
 
 use crate::sqs::{self, BatchOutcome};
 use pgrx::pg_sys;
@@ -16,6 +19,13 @@ struct Entry {
     queue: usize,
     receipt: String,
     subxact: pg_sys::SubTransactionId,
+    /// SQS ApproximateReceiveCount when received (1 if unknown).
+    receive_count: i32,
+}
+
+/// Visibility timeout (seconds) of a message released after a transient failure: 2^receive_count, at most 256.
+pub fn backoff_s(receive_count: i32) -> i32 {
+    1i32 << receive_count.clamp(1, 8) // 2, 4, ..., 256
 }
 
 #[derive(Default)]
@@ -41,6 +51,14 @@ thread_local! {
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
     static LAST_COMMIT: Cell<BatchOutcome> = const { Cell::new(BatchOutcome { succeeded: 0, failed: 0 }) };
     static UNREPORTED: RefCell<Vec<PostCommit>> = const { RefCell::new(Vec::new()) };
+    /// The current transaction is failing for a transient reason: its messages are released with a backoff.
+    static BACK_OFF: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current transaction as failing for a transient reason (the caller is about to raise): when it aborts,
+/// its messages are released with [`backoff_s`] instead of at once.
+pub fn back_off_on_abort() {
+    BACK_OFF.set(true);
 }
 
 /// Registers the transaction callbacks once per backend.
@@ -57,7 +75,7 @@ pub fn ensure_callbacks() {
 }
 
 /// Takes ownership of received messages for the current (sub)transaction.
-pub fn hold(client: &sqs::Client, queue_url: &str, receipts: Vec<String>, visibility_s: i32) {
+pub fn hold(client: &sqs::Client, queue_url: &str, receipts: Vec<(String, i32)>, visibility_s: i32) {
     if receipts.is_empty() {
         return;
     }
@@ -75,7 +93,12 @@ pub fn hold(client: &sqs::Client, queue_url: &str, receipts: Vec<String>, visibi
                 shared.queues.len() - 1
             }
         };
-        shared.entries.extend(receipts.into_iter().map(|receipt| Entry { queue, receipt, subxact }));
+        shared.entries.extend(receipts.into_iter().map(|(receipt, receive_count)| Entry {
+            queue,
+            receipt,
+            subxact,
+            receive_count,
+        }));
     });
 }
 
@@ -122,17 +145,19 @@ fn group(queues: &[(sqs::Client, String)], entries: impl Iterator<Item = (usize,
     groups
 }
 
-fn take() -> Option<(Vec<Group>, tokio::task::JoinHandle<()>)> {
+/// The queues a hold knows, its entries, and its heartbeat task.
+type Taken = (Vec<(sqs::Client, String)>, Vec<Entry>, tokio::task::JoinHandle<()>);
+
+fn take_entries() -> Option<Taken> {
     let hold = HOLD.with(|h| h.borrow_mut().take())?;
-    let groups = hold
-        .shared
-        .lock()
-        .map(|mut s| {
-            let entries = std::mem::take(&mut s.entries);
-            group(&s.queues, entries.into_iter().map(|e| (e.queue, e.receipt)))
-        })
-        .unwrap_or_default();
-    Some((groups, hold.heartbeat))
+    let (queues, entries) =
+        hold.shared.lock().map(|mut s| (s.queues.clone(), std::mem::take(&mut s.entries))).unwrap_or_default();
+    Some((queues, entries, hold.heartbeat))
+}
+
+fn take() -> Option<(Vec<Group>, tokio::task::JoinHandle<()>)> {
+    let (queues, entries, heartbeat) = take_entries()?;
+    Some((group(&queues, entries.into_iter().map(|e| (e.queue, e.receipt))), heartbeat))
 }
 
 /// DeleteMessageBatch calls in flight after a commit.
@@ -143,6 +168,7 @@ const DELETE_CONCURRENCY: usize = 8;
 /// backend is told to terminate (pg_terminate_backend, fast shutdown). Messages not deleted then are redelivered
 /// after their visibility timeout and recognised as duplicates by the ledger.
 fn after_commit() {
+    BACK_OFF.set(false);
     let Some((groups, heartbeat)) = take() else { return };
     heartbeat.abort();
     let deadline = std::time::Instant::now() + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
@@ -180,20 +206,41 @@ fn after_commit() {
 }
 
 fn release(groups: Vec<Group>) {
-    for (client, url, receipts) in groups {
+    release_after(groups.into_iter().map(|g| (g, 0)).collect());
+}
+
+/// Sets each group's messages visible after the given number of seconds.
+fn release_after(groups: Vec<(Group, i32)>) {
+    for ((client, url, receipts), visibility_s) in groups {
         // Best effort: if this fails the messages reappear when their visibility timeout ends anyway.
         sqs::block_on_uninterruptible(async {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), sqs::change_visibility(&client, &url, &receipts, 0, 8))
-                    .await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                sqs::change_visibility(&client, &url, &receipts, visibility_s, 8),
+            )
+            .await;
         });
     }
 }
 
 fn after_abort() {
-    let Some((groups, heartbeat)) = take() else { return };
+    let back_off = BACK_OFF.replace(false);
+    let Some((queues, entries, heartbeat)) = take_entries() else { return };
     heartbeat.abort();
-    release(groups);
+    if !back_off {
+        return release(group(&queues, entries.into_iter().map(|e| (e.queue, e.receipt))));
+    }
+    let mut by_delay: std::collections::BTreeMap<i32, Vec<Entry>> = std::collections::BTreeMap::new();
+    for e in entries {
+        by_delay.entry(backoff_s(e.receive_count)).or_default().push(e);
+    }
+    let groups = by_delay
+        .into_iter()
+        .flat_map(|(delay, entries)| {
+            group(&queues, entries.into_iter().map(|e| (e.queue, e.receipt))).into_iter().map(move |g| (g, delay))
+        })
+        .collect();
+    release_after(groups);
 }
 
 fn after_subxact_abort(my: pg_sys::SubTransactionId) {

@@ -46,6 +46,12 @@ pub struct Summary {
     /// Messages this call hands to the commit hook for deletion (every message it processed).
     pub deleted: i64,
     pub elapsed_ms: f64,
+    /// Whether the queue may hold more for this caller (it was not confirmed empty; for a FIFO queue, this call
+    /// received messages, whose groups go on only after its COMMIT deletes them).
+    pub more: bool,
+    /// For a FIFO queue this call received from: the messages SQS reports still available after it (the later
+    /// messages of the groups it holds, which SQS delivers only after its COMMIT deletes the earlier ones).
+    pub fifo_remaining: Option<i64>,
 }
 
 thread_local! {
@@ -86,6 +92,20 @@ pub fn parse_args(
     Ok((queue, max_messages, method))
 }
 
+/// Runs `f`, turning an ERROR Postgres raises inside it into an [`Error::Postgres`], so that a failing call's error
+/// reaches `stats.last_error` and a worker records it and carries on instead of exiting. The transaction is left
+/// failed: the caller re-raises the error or aborts the transaction at once, and runs no SQL before that.
+pub fn catching<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    match catch_error(f) {
+        Ok(result) => result,
+        Err(report) => Err(Error::Postgres {
+            code: report.sql_error_code(),
+            message: report.message().to_string(),
+            hint: report.hint().map(str::to_string),
+        }),
+    }
+}
+
 /// Remembers the error of a failing call so the next call in this backend records it in the counters.
 pub fn remember_error(queue_url: &str, worker: &str, error: &Error) {
     UNREPORTED_ERRORS.with(|e| e.borrow_mut().push((queue_url.to_string(), worker.to_string(), error.scrubbed())));
@@ -116,6 +136,15 @@ pub fn flush_unreported(worker: &str) -> Result<()> {
 
 /// Ingests from one queue until it is empty or `max_messages` were received.
 pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
+    ingest_from(queue, opts, None)
+}
+
+/// [`ingest`], starting with messages a worker waited for outside the transaction ([`wait_for_messages`]).
+pub fn ingest_waited(queue: &QueueUrl, opts: &Options, waited: Waited) -> Result<Summary> {
+    ingest_from(queue, opts, Some(waited))
+}
+
+fn ingest_from(queue: &QueueUrl, opts: &Options, waited: Option<Waited>) -> Result<Summary> {
     let started = Instant::now();
     hold::ensure_callbacks();
     let client = sqs::client(queue)?;
@@ -127,7 +156,7 @@ pub fn ingest(queue: &QueueUrl, opts: &Options) -> Result<Summary> {
     // The target is the caller's to name, so it is resolved with the caller's search_path; every other
     // statement runs with a pinned one (see crate::privilege).
     let target = target::resolve_or_create(&gucs::target_table())?;
-    pinned(|| ingest_into(queue, opts, &client, info, &target, started))
+    pinned(|| ingest_into(queue, opts, &client, info, &target, started, waited))
 }
 
 fn ingest_into(
@@ -137,6 +166,7 @@ fn ingest_into(
     info: sqs::QueueInfo,
     target: &Target,
     started: Instant,
+    waited: Option<Waited>,
 ) -> Result<Summary> {
     let owner = extension_owner();
     as_owner(owner, || flush_unreported(&opts.worker))?;
@@ -155,7 +185,14 @@ fn ingest_into(
         key: &key,
         summary: Summary::default(),
     };
-    let drained = run.pipeline(started)?;
+    let drained = run.pipeline(started, waited)?;
+    let fifo = queue.name.ends_with(".fifo");
+    run.summary.more = !drained || (fifo && run.summary.received > 0);
+    if fifo && run.summary.received > 0 {
+        // Within one transaction SQS delivers no further message of a group this call holds, so "looked empty"
+        // proves nothing: ask what is left (the held messages are in flight and not counted).
+        run.summary.fifo_remaining = sqs::block_on(sqs::queue_info(client, &queue.url))??.approximate_depth;
+    }
 
     let s = run.summary;
     let counters = Counters {
@@ -168,7 +205,13 @@ fn ingest_into(
     };
     as_owner(owner, || -> Result<()> {
         // The probe saw the queue before this call took its messages: report what is left, as best known.
-        let depth = if drained { Some(0) } else { info.approximate_depth.map(|d| (d - s.received).max(0)) };
+        let depth = if s.fifo_remaining.is_some() {
+            s.fifo_remaining
+        } else if drained {
+            Some(0)
+        } else {
+            info.approximate_depth.map(|d| (d - s.received).max(0))
+        };
         bookkeeping::add_counters(&queue.url, &opts.worker, counters, depth, None)?;
         maybe_prune(&queue.url, &ledger_queue, info.retention_s)
     })?;
@@ -274,22 +317,51 @@ struct Run<'a> {
     summary: Summary,
 }
 
+/// Starts one ReceiveMessage on the network thread (see [`InFlight`]).
+fn spawn_receive(client: &sqs::Client, url: &str, n: i64, wait_s: i32) -> InFlight {
+    let (client, url) = (client.clone(), url.to_string());
+    let fut = sqs::receive(client.clone(), url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (task_client, task_url) = (client.clone(), url.clone());
+    let handle = sqs::runtime().spawn(async move {
+        if let Err(Ok(messages)) = tx.send(fut.await) {
+            // The loop is gone: nobody will store these.
+            let receipts: Vec<String> = messages.into_iter().map(|m| m.receipt_handle).collect();
+            if !receipts.is_empty() {
+                sqs::change_visibility(&task_client, &task_url, &receipts, 0, 4).await;
+            }
+        }
+    });
+    InFlight { handle, rx: Some(rx), requested: n, client, url }
+}
+
+/// Messages a background worker waited for outside any transaction, to be stored by the next [`ingest`] call.
+pub struct Waited(Unstored);
+
+impl Waited {
+    pub fn is_empty(&self) -> bool {
+        self.0.messages.is_empty()
+    }
+}
+
+/// Long-polls a queue for up to `wait_s` seconds *outside any transaction* (a background worker's idle wait: it
+/// holds no transaction id and no snapshot, so VACUUM is never held back by an idle worker). Messages that
+/// arrive are released at once if they are never stored (the worker stops, or its transaction fails to start).
+pub fn wait_for_messages(queue: &QueueUrl, max: i64, wait_s: i32) -> Result<Waited> {
+    let client = sqs::client(queue)?;
+    let mut receive = spawn_receive(&client, &queue.url, max.clamp(1, 10), wait_s);
+    let rx = receive.rx.take().expect("a fresh receive");
+    let messages = match sqs::block_on(rx) {
+        Ok(received) => received.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??,
+        Err(Error::Interrupted) => Vec::new(), // asked to stop or reload: the task releases what it gets
+        Err(e) => return Err(e),
+    };
+    Ok(Waited(Unstored { client, url: queue.url.clone(), messages }))
+}
+
 impl Run<'_> {
     fn spawn(&self, n: i64, wait_s: i32) -> InFlight {
-        let (client, url) = (self.client.clone(), self.queue.url.clone());
-        let fut = sqs::receive(client.clone(), url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (task_client, task_url) = (client.clone(), url.clone());
-        let handle = sqs::runtime().spawn(async move {
-            if let Err(Ok(messages)) = tx.send(fut.await) {
-                // The loop is gone: nobody will store these.
-                let receipts: Vec<String> = messages.into_iter().map(|m| m.receipt_handle).collect();
-                if !receipts.is_empty() {
-                    sqs::change_visibility(&task_client, &task_url, &receipts, 0, 4).await;
-                }
-            }
-        });
-        InFlight { handle, rx: Some(rx), requested: n, client, url }
+        spawn_receive(self.client, &self.queue.url, n, wait_s)
     }
 
     /// Keeps up to `concurrency` short polls in flight while the queue has not looked empty.
@@ -302,16 +374,19 @@ impl Run<'_> {
     }
 
     /// Returns whether it stopped because the queue looked empty (rather than at `max_messages` or a stop).
-    fn pipeline(&mut self, started: Instant) -> Result<bool> {
+    fn pipeline(&mut self, started: Instant, waited: Option<Waited>) -> Result<bool> {
         let concurrency = gucs::receive_concurrency();
-        let mut unrequested = self.opts.max_messages.unwrap_or(i64::MAX);
+        let mut pending = Unstored { client: self.client.clone(), url: self.queue.url.clone(), messages: Vec::new() };
+        if let Some(Waited(mut first)) = waited {
+            pending.messages = std::mem::take(&mut first.messages);
+        }
+        let mut unrequested = self.opts.max_messages.unwrap_or(i64::MAX) - pending.messages.len() as i64;
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut saw_empty = false;
         let mut confirming = false;
         let mut confirmed_once = false;
         let progress_every = Duration::from_secs(gucs::progress_interval_s());
         let mut next_progress = started + progress_every;
-        let mut pending = Unstored { client: self.client.clone(), url: self.queue.url.clone(), messages: Vec::new() };
         loop {
             self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
             if in_flight.is_empty() {
@@ -320,7 +395,10 @@ impl Run<'_> {
                 }
                 // A worker that already holds messages commits them now rather than long-polling for more inside
                 // the same transaction (its rows would stay invisible, and its messages undeleted, for the wait).
-                let holding = self.opts.return_after_wake && self.summary.received > 0;
+                // So does any call holding messages of a FIFO queue: SQS delivers none of those groups' later
+                // messages until this transaction's COMMIT deletes the earlier ones, so the wait would be idle.
+                let fifo = self.queue.name.ends_with(".fifo");
+                let holding = (self.opts.return_after_wake || fifo) && self.summary.received > 0;
                 if saw_empty
                     && !confirming
                     && !confirmed_once
@@ -412,24 +490,49 @@ impl Run<'_> {
         let mut receipts = Vec::with_capacity(batch.len());
         let mut candidates = Vec::with_capacity(batch.len());
         let (mut ids, mut outcomes) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
-        for m in batch.iter_mut() {
-            receipts.push(std::mem::take(&mut m.receipt_handle));
+        let mut no_receipt = HashSet::new();
+        for (i, m) in batch.iter_mut().enumerate() {
+            let receipt = std::mem::take(&mut m.receipt_handle);
+            if receipt.is_empty() {
+                no_receipt.insert(i);
+            } else {
+                receipts.push((receipt, m.receive_count.unwrap_or(1)));
+            }
         }
         // Held by this transaction from now on: a COMMIT deletes them, an abort (even one that lands inside the
         // inserts below) releases them.
         self.summary.deleted += receipts.len() as i64;
         hold::hold(self.client, &self.queue.url, receipts, gucs::visibility_timeout_s());
-        for m in batch {
+        let max_receives = gucs::max_receive_count();
+        for (i, mut m) in batch.into_iter().enumerate() {
             self.summary.received += 1;
-            if m.message_id.is_empty() {
-                self.summary.duplicates += 1; // SQS always sets MessageId; without one it cannot be deduplicated.
-                continue;
-            }
+            // Every message is accounted for: one SQS delivered without a MessageId (never, by its API) is kept
+            // as a dead letter under a keyed digest of its body, one without a receipt handle as a dead letter
+            // under its MessageId (it cannot be deleted; its redelivery is then a duplicate).
+            let anomaly = if m.message_id.is_empty() {
+                let digest = self.key.body_digest(m.body.as_bytes());
+                m.message_id = digest[..16].iter().fold(String::from("no-message-id:"), |mut id, b| {
+                    id.push_str(&format!("{b:02x}"));
+                    id
+                });
+                Some(Rejection::NoMessageId)
+            } else if no_receipt.contains(&i) {
+                Some(Rejection::NoReceiptHandle)
+            } else {
+                None
+            };
             if !seen.insert(m.message_id.clone()) {
                 self.summary.duplicates += 1;
                 continue;
             }
-            let verdict = event::parse(&m.body).and_then(|e| event::validate(&e, &limits).map(|v| (e, v)));
+            let receive_count = m.receive_count.unwrap_or(1);
+            let verdict = match anomaly {
+                Some(reason) => Err(reason),
+                None if max_receives > 0 && receive_count > max_receives => {
+                    Err(Rejection::TooManyReceives { receive_count, limit: max_receives })
+                }
+                None => event::parse(&m.body).and_then(|e| event::validate(&e, &limits).map(|v| (e, v))),
+            };
             ids.push(m.message_id.clone());
             outcomes.push(if verdict.is_ok() { "stored" } else { "dead_letter" }.to_string());
             candidates.push((m, verdict));
@@ -617,9 +720,22 @@ fn refused_by_data(code: pgrx::PgSqlErrorCode) -> bool {
     state.starts_with("22") || state.starts_with("23") || state.starts_with("P0")
 }
 
+/// Whether an error of the target is worth retrying later rather than a fault of the batch: serialization
+/// failures and deadlocks (class 40), lock timeouts (55P03), lack of disk, memory or connections (class 53), and
+/// system errors such as I/O failures (class 58). A cancel or `statement_timeout` (57014) is not: its messages
+/// are released at once.
+fn transient(code: pgrx::PgSqlErrorCode) -> bool {
+    let state = crate::error::sqlstate_text(code);
+    state.starts_with("40") || state == "55P03" || state.starts_with("53") || state.starts_with("58")
+}
+
 /// Re-raises a caught error of the target with its SQLSTATE and message but never its DETAIL ("Failing row
 /// contains (...)", "Key (...)=(...)" would put field values in the client's error and the server log).
 fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, target: &Target) -> ! {
+    if transient(report.sql_error_code()) {
+        // The batch is retried later, after a backoff that grows with each message's receive count.
+        hold::back_off_on_abort();
+    }
     pgrx::pg_sys::panic::ErrorReport::new(
         report.sql_error_code(),
         format!("insert into {} failed: {}", target.name, report.message()),
@@ -635,7 +751,10 @@ fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, targ
 fn catch_error<R>(f: impl FnOnce() -> R) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
     pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
         .catch_others(|e| match e {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(r) => Err(Box::new(r)),
+            // Raised by Postgres (through an FFI call), or by our own code with ereport.
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r) | pgrx::pg_sys::panic::CaughtError::ErrorReport(r) => {
+                Err(Box::new(r))
+            }
             other => other.rethrow(),
         })
         .execute()

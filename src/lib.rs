@@ -63,14 +63,55 @@ fn sqs_ingest_fn(
         progress_notices: true,
         reuse_probe_for: std::time::Duration::ZERO,
     };
-    let s = match ingest::ingest(&queue, &opts) {
+    let s = match ingest::catching(|| ingest::ingest(&queue, &opts)) {
         Ok(s) => s,
         Err(e) => {
             ingest::remember_error(&queue.url, "", &e);
             e.raise()
         }
     };
+    if let Some(remaining) = s.fifo_remaining.filter(|n| *n > 0) {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            pgrx::PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
+            format!("about {remaining} message(s) remain in FIFO queue {}", queue.name),
+            "sqs_ingest",
+        )
+        .set_detail("Within one transaction SQS delivers no later message of a message group until the messages received from it are deleted, which happens when this transaction commits.")
+        .set_hint("Call sqs_ingest() again after COMMIT, or drain FIFO queues with CALL sqs_ingest_drain(...) or a background worker, which commit batch by batch.")
+        .report(pgrx::PgLogLevel::NOTICE);
+    }
     TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.deleted, s.elapsed_ms))
+}
+
+/// One batch of `sqs_ingest_drain`: as `sqs_ingest()`, plus whether the queue may hold more for the next batch
+/// (`more`; a FIFO queue goes on while batches receive messages), and without the FIFO NOTICE.
+#[pg_extern(name = "drain_batch", schema = "sqs_ingest", volatile, parallel_unsafe)]
+fn drain_batch(
+    queue_url: &str,
+    max_messages: i64,
+    method: Option<&str>,
+) -> TableIterator<
+    'static,
+    (name!(received, i64), name!(inserted, i64), name!(duplicates, i64), name!(dead_lettered, i64), name!(more, bool)),
+> {
+    let (queue, max_messages, method) = ingest::parse_args(queue_url, Some(max_messages), method).or_raise();
+    let opts = ingest::Options {
+        max_messages,
+        method,
+        worker: String::new(),
+        confirm_wait_s: gucs::wait_time_s(),
+        return_after_wake: false,
+        progress_notices: true,
+        reuse_probe_for: std::time::Duration::ZERO,
+    };
+    let s = match ingest::catching(|| ingest::ingest(&queue, &opts)) {
+        Ok(s) => s,
+        Err(e) => {
+            ingest::remember_error(&queue.url, "", &e);
+            e.raise()
+        }
+    };
+    TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.more))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

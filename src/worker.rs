@@ -48,6 +48,17 @@ pub fn register_static_workers() {
         return;
     }
     LOADED_AT_PRELOAD.store(true, Ordering::Relaxed);
+    // The postmaster runs in the data directory: dynamic workers recorded there come back after a restart.
+    if durable::any() {
+        BackgroundWorkerBuilder::new("sqs_ingest launcher")
+            .set_type("sqs_ingest launcher")
+            .set_library("sqs_ingest")
+            .set_function("sqs_ingest_launcher_main")
+            .enable_spi_access()
+            .set_start_time(pgrx::bgworkers::BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(None)
+            .load();
+    }
     for index in 0..gucs::worker_count() {
         BackgroundWorkerBuilder::new(&format!("sqs_ingest worker {index}"))
             .set_type(WORKER_TYPE)
@@ -98,16 +109,15 @@ fn in_transaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     result
 }
 
-fn extension_ready() -> bool {
+/// Whether the extension is installed in the worker's database (Err: the lookup itself failed; try again).
+fn extension_ready() -> Result<bool> {
     in_transaction(|| {
-        Ok(pinned(|| {
+        pinned(|| {
             Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'sqs_ingest')")
         })
-        .ok()
-        .flatten()
-        .unwrap_or(false))
+        .map(|found| found.unwrap_or(false))
+        .map_err(|e| Error::Internal(e.to_string()))
     })
-    .unwrap_or(false)
 }
 
 /// Where a worker's queues and options come from.
@@ -122,37 +132,60 @@ struct Plan {
     method: Option<String>,
 }
 
-fn plan(source: &Source) -> Option<Plan> {
+/// What to ingest now; `Ok(None)`: nothing (a static worker disabled, a dynamic worker stopped or gone); `Err`:
+/// the lookup failed (try again later).
+fn plan(source: &Source) -> Result<Option<Plan>> {
     match source {
         Source::Static => {
             if !gucs::worker_enabled() {
-                return None;
+                return Ok(None);
             }
             let queues = gucs::worker_queue_urls();
-            (!queues.is_empty()).then(|| Plan { queues, batch: gucs::worker_batch_messages(), method: None })
+            Ok((!queues.is_empty()).then(|| Plan { queues, batch: gucs::worker_batch_messages(), method: None }))
         }
         Source::Dynamic(id) => in_transaction(|| {
             // SAFETY: a plain read of the role this worker connected as.
             let me = unsafe { pg_sys::GetUserId() };
-            let row = as_owner(extension_owner(), || {
-                Spi::get_three_with_args::<String, i32, String>(
+            as_owner(extension_owner(), || {
+                // A worker has its starter's privileges, so it stops (for good) when its role may no longer
+                // operate sqs_ingest: a revoked membership is not brought back to life by a restart.
+                let allowed = Spi::get_one_with_args::<bool>(
+                    "SELECT pg_has_role($1, 'sqs_ingest_operator', 'USAGE')",
+                    &[me.into()],
+                )?
+                .unwrap_or(false);
+                if !allowed {
+                    Spi::run_with_args(
+                        "UPDATE sqs_ingest.workers SET stopped_at = now() WHERE worker_id = $1 AND stopped_at IS NULL",
+                        &[(*id).into()],
+                    )?;
+                    log!("sqs_ingest dynamic worker {id}: its role is no longer a member of sqs_ingest_operator; stopped");
+                    return Ok(None);
+                }
+                let row = Spi::get_three_with_args::<String, i32, String>(
                     "SELECT queue_url, batch_messages, method FROM sqs_ingest.workers
                       WHERE worker_id = $1 AND stopped_at IS NULL AND run_as::oid = $2",
                     &[(*id).into(), me.into()],
-                )
+                )?;
+                Ok(match row {
+                    (Some(url), batch, method) => Some(Plan {
+                        queues: vec![url],
+                        batch: batch.map_or_else(gucs::worker_batch_messages, i64::from),
+                        method,
+                    }),
+                    _ => None,
+                })
             })
-            .map_err(|e| Error::Internal(e.to_string()))?;
-            Ok(match row {
-                (Some(url), batch, method) => Some(Plan {
-                    queues: vec![url],
-                    batch: batch.map_or_else(gucs::worker_batch_messages, i64::from),
-                    method,
-                }),
-                _ => None,
-            })
-        })
-        .ok()
-        .flatten(),
+            .map_err(|e: pgrx::spi::SpiError| Error::Internal(e.to_string()))
+        }),
+    }
+}
+
+/// A dynamic worker that exits for good removes its restart record.
+fn forget_self(dynamic: Option<i32>) {
+    if let Some(id) = dynamic {
+        // SAFETY: a plain read of a backend global.
+        durable::forget(unsafe { pg_sys::MyDatabaseId }.to_u32(), id);
     }
 }
 
@@ -221,31 +254,53 @@ fn run(source: Source, label: String, connection: Connection) {
             .map_err(|e| Error::Internal(e.to_string()))
         });
     }
+    let dynamic = match &source {
+        Source::Dynamic(id) => Some(*id),
+        Source::Static => None,
+    };
     let mut warned_missing = false;
     let mut ready = false;
     let mut backoff = Duration::ZERO;
     while !stopping() {
         reload_if_asked();
         // Checked in a transaction of its own only until it holds, and again after a failed batch.
-        ready = ready || extension_ready();
         if !ready {
-            if !warned_missing {
-                log!("sqs_ingest {label}: extension sqs_ingest is not installed in database {database}; waiting");
-                warned_missing = true;
+            match extension_ready() {
+                Ok(true) => ready = true,
+                Ok(false) if dynamic.is_some() => {
+                    // The extension (and with it the worker's row) was dropped: exit for good.
+                    log!("sqs_ingest {label}: extension sqs_ingest is no longer installed in database {database}; exiting");
+                    forget_self(dynamic);
+                    break;
+                }
+                Ok(false) | Err(_) => {
+                    if !warned_missing {
+                        log!(
+                            "sqs_ingest {label}: extension sqs_ingest is not installed in database {database}; waiting"
+                        );
+                        warned_missing = true;
+                    }
+                    if !BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
+                        break;
+                    }
+                    continue;
+                }
             }
-            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
-                break;
-            }
-            continue;
         }
-        let Some(plan) = plan(&source) else {
-            if matches!(source, Source::Dynamic(_)) {
-                break; // stopped with worker_stop(): exit 0, so the postmaster does not restart it
-            }
-            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(5))) {
+        let plan = match plan(&source) {
+            Ok(Some(plan)) => plan,
+            Ok(None) if dynamic.is_some() => {
+                // Stopped with worker_stop(), or its row is gone: exit 0 for good (the postmaster does not restart
+                // it, and it is not started again after a server restart).
+                forget_self(dynamic);
                 break;
             }
-            continue;
+            Ok(None) | Err(_) => {
+                if !BackgroundWorker::wait_latch(Some(Duration::from_secs(5))) {
+                    break;
+                }
+                continue;
+            }
         };
         for url in &plan.queues {
             if stopping() {
@@ -267,18 +322,26 @@ fn run(source: Source, label: String, connection: Connection) {
     log!("sqs_ingest {label} stopped");
 }
 
+/// One batch: wait for messages outside any transaction (an idle worker holds no transaction id and no snapshot,
+/// so it never holds VACUUM back), then store them and whatever else is ready, up to the batch size, in one
+/// transaction; its COMMIT deletes them from SQS.
 fn batch(url: &str, label: &str, plan: &Plan) -> Result<i64> {
     let (queue, max, method) = ingest::parse_args(url, Some(plan.batch), plan.method.as_deref())?;
+    let waited = ingest::wait_for_messages(&queue, plan.batch, gucs::worker_wait_s())?;
+    if waited.is_empty() {
+        return Ok(0);
+    }
     let opts = ingest::Options {
         max_messages: max,
         method,
         worker: label.to_string(),
-        confirm_wait_s: gucs::worker_wait_s(),
+        // Never long-poll inside the transaction: gather what is ready now, commit, and wait outside.
+        confirm_wait_s: 0,
         return_after_wake: true,
         progress_notices: false,
         reuse_probe_for: Duration::from_secs(10),
     };
-    let summary = in_transaction(|| ingest::ingest(&queue, &opts))?;
+    let summary = in_transaction(|| ingest::catching(|| ingest::ingest_waited(&queue, &opts, waited)))?;
     Ok(summary.received)
 }
 
@@ -374,31 +437,47 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
 /// Marks this database's dynamic workers (of one queue, or all) stopped; each is signalled when the calling
 /// transaction commits (a rolled-back stop stops nothing) and exits after its current batch. Returns how many.
 pub fn stop_dynamic(queue_url: Option<&str>) -> Result<i64> {
-    let pids: Vec<Option<i32>> = as_owner(extension_owner(), || {
+    let stopped: Vec<(i32, Option<i32>)> = as_owner(extension_owner(), || {
         Spi::connect_mut(|c| {
+            // Any spelling of the queue's URL names its workers. A recorded pid is signalled only if it is, now,
+            // that very worker (its label in this database); a pid from before a restart may be anyone's.
             let rows = c.update(
-                "UPDATE sqs_ingest.workers SET stopped_at = now()
-                  WHERE stopped_at IS NULL AND ($1::text IS NULL OR queue_url = $1) RETURNING pid",
+                "WITH stopped AS (
+                    UPDATE sqs_ingest.workers SET stopped_at = now()
+                     WHERE stopped_at IS NULL
+                       AND ($1::text IS NULL OR sqs_ingest.queue_arn(queue_url) = sqs_ingest.queue_arn($1))
+                    RETURNING worker_id, pid)
+                 SELECT s.worker_id, a.pid
+                   FROM stopped s
+                   LEFT JOIN pg_stat_activity a
+                     ON a.pid = s.pid AND a.backend_type = 'sqs_ingest worker' AND a.datid = (
+                            SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND a.application_name = 'dynamic worker ' || s.worker_id",
                 None,
                 &[queue_url.map(str::to_string).into()],
             )?;
-            Ok::<_, pgrx::spi::SpiError>(rows.map(|r| r.get::<i32>(1).ok().flatten()).collect())
+            Ok::<_, pgrx::spi::SpiError>(
+                rows.map(|r| (r.get::<i32>(1).ok().flatten().unwrap_or_default(), r.get::<i32>(2).ok().flatten()))
+                    .collect(),
+            )
         })
     })
     .map_err(|e| Error::Internal(e.to_string()))?;
     crate::hold::ensure_callbacks();
     let subxact = current_subxact();
-    PENDING_STOPS.with(|p| p.borrow_mut().extend(pids.iter().flatten().map(|pid| (subxact, *pid))));
-    Ok(pids.len() as i64)
+    PENDING_STOPS.with(|p| p.borrow_mut().extend(stopped.iter().map(|(id, pid)| (subxact, (*id, *pid)))));
+    Ok(stopped.len() as i64)
 }
 
 type Start = (i32, pg_sys::Oid, pg_sys::Oid);
+/// A stopped worker's id, and its pid if it was running as that worker when stopped.
+type Stop = (i32, Option<i32>);
 
 thread_local! {
     /// Starts and stops of the current transaction, each with the subtransaction that made it: a rolled-back
     /// savepoint takes its own away.
     static PENDING_STARTS: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, Start)>> = const { std::cell::RefCell::new(Vec::new()) };
-    static PENDING_STOPS: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, i32)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PENDING_STOPS: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, Stop)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn current_subxact() -> pg_sys::SubTransactionId {
@@ -432,29 +511,125 @@ fn is_our_worker(pid: i32) -> bool {
 
 /// Called by the commit hook: launches the workers started, and signals those stopped, in the committed transaction.
 pub fn after_commit() {
-    for (_, pid) in PENDING_STOPS.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+    // SAFETY: a plain read of a backend global.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    for (_, (id, pid)) in PENDING_STOPS.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+        durable::forget(database.to_u32(), id);
         // SIGTERM: the worker commits its current batch, sees its row stopped, and exits for good. Only ever a
-        // process that is one of our workers in this database now (a recorded pid may be stale).
-        if is_our_worker(pid) {
+        // process that is one of our workers in this database now (checked again: it may have exited since).
+        if let Some(pid) = pid.filter(|pid| is_our_worker(*pid)) {
             // SAFETY: sends SIGTERM to a process verified above to be one of this extension's workers.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }
     let starts = PENDING_STARTS.with(|p| std::mem::take(&mut *p.borrow_mut()));
     for (_, (id, database, role)) in starts {
-        let loaded = BackgroundWorkerBuilder::new(&format!("sqs_ingest dynamic worker {id}"))
-            .set_type(WORKER_TYPE)
-            .set_library("sqs_ingest")
-            .set_function("sqs_ingest_dynamic_worker_main")
-            .set_argument(id.into_datum())
-            .set_extra(&format!("{}|{}", database.to_u32(), role.to_u32()))
-            .enable_spi_access()
-            .set_restart_time(Some(Duration::from_secs(gucs::worker_restart_s() as u64)))
-            .load_dynamic();
-        if loaded.is_err() {
-            warning!("sqs_ingest: could not start dynamic worker {id}: no free background worker slot (raise max_worker_processes)");
+        // Recorded first, so the worker comes back after a server restart even if no slot is free right now.
+        if let Err(e) = durable::remember(database.to_u32(), id, role.to_u32()) {
+            warning!("sqs_ingest: dynamic worker {id} will not come back after a server restart: cannot record it under the data directory: {e}");
+        }
+        if !launch_dynamic(id, database, role) {
+            warning!("sqs_ingest: could not start dynamic worker {id}: no free background worker slot (raise max_worker_processes); it starts at the next server start");
         }
     }
+}
+
+/// Registers one dynamic worker with the postmaster; false when no background worker slot is free.
+fn launch_dynamic(id: i32, database: pg_sys::Oid, role: pg_sys::Oid) -> bool {
+    BackgroundWorkerBuilder::new(&format!("sqs_ingest dynamic worker {id}"))
+        .set_type(WORKER_TYPE)
+        .set_library("sqs_ingest")
+        .set_function("sqs_ingest_dynamic_worker_main")
+        .set_argument(id.into_datum())
+        .set_extra(&format!("{}|{}", database.to_u32(), role.to_u32()))
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(gucs::worker_restart_s() as u64)))
+        .load_dynamic()
+        .is_ok()
+}
+
+/// Dynamic workers survive server restarts: each one started and not stopped has a file under the data directory
+/// (`sqs_ingest_workers/<database oid>.<worker id>`, holding `<database oid>|<role oid>`), and at server start a
+/// short-lived launcher starts them again. A worker removes its file when it exits for good (its row stopped or
+/// gone, the extension dropped); `worker_stop()` removes it at COMMIT.
+mod durable {
+    use std::path::{Path, PathBuf};
+
+    /// Under the data directory (every server process's working directory): protected like the data itself.
+    pub const DIR: &str = "sqs_ingest_workers";
+
+    fn file(database: u32, id: i32) -> PathBuf {
+        Path::new(DIR).join(format!("{database}.{id}"))
+    }
+
+    pub fn remember(database: u32, id: i32, role: u32) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(DIR)?;
+        let tmp = Path::new(DIR).join(format!("{database}.{id}.tmp"));
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        write!(f, "{database}|{role}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file(database, id))
+    }
+
+    pub fn forget(database: u32, id: i32) {
+        let _ = std::fs::remove_file(file(database, id));
+    }
+
+    /// Every recorded worker: (worker id, database oid, role oid).
+    pub fn recorded() -> Vec<(i32, u32, u32)> {
+        let Ok(entries) = std::fs::read_dir(DIR) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let (database, id) = name.split_once('.')?;
+                let (database, id): (u32, i32) = (database.parse().ok()?, id.parse().ok()?);
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                let (db, role) = text.trim().split_once('|')?;
+                (db.parse::<u32>().ok()? == database).then_some((id, database, role.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Whether any worker is recorded (read by the postmaster while it loads the library).
+    pub fn any() -> bool {
+        std::fs::read_dir(DIR).is_ok_and(|mut d| d.next().is_some())
+    }
+}
+
+/// Entry point of the launcher the postmaster starts once at server start when dynamic workers are recorded: it
+/// starts each again (unless its database or role is gone) and exits.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn sqs_ingest_launcher_main(_arg: pg_sys::Datum) {
+    attach();
+    // Shared catalogs only (pg_database, pg_authid): it runs no statement.
+    BackgroundWorker::connect_worker_to_spi(None, None);
+    let mut started = 0;
+    for (id, database, role) in durable::recorded() {
+        let exists = in_transaction(|| {
+            // SAFETY: syscache lookups of shared catalogs inside a transaction; the returned names are only
+            // tested for NULL.
+            Ok(unsafe {
+                !pg_sys::get_database_name(pg_sys::Oid::from(database)).is_null()
+                    && !pg_sys::GetUserNameFromId(pg_sys::Oid::from(role), true).is_null()
+            })
+        })
+        .unwrap_or(false);
+        if !exists {
+            log!(
+                "sqs_ingest launcher: dynamic worker {id} is not started again: its database or role no longer exists"
+            );
+            durable::forget(database, id);
+        } else if launch_dynamic(id, pg_sys::Oid::from(database), pg_sys::Oid::from(role)) {
+            started += 1;
+        } else {
+            log!("sqs_ingest launcher: could not start dynamic worker {id}: no free background worker slot (raise max_worker_processes)");
+        }
+    }
+    log!("sqs_ingest launcher: started {started} dynamic worker(s) again");
 }
 
 /// Refuses PREPARE TRANSACTION while the transaction started or stopped workers: the prepared transaction may be

@@ -97,6 +97,16 @@ pub enum Rejection {
         constraint: Option<String>,
         column: Option<String>,
     },
+    /// SQS delivered the message more than `sqs_ingest.max_receive_count` times without it being stored (each
+    /// earlier attempt failed, e.g. for a transient reason that keeps coming back).
+    TooManyReceives {
+        receive_count: i32,
+        limit: i32,
+    },
+    /// SQS delivered the message without a MessageId (it cannot be recognised when redelivered) or without a
+    /// receipt handle (it cannot be deleted); it is kept under a digest of its body.
+    NoMessageId,
+    NoReceiptHandle,
 }
 
 impl Rejection {
@@ -111,6 +121,9 @@ impl Rejection {
             Rejection::TooLong { .. } | Rejection::MaskInputTooLong { .. } => "value_too_long",
             Rejection::InvalidVersion(_) => "invalid_app_version",
             Rejection::RefusedByTable { .. } => "refused_by_table",
+            Rejection::TooManyReceives { .. } => "too_many_receives",
+            Rejection::NoMessageId => "no_message_id",
+            Rejection::NoReceiptHandle => "no_receipt_handle",
         }
     }
 }
@@ -135,6 +148,14 @@ impl fmt::Display for Rejection {
                 write!(f, "field \"{field}\" is {bytes} bytes; masking accepts at most {MAX_MASK_INPUT_BYTES}")
             }
             Rejection::InvalidVersion(e) => write!(f, "{e}"),
+            Rejection::TooManyReceives { receive_count, limit } => write!(
+                f,
+                "received {receive_count} times without being stored (sqs_ingest.max_receive_count is {limit}); see stats.last_error for why earlier attempts failed"
+            ),
+            Rejection::NoMessageId => f.write_str("SQS delivered the message without a MessageId"),
+            Rejection::NoReceiptHandle => {
+                f.write_str("SQS delivered the message without a receipt handle (it cannot be deleted)")
+            }
             Rejection::RefusedByTable { sqlstate, constraint, column } => {
                 write!(f, "the target table refused the row: SQLSTATE {sqlstate}")?;
                 if let Some(c) = constraint {

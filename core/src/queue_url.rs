@@ -3,6 +3,11 @@
 //! An AWS SQS host (`sqs.<region>.amazonaws.com`, `<region>.queue.amazonaws.com`, `queue.amazonaws.com`, and the
 //! `.amazonaws.com.cn` forms) gives the region and lets the SDK resolve the endpoint. Any other host (LocalStack,
 //! ElasticMQ, a VPC endpoint) becomes the endpoint itself, so `http://localhost:4566/000000000000/login-queue` works.
+//! LocalStack's domain forms (`sqs.<region>.localhost.localstack.cloud`, `<region>.queue.localhost.localstack.cloud`)
+//! and path form (`/queue/<region>/<account>/<name>`) name their region too.
+//!
+//! A queue's identity is not its spelling: [`QueueUrl::arn`] is what SQS calls the queue (region, account, name),
+//! the same for every URL that reaches it, and is what the ledger, stats and workers key a queue by.
 
 use std::fmt;
 use thiserror::Error;
@@ -50,20 +55,29 @@ impl fmt::Display for QueueUrl {
     }
 }
 
+/// The region a host of the AWS (or LocalStack's domain) naming scheme names: `sqs.<region>.`, `sqs-fips.<region>.`,
+/// `<region>.queue.`, or `queue.` (us-east-1) before the domain.
+fn region_of(base: &str) -> Option<String> {
+    if base == "queue" {
+        return Some("us-east-1".into());
+    }
+    let region =
+        base.strip_prefix("sqs.").or_else(|| base.strip_prefix("sqs-fips.")).or_else(|| base.strip_suffix(".queue"))?;
+    valid_region(region).then(|| region.to_string())
+}
+
+fn valid_region(region: &str) -> bool {
+    !region.is_empty() && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// LocalStack's domain endpoint strategy: `<sqs.region | region.queue>.localhost.localstack.cloud`.
+const LOCALSTACK_DOMAIN: &str = ".localhost.localstack.cloud";
+
 fn aws_region(host: &str) -> Option<Option<String>> {
     let host = host.to_ascii_lowercase();
     let base = host.strip_suffix(".amazonaws.com").or_else(|| host.strip_suffix(".amazonaws.com.cn"))?;
-    if base == "queue" {
-        return Some(Some("us-east-1".into()));
-    }
-    if let Some(region) = base.strip_prefix("sqs.").or_else(|| base.strip_prefix("sqs-fips.")) {
-        return Some(Some(region.to_string()));
-    }
-    if let Some(region) = base.strip_suffix(".queue") {
-        return Some(Some(region.to_string()));
-    }
-    // Some other amazonaws.com host (e.g. a VPC endpoint name): AWS, but the region must come from the GUC.
-    Some(None)
+    // Another amazonaws.com host (e.g. a VPC endpoint name) is AWS too, but its region comes from the GUC.
+    Some(region_of(base))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -103,12 +117,7 @@ impl QueueUrl {
         // and GetQueueUrl return with SQS_ENDPOINT_STRATEGY=path).
         let (path_region, account, name) = match segments.as_slice() {
             [account, name] => (None, *account, *name),
-            ["queue", region, account, name]
-                if !region.is_empty()
-                    && region.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') =>
-            {
-                (Some(region.to_string()), *account, *name)
-            }
+            ["queue", region, account, name] if valid_region(region) => (Some(region.to_string()), *account, *name),
             _ => return Err(QueueUrlError::Path),
         };
         if account.is_empty() || !account.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
@@ -117,9 +126,13 @@ impl QueueUrl {
         if !valid_name(name) {
             return Err(QueueUrlError::Name);
         }
+        let lower_host = host.to_ascii_lowercase();
         let (endpoint, region) = match aws_region(host) {
             Some(region) => (None, region),
-            None => (Some(format!("{scheme}://{authority}")), path_region),
+            None => {
+                let domain_region = lower_host.strip_suffix(LOCALSTACK_DOMAIN).and_then(region_of);
+                (Some(format!("{scheme}://{authority}")), path_region.or(domain_region))
+            }
         };
         Ok(QueueUrl {
             url: text.trim_end_matches('/').to_string(),
@@ -152,6 +165,27 @@ impl QueueUrl {
 
     pub fn is_aws(&self) -> bool {
         self.endpoint.is_none()
+    }
+
+    /// The region requests are signed for: the one the URL names, else `default_region` (`sqs_ingest.region`).
+    pub fn signing_region<'a>(&'a self, default_region: &'a str) -> &'a str {
+        self.region.as_deref().unwrap_or(default_region)
+    }
+
+    /// The queue's ARN, `arn:<partition>:sqs:<region>:<account>:<name>`: its identity whatever the spelling of the
+    /// URL (`localhost` or `127.0.0.1`, path or domain form, current or legacy AWS host), as SQS reports it in
+    /// the `QueueArn` attribute. SQS scopes a queue by the region a request is signed for, so the region is the
+    /// signing region ([`QueueUrl::signing_region`]).
+    pub fn arn(&self, default_region: &str) -> String {
+        let region = self.signing_region(default_region);
+        let partition = if region.starts_with("cn-") || self.host.ends_with(".amazonaws.com.cn") {
+            "aws-cn"
+        } else if region.starts_with("us-gov-") {
+            "aws-us-gov"
+        } else {
+            "aws"
+        };
+        format!("arn:{partition}:sqs:{region}:{}:{}", self.account, self.name)
     }
 }
 
@@ -233,6 +267,50 @@ mod tests {
         assert!(q.host_allowed(" queue.internal "));
         assert!(q.host_allowed("*.internal"));
         assert!(!q.host_allowed("*.queue.internal"));
+    }
+
+    #[test]
+    fn every_spelling_of_a_queue_has_one_arn() {
+        let local = [
+            "http://localhost:4566/000000000000/q",
+            "http://127.0.0.1:4566/000000000000/q",
+            "http://LocalHost:4566/000000000000/q/",
+            "http://[::1]:4566/000000000000/q",
+            "http://localstack.internal:4566/000000000000/q",
+            "http://localhost:4566/queue/us-east-1/000000000000/q",
+            "http://sqs.us-east-1.localhost.localstack.cloud:4566/000000000000/q",
+            "http://us-east-1.queue.localhost.localstack.cloud:4566/000000000000/q",
+        ];
+        for url in local {
+            let q = QueueUrl::parse(url).unwrap();
+            assert_eq!(q.arn("us-east-1"), "arn:aws:sqs:us-east-1:000000000000:q", "{url}");
+            assert!(!q.is_aws(), "{url}");
+        }
+        let domain = QueueUrl::parse("http://sqs.eu-west-1.localhost.localstack.cloud:4566/000000000000/q").unwrap();
+        assert_eq!(domain.endpoint.as_deref(), Some("http://sqs.eu-west-1.localhost.localstack.cloud:4566"));
+        assert_eq!(domain.arn("us-east-1"), "arn:aws:sqs:eu-west-1:000000000000:q", "the host's region wins");
+        let aws = [
+            "https://sqs.us-east-1.amazonaws.com/123456789012/q",
+            "https://us-east-1.queue.amazonaws.com/123456789012/q",
+            "https://queue.amazonaws.com/123456789012/q",
+            "https://vpce-1.sqs.amazonaws.com/123456789012/q",
+        ];
+        for url in aws {
+            assert_eq!(QueueUrl::parse(url).unwrap().arn("us-east-1"), "arn:aws:sqs:us-east-1:123456789012:q", "{url}");
+        }
+        let other = |u: &str| QueueUrl::parse(u).unwrap().arn("us-east-1");
+        assert_ne!(other("https://sqs.eu-west-1.amazonaws.com/123456789012/q"), other(aws[0]), "another region");
+        assert_ne!(other("https://sqs.us-east-1.amazonaws.com/210987654321/q"), other(aws[0]), "another account");
+        assert_ne!(
+            other("https://sqs.us-east-1.amazonaws.com/123456789012/Q"),
+            other(aws[0]),
+            "names are case-sensitive"
+        );
+        assert_eq!(
+            other("https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q"),
+            "arn:aws-cn:sqs:cn-north-1:123456789012:q"
+        );
+        assert_eq!(other("http://localhost:4566/000000000000/q.fifo"), "arn:aws:sqs:us-east-1:000000000000:q.fifo");
     }
 
     #[test]

@@ -199,6 +199,28 @@ impl PrivateCluster {
         PrivateCluster { dir, port, bin }
     }
 
+    /// Stops the cluster with `pg_ctl -m <mode> -w -t <timeout_s> stop`; whether pg_ctl succeeded in time.
+    pub fn stop(&self, mode: &str, timeout_s: u32) -> bool {
+        std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{}/pg_ctl", self.bin), "-D", &format!("{}/data", self.dir)])
+            .args(["-m", mode, "-w", "-t", &timeout_s.to_string(), "stop"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    /// Starts the stopped cluster again.
+    pub fn start_again(&self) {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{}/pg_ctl", self.bin), "-D", &format!("{}/data", self.dir)])
+            .args(["-l", &format!("{}/postgres.log", self.dir), "-w", "-t", "60", "start"])
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "start failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Restarts the cluster (fast): every session, background workers included, starts over.
     pub fn restart(&self) {
         let out = std::process::Command::new("runuser")
@@ -255,6 +277,15 @@ pub struct FreezingProxy {
 
 impl FreezingProxy {
     pub fn start(target_port: u16) -> FreezingProxy {
+        FreezingProxy::start_rewriting(target_port, None)
+    }
+
+    /// A proxy that also replaces, in what the endpoint sends back, every `from` with `to` (of the same length, so
+    /// no Content-Length changes): a fault in the answers of a real endpoint, e.g. a JSON key renamed.
+    pub fn start_rewriting(target_port: u16, rewrite: Option<(&'static str, &'static str)>) -> FreezingProxy {
+        if let Some((from, to)) = rewrite {
+            assert_eq!(from.len(), to.len(), "a rewrite keeps the length");
+        }
         use std::sync::atomic::{AtomicBool, Ordering};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -263,8 +294,9 @@ impl FreezingProxy {
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else { continue };
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
-                {
+                let directions =
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap(), None), (server, client, rewrite)];
+                for (mut from, mut to, rewrite) in directions {
                     let flag = flag.clone();
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
@@ -275,6 +307,18 @@ impl FreezingProxy {
                             };
                             while flag.load(Ordering::SeqCst) {
                                 std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if let Some((old, new)) = rewrite {
+                                let (old, new) = (old.as_bytes(), new.as_bytes());
+                                let mut i = 0;
+                                while i + old.len() <= n {
+                                    if &buf[i..i + old.len()] == old {
+                                        buf[i..i + old.len()].copy_from_slice(new);
+                                        i += old.len();
+                                    } else {
+                                        i += 1;
+                                    }
+                                }
                             }
                             if to.write_all(&buf[..n]).is_err() {
                                 break;
@@ -412,5 +456,76 @@ impl FixedEndpoint {
             "text/xml",
             "<?xml version=\"1.0\"?><ErrorResponse><Error><Type>Sender</Type><Code>InvalidAction</Code><Message>Missing Action</Message></Error><RequestId>1</RequestId></ErrorResponse>",
         )
+    }
+}
+
+/// One SQS API call (JSON protocol) straight to a LocalStack endpoint (`http://host:port`), for what the
+/// extension's own SQL helpers do not cover (FIFO queues: CreateQueue attributes, MessageGroupId). LocalStack does
+/// not check signatures; the Authorization header only names the region and service.
+pub fn sqs_call(endpoint: &str, action: &str, body: serde_json::Value) -> serde_json::Value {
+    use std::io::Read;
+    let authority = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = std::net::TcpStream::connect(authority).unwrap_or_else(|e| panic!("connect {authority}: {e}"));
+    let payload = body.to_string();
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/x-amz-json-1.0\r\n\
+         X-Amz-Target: AmazonSQS.{action}\r\nX-Amz-Date: 20260101T000000Z\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sqs/aws4_request, SignedHeaders=host, Signature=00\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+        payload.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = String::new();
+        let mut rest = rest;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    assert!(head.starts_with("HTTP/1.1 200"), "{action} failed: {head}\n{body}");
+    serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+}
+
+/// Creates (or empties) a FIFO queue at the harness' LocalStack; returns its URL under the endpoint's spelling.
+pub fn fresh_fifo_queue(endpoint: &str, name: &str, visibility_timeout: i32) -> String {
+    assert!(name.ends_with(".fifo"));
+    let made = sqs_call(
+        endpoint,
+        "CreateQueue",
+        serde_json::json!({"QueueName": name, "Attributes": {"FifoQueue": "true",
+            "VisibilityTimeout": visibility_timeout.to_string()}}),
+    );
+    let url = format!("{}/000000000000/{name}", endpoint.trim_end_matches('/'));
+    assert!(made["QueueUrl"].as_str().unwrap_or_default().ends_with(name), "{made}");
+    url
+}
+
+/// Sends `(group, body)` pairs to a FIFO queue in order (batches of 10; each body its own deduplication id).
+pub fn send_fifo(endpoint: &str, url: &str, messages: &[(String, String)]) {
+    // Deduplication ids unique across runs (SQS drops a repeated one for five minutes).
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    for (n, chunk) in messages.chunks(10).enumerate() {
+        let entries: Vec<serde_json::Value> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, (group, body))| {
+                serde_json::json!({"Id": i.to_string(), "MessageBody": body, "MessageGroupId": group,
+                    "MessageDeduplicationId": format!("{run}-{n}-{i}")})
+            })
+            .collect();
+        let out = sqs_call(endpoint, "SendMessageBatch", serde_json::json!({"QueueUrl": url, "Entries": entries}));
+        assert_eq!(out["Successful"].as_array().map_or(0, Vec::len), chunk.len(), "{out}");
     }
 }

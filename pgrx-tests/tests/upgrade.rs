@@ -55,6 +55,12 @@ fn upgrade_from_the_previous_release_keeps_everything() {
     let url = h.fresh_queue(&mut c, "e2e-upgrade", 30);
     h.send(&mut c, &url, &[login(1), login(2), "not json".to_string()]);
     assert_eq!(ingest(&mut c, &url).inserted, 2);
+    // One more message under another spelling of the queue's URL, which the database then forgets it saw (its
+    // counters gone): the upgrade cannot know that spelling, so the first ingest that uses it must.
+    let other_spelling = url.replace("localhost", "127.0.0.1");
+    h.send(&mut c, &url, &[login(9)]);
+    assert_eq!(ingest(&mut c, &other_spelling).inserted, 1);
+    c.execute("DELETE FROM sqs_ingest.counters WHERE queue_url = $1", &[&other_spelling]).unwrap();
     let token: String = c.query_one("SELECT masked_ip FROM user_logins ORDER BY user_id LIMIT 1", &[]).unwrap().get(0);
     let key_before: Vec<u8> = c.query_one("SELECT key_bytes FROM sqs_ingest.keys", &[]).unwrap().get(0);
 
@@ -69,21 +75,29 @@ fn upgrade_from_the_previous_release_keeps_everything() {
     assert_eq!(version, default, "updated to the version being built");
 
     // Data, keys, ledger and dead letters survived.
-    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), 2);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), 3);
     let key_after: Vec<u8> = c.query_one("SELECT key_bytes FROM sqs_ingest.keys", &[]).unwrap().get(0);
     assert_eq!(key_before, key_after);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger"), 3);
-    // 0.3.0 keys the ledger by sqs_ingest.queue_key(url): the converted rows carry the key ingest looks up, so
-    // MessageIds ingested before the upgrade are still duplicates after it.
-    let keyed = "SELECT count(*) FROM sqs_ingest.ledger WHERE queue_key = sqs_ingest.queue_key($1)";
+    assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger"), 4);
+    // 0.5.0 keys the ledger by the queue's ARN, whatever the spelling: the upgrade moved the rows of every spelling
+    // the database knew, so MessageIds ingested before the upgrade are still duplicates after it under any URL.
+    let keyed =
+        "SELECT count(*) FROM sqs_ingest.ledger WHERE queue_key = sqs_ingest.queue_key(sqs_ingest.queue_arn($1))";
+    let by_spelling = "SELECT count(*) FROM sqs_ingest.ledger WHERE queue_key = sqs_ingest.queue_key($1)";
     assert_eq!(c.query_one(keyed, &[&url]).unwrap().get::<_, i64>(0), 3);
+    assert_eq!(c.query_one(by_spelling, &[&url]).unwrap().get::<_, i64>(0), 0);
+    assert_eq!(c.query_one(by_spelling, &[&other_spelling]).unwrap().get::<_, i64>(0), 1, "an unknown spelling");
+    // The first ingest under the unknown spelling moves its rows too.
+    assert_eq!(ingest(&mut c, &other_spelling).received, 0);
+    assert_eq!(c.query_one(by_spelling, &[&other_spelling]).unwrap().get::<_, i64>(0), 0);
+    assert_eq!(c.query_one(keyed, &[&url]).unwrap().get::<_, i64>(0), 4);
     assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.dead_letters"), 1);
     let clear: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&token]).unwrap().get(0);
     assert!(clear.starts_with("10."), "{clear}");
     // Ingest still works, and the new release's function is there.
     h.send(&mut c, &url, &[login(3)]);
     assert_eq!(ingest(&mut c, &url).inserted, 1);
-    assert_eq!(c.query_one(keyed, &[&url]).unwrap().get::<_, i64>(0), 4);
+    assert_eq!(c.query_one(keyed, &[&url]).unwrap().get::<_, i64>(0), 5);
     assert_eq!(
         c.query_one("SELECT sqs_ingest.purge_dead_letters('0 seconds', true)", &[]).unwrap().get::<_, i64>(0),
         1
