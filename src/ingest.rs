@@ -707,8 +707,19 @@ impl Rows {
             version,
             self.create_date.into(),
         ];
-        as_role(writer_for(target.owner), || crate::plans::run(&sql, &args, |_| ()))
-            .map_err(|e| Error::Target(format!("insert into {} failed: {e}", target.name)))
+        as_role(writer_for(target.owner), || -> std::result::Result<(), pgrx::spi::SpiError> {
+            crate::plans::run(&sql, &args, |_| ())?;
+            // Deferred constraints are checked now, inside this insert's subtransaction: a violation is then
+            // this row's (a dead letter), not the COMMIT's (which would fail the whole batch every time).
+            if let Some((immediate, restore)) = &target.deferred_checks {
+                Spi::run(immediate)?;
+                if let Some(restore) = restore {
+                    Spi::run(restore)?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| Error::Target(format!("insert into {} failed: {e}", target.name)))
     }
 }
 

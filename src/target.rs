@@ -21,6 +21,10 @@ pub struct Target {
     /// Whether the table can refuse a row that passed validation (constraints, unique indexes, NOT NULL, domain
     /// columns, triggers, rules, partitioning): only then is each batch stored in a subtransaction.
     pub can_refuse_rows: bool,
+    /// For a table with deferrable constraints: `SET CONSTRAINTS … IMMEDIATE` naming them (run after each insert in
+    /// its subtransaction, so a violation is that row's, not the COMMIT's), and the `SET CONSTRAINTS … DEFERRED`
+    /// that puts the initially deferred ones back.
+    pub deferred_checks: Option<(String, Option<String>)>,
 }
 
 impl Target {
@@ -170,6 +174,30 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
         if !matches!(relkind.as_deref(), Some("r") | Some("p")) {
             return Err(Error::Target(format!("\"{name}\" is not a table")));
         }
+        let deferrable: Vec<(String, bool)> = client
+            .select(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, k.conname), k.condeferred
+                   FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_namespace n ON n.oid = k.connamespace
+                  WHERE k.conrelid = $1 AND k.condeferrable ORDER BY 1",
+                None,
+                &[oid.into()],
+            )
+            .map_err(|e| Error::Target(e.to_string()))?
+            .map(|r| {
+                (
+                    r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                    r.get::<bool>(2).ok().flatten().unwrap_or(false),
+                )
+            })
+            .collect();
+        let deferred_checks = (!deferrable.is_empty()).then(|| {
+            let all: Vec<&str> = deferrable.iter().map(|(n, _)| n.as_str()).collect();
+            let initially: Vec<&str> = deferrable.iter().filter(|(_, d)| *d).map(|(n, _)| n.as_str()).collect();
+            (
+                format!("SET CONSTRAINTS {} IMMEDIATE", all.join(", ")),
+                (!initially.is_empty()).then(|| format!("SET CONSTRAINTS {} DEFERRED", initially.join(", "))),
+            )
+        });
         let rows = client
             .select(
                 "SELECT attname::text, pg_catalog.format_type(atttypid, NULL), atttypmod
@@ -225,6 +253,7 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
             owner: owner.unwrap_or(pg_sys::Oid::INVALID),
             limits,
             can_refuse_rows: can_refuse_rows.unwrap_or(true),
+            deferred_checks,
         })
     })
 }

@@ -87,7 +87,8 @@ fn reload_if_asked() {
 }
 
 /// Runs `f` in its own transaction. Commits on Ok (the commit hook then deletes the batch's messages);
-/// aborts on Err (held messages are released).
+/// aborts on Err (held messages are released). A COMMIT that fails (a deferred trigger or constraint, a
+/// serialization failure at commit) aborts and returns the error: a worker records it and carries on.
 fn in_transaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     // SAFETY: the standard bgworker transaction bracket, on the main thread, outside any transaction.
     unsafe {
@@ -95,16 +96,20 @@ fn in_transaction<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let result = f();
-    // SAFETY: closes the bracket opened above.
-    unsafe {
-        match &result {
-            Ok(_) => {
+    let result = f().and_then(|value| {
+        ingest::catching(|| {
+            // SAFETY: closes the bracket opened above.
+            unsafe {
                 pg_sys::PopActiveSnapshot();
                 pg_sys::CommitTransactionCommand();
             }
-            Err(_) => pg_sys::AbortCurrentTransaction(),
-        }
+            Ok(())
+        })
+        .map(|()| value)
+    });
+    if result.is_err() {
+        // SAFETY: aborts the transaction opened above (or the failed commit), resetting memory and resources.
+        unsafe { pg_sys::AbortCurrentTransaction() };
     }
     result
 }

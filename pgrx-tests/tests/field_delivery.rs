@@ -285,3 +285,41 @@ fn a_message_without_message_id_or_receipt_handle_is_a_dead_letter() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.dead_letters"), 5);
 }
+
+#[test]
+fn a_worker_records_an_error_raised_inside_its_batch_and_carries_on() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_worker_errors");
+    let url = h.fresh_queue(&mut c, "e2e-worker-errors", 30);
+    create_user_logins(&mut c);
+    // Every insert fails with a serialization failure (transient: the batch rolls back and backs off).
+    c.batch_execute(
+        "CREATE FUNCTION conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'simulated conflict' USING ERRCODE = 'serialization_failure'; END $$;
+         CREATE TRIGGER conflict BEFORE INSERT ON user_logins FOR EACH ROW EXECUTE FUNCTION conflict();",
+    )
+    .unwrap();
+    let id: i32 = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap().get(0);
+    let label = format!("dynamic worker {id}");
+    h.send(&mut c, &url, &(0..5).map(login).collect::<Vec<_>>());
+    eventually("the error reaches stats", Duration::from_secs(60), || {
+        c.query_opt(
+            "SELECT 1 FROM sqs_ingest.stats WHERE worker = $1 AND last_error LIKE '40001: %simulated conflict%'",
+            &[&label],
+        )
+        .unwrap()
+        .is_some()
+    });
+    let pid_of = |c: &mut postgres::Client| -> Option<i32> {
+        c.query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&label])
+            .unwrap()
+            .map(|r| r.get(0))
+    };
+    let pid = pid_of(&mut c).expect("the worker is still running");
+    c.batch_execute("DROP TRIGGER conflict ON user_logins").unwrap();
+    eventually("the worker stores the messages once the cause is gone", Duration::from_secs(90), || {
+        count(&mut c, "SELECT count(*) FROM user_logins") == 5
+    });
+    assert_eq!(pid_of(&mut c), Some(pid), "the worker exited on an error of its batch");
+    assert_eq!(c.query_one("SELECT sqs_ingest.worker_stop($1)", &[&url]).unwrap().get::<_, i64>(0), 1);
+}

@@ -102,3 +102,48 @@ fn rows_the_table_refuses_become_dead_letters_and_the_rest_is_stored() {
         count(&mut admin, "SELECT count(*) FROM user_logins") == 98
     });
 }
+
+#[test]
+fn a_deferred_constraint_refuses_the_row_not_the_commit() {
+    let h = harness();
+    let op = "e2e_deferred_op";
+    let mut admin = h.fresh_db("e2e_deferred");
+    h.login_role(&mut admin, op, &["sqs_ingest_operator"]);
+    admin.batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {op}")).unwrap();
+    let url = h.fresh_queue(&mut admin, "e2e-deferred", 30);
+    let mut c = h.connect_as("e2e_deferred", op);
+    c.batch_execute(
+        "CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
+           masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date,
+           CONSTRAINT one_login_per_user UNIQUE (user_id) DEFERRABLE INITIALLY DEFERRED);
+         CREATE FUNCTION no_v9() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.app_version = 90000 THEN RAISE EXCEPTION 'version banned'; END IF; RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER no_v9 AFTER INSERT ON user_logins DEFERRABLE INITIALLY DEFERRED
+           FOR EACH ROW EXECUTE FUNCTION no_v9();",
+    )
+    .unwrap();
+    let mut bodies: Vec<String> = (0..20).map(login).collect();
+    bodies[5] = with(4, "x", 1.into()); // the same user as message 4: the deferred UNIQUE
+    bodies[6] = with(6, "app_version", "9.0.0".into()); // the deferred constraint trigger raises
+    h.send(&mut admin, &url, &bodies);
+    c.batch_execute("BEGIN").unwrap();
+    let r = c.query_one("SELECT inserted, dead_lettered FROM sqs_ingest($1)", &[&url]).unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (18, 2));
+    // The constraints are deferred again for the rest of the transaction: a conflicting row of the caller's own
+    // is refused at its COMMIT, as it would be without sqs_ingest.
+    c.batch_execute("SAVEPOINT s; INSERT INTO user_logins (user_id) SELECT user_id FROM user_logins LIMIT 1").unwrap();
+    c.batch_execute("ROLLBACK TO SAVEPOINT s; COMMIT").unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), 18);
+    let reasons: Vec<String> = c
+        .query("SELECT reason FROM sqs_ingest.dead_letters ORDER BY reason", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let all = reasons.join(" | ");
+    assert!(
+        all.contains("SQLSTATE 23505, constraint \"one_login_per_user\"") && all.contains("SQLSTATE P0001"),
+        "{all}"
+    );
+    eventually("every message deleted", Duration::from_secs(10), || depth(&mut admin, &url) == (0, 0));
+}
