@@ -35,10 +35,11 @@ INSERT INTO sqs_ingest.ledger (queue_key, message_id, outcome, ingested_at)
 SELECT new_key, message_id, outcome, ingested_at FROM moved
 ON CONFLICT DO NOTHING;
 
--- Stats add up every spelling of a queue (the view was created by bootstrap.sql before 0.5.0).
-DROP VIEW sqs_ingest.stats;
+-- Stats add up every spelling of a queue (the view was created by bootstrap.sql before 0.5.0). Replaced, not
+-- dropped: views of the operators' own over it (dashboards) keep working; its columns keep their names and types,
+-- queue_arn is added at the end.
 -- Counters per queue (by its ARN, so every spelling of one queue adds up; 0.5.0) and worker.
-CREATE VIEW sqs_ingest.stats AS
+CREATE OR REPLACE VIEW sqs_ingest.stats AS
 WITH c AS (
     SELECT COALESCE(sqs_ingest.queue_arn(k.queue_url), k.queue_url) AS queue, k.*
       FROM sqs_ingest.counters k

@@ -13,28 +13,13 @@ pub mod sqs_ingest {
     use sqs_ingest_core::event;
     use sqs_ingest_core::mask::{MaskError, Method, Token};
     use sqs_ingest_core::version;
-    use std::cell::RefCell;
-
-    thread_local! {
-        static METHOD_CACHE: RefCell<Option<(String, Method)>> = const { RefCell::new(None) };
-    }
 
     pub(crate) fn method_of(name: Option<&str>) -> Result<Method> {
         match name {
             Some("encrypt") => Ok(Method::Encrypt),
             Some("hmac") => Ok(Method::Hmac),
             Some(other) => Ok(Method::parse(other)?),
-            None => {
-                let configured = gucs::masking_method();
-                if let Some(m) =
-                    METHOD_CACHE.with(|c| c.borrow().as_ref().filter(|(n, _)| *n == configured).map(|(_, m)| *m))
-                {
-                    return Ok(m);
-                }
-                let m = Method::parse(&configured)?;
-                METHOD_CACHE.with(|c| *c.borrow_mut() = Some((configured, m)));
-                Ok(m)
-            }
+            None => Ok(gucs::masking_method()),
         }
     }
 

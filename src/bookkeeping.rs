@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use pgrx::prelude::*;
 use sqs_ingest_core::event::{Rejection, KEPT_BODY_PREFIX_BYTES, MAX_BODY_BYTES};
 use sqs_ingest_core::mask::{random_nonce, KeyMaterial};
-use sqs_ingest_core::queue_url::QueueUrl;
+use sqs_ingest_core::queue_url::{queue_key, QueueUrl};
 use std::collections::HashSet;
 
 /// How this database's ledger names a queue: by `sqs_ingest.queue_key(<the queue's ARN>)` (schema 0.5.0 and
@@ -20,8 +20,19 @@ pub enum LedgerQueue {
 }
 
 thread_local! {
-    /// Spellings whose rows under the old URL key this backend already moved to the queue's identity key.
+    /// Spellings whose rows under the old URL key this backend moved to the queue's identity key, in committed
+    /// transactions (and in the current one: forgotten if it aborts, so the move is tried again).
     static ADOPTED: std::cell::RefCell<HashSet<(i64, String)>> = std::cell::RefCell::new(HashSet::new());
+    static ADOPTED_NOW: std::cell::RefCell<Vec<(u32, (i64, String))>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Transaction end (called by the transaction callback): keeps the adoptions of a committed transaction.
+pub fn after_xact(committed: bool) {
+    let now = ADOPTED_NOW.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    if committed {
+        let xid = crate::privilege::local_xid();
+        ADOPTED.with(|a| a.borrow_mut().extend(now.into_iter().filter(|(x, _)| *x == xid).map(|(_, e)| e)));
+    }
 }
 
 /// The queue's identity ([`QueueUrl::arn`]); the URL text itself when it does not parse (rows of old releases).
@@ -41,16 +52,17 @@ impl LedgerQueue {
         if !keyed {
             return Ok(LedgerQueue::Url(queue_url.to_string()));
         }
-        let key = |text: &str| {
-            Spi::get_one_with_args::<i64>("SELECT sqs_ingest.queue_key($1)", &[text.into()])
-                .map_err(|e| Error::Internal(format!("queue key lookup failed: {e}")))?
-                .ok_or_else(|| Error::Internal("sqs_ingest.queue_key returned NULL".into()))
-        };
-        let identity = key(&queue_identity(queue_url))?;
-        let spelling = key(queue_url)?;
-        if spelling != identity && !ADOPTED.with(|a| a.borrow().contains(&(identity, queue_url.to_string()))) {
+        // The same key as the SQL function sqs_ingest.queue_key(), without a statement per call.
+        let identity = queue_key(&queue_identity(queue_url));
+        let spelling = queue_key(queue_url);
+        let entry = (identity, queue_url.to_string());
+        // Entries of other (ended) transactions in ADOPTED_NOW are ignored: only a commit makes an adoption stick.
+        let xid = crate::privilege::local_xid();
+        let done = ADOPTED.with(|a| a.borrow().contains(&entry))
+            || ADOPTED_NOW.with(|a| a.borrow().iter().any(|(x, e)| *x == xid && *e == entry));
+        if spelling != identity && !done {
             adopt_spelling(spelling, identity)?;
-            ADOPTED.with(|a| a.borrow_mut().insert((identity, queue_url.to_string())));
+            ADOPTED_NOW.with(|a| a.borrow_mut().push((xid, entry)));
         }
         Ok(LedgerQueue::Key(identity))
     }

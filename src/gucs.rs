@@ -7,7 +7,7 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 use std::ffi::{CStr, CString};
 
 /// `encrypt` (reversible) or `hmac` (irreversible); default `encrypt`.
-static MASKING_METHOD: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"encrypt"));
+static MASKING_METHOD: GucSetting<MaskingMethod> = GucSetting::<MaskingMethod>::new(MaskingMethod::Encrypt);
 /// Table that ingest writes to; created with the standard schema on first ingest if missing.
 static TARGET_TABLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"user_logins"));
 /// Region for queue URLs whose host doesn't name one (LocalStack, VPC endpoints).
@@ -55,8 +55,23 @@ fn string(setting: &GucSetting<Option<CString>>) -> Option<String> {
     setting.get().and_then(|c| c.into_string().ok()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
-pub fn masking_method() -> String {
-    string(&MASKING_METHOD).unwrap_or_else(|| "encrypt".into())
+/// Values of `sqs_ingest.masking_method` (an enum setting: Postgres refuses anything else at SET time, with
+/// 22023, and `mask()` reads it without parsing or allocating per row).
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum MaskingMethod {
+    /// Reversible (`enc:` tokens, `unmask()`).
+    #[name = c"encrypt"]
+    Encrypt,
+    /// Irreversible (`hmac:` tokens).
+    #[name = c"hmac"]
+    Hmac,
+}
+
+pub fn masking_method() -> sqs_ingest_core::mask::Method {
+    match MASKING_METHOD.get() {
+        MaskingMethod::Encrypt => sqs_ingest_core::mask::Method::Encrypt,
+        MaskingMethod::Hmac => sqs_ingest_core::mask::Method::Hmac,
+    }
 }
 pub fn target_table() -> String {
     string(&TARGET_TABLE).unwrap_or_else(|| "user_logins".into())
@@ -217,7 +232,7 @@ fn define_secret(
 
 pub fn init() {
     let secret = GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL;
-    define_string(
+    GucRegistry::define_enum_guc(
         c"sqs_ingest.masking_method",
         c"Masking method for ip and device_id: encrypt (reversible by unmask) or hmac (irreversible).",
         c"Default encrypt. Overridable per call with the method argument.",
@@ -280,11 +295,11 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"sqs_ingest.max_receive_count",
         c"Receives (SQS ApproximateReceiveCount) after which a message that was never stored becomes a dead letter.",
-        c"Default 10; 0 turns it off. Each earlier attempt failed (a transient error rolls the batch back and releases its messages with a backoff of 2^receive_count seconds); the dead letter is redrivable once the cause is fixed. Keep it below the maxReceiveCount of an SQS redrive policy, or SQS moves the message first.",
+         c"Default 10; 0 turns it off; superuser-only (it decides the fate of messages every consumer of the queue shares). Each earlier attempt failed (a transient error rolls the batch back and releases its messages with a backoff of 2^receive_count seconds); the dead letter is redrivable once the cause is fixed. Keep it below the maxReceiveCount of an SQS redrive policy, or SQS moves the message first.",
         &MAX_RECEIVE_COUNT,
         0,
         1000,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -227,8 +227,13 @@ fn after_abort() {
     let back_off = BACK_OFF.replace(false);
     let Some((queues, entries, heartbeat)) = take_entries() else { return };
     heartbeat.abort();
+    release_entries(&queues, entries, back_off);
+}
+
+/// Releases entries at once, or (after a transient failure) each after its [`backoff_s`].
+fn release_entries(queues: &[(sqs::Client, String)], entries: Vec<Entry>, back_off: bool) {
     if !back_off {
-        return release(group(&queues, entries.into_iter().map(|e| (e.queue, e.receipt))));
+        return release(group(queues, entries.into_iter().map(|e| (e.queue, e.receipt))));
     }
     let mut by_delay: std::collections::BTreeMap<i32, Vec<Entry>> = std::collections::BTreeMap::new();
     for e in entries {
@@ -237,24 +242,26 @@ fn after_abort() {
     let groups = by_delay
         .into_iter()
         .flat_map(|(delay, entries)| {
-            group(&queues, entries.into_iter().map(|e| (e.queue, e.receipt))).into_iter().map(move |g| (g, delay))
+            group(queues, entries.into_iter().map(|e| (e.queue, e.receipt))).into_iter().map(move |g| (g, delay))
         })
         .collect();
     release_after(groups);
 }
 
 fn after_subxact_abort(my: pg_sys::SubTransactionId) {
-    let groups = HOLD.with(|h| {
+    // A transient failure caught by the caller's exception block backs off the messages of that subtransaction.
+    let back_off = BACK_OFF.replace(false);
+    let taken = HOLD.with(|h| {
         let h = h.borrow();
         let hold = h.as_ref()?;
         let mut s = hold.shared.lock().ok()?;
         let (gone, kept): (Vec<Entry>, Vec<Entry>) =
             std::mem::take(&mut s.entries).into_iter().partition(|e| e.subxact >= my);
         s.entries = kept;
-        Some(group(&s.queues, gone.into_iter().map(|e| (e.queue, e.receipt))))
+        Some((s.queues.clone(), gone))
     });
-    if let Some(groups) = groups {
-        release(groups);
+    if let Some((queues, gone)) = taken {
+        release_entries(&queues, gone, back_off);
     }
 }
 
@@ -296,6 +303,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Never raise after commit: a panic here would take the backend down.
             let _ = std::panic::catch_unwind(after_commit);
+            crate::bookkeeping::after_xact(true);
             let _ = std::panic::catch_unwind(crate::worker::after_commit);
             let _ = std::panic::catch_unwind(crate::audit::after_commit);
         }
@@ -305,6 +313,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             let _ = std::panic::catch_unwind(after_abort);
+            crate::bookkeeping::after_xact(false);
             crate::worker::after_abort();
             let _ = std::panic::catch_unwind(crate::audit::after_abort);
             let _ = std::panic::catch_unwind(crate::ingest::after_abort);

@@ -88,7 +88,10 @@ pub fn parse_args(
             )));
         }
     }
-    let method = Method::parse(&method.map(str::to_string).unwrap_or_else(gucs::masking_method))?;
+    let method = match method {
+        Some(name) => Method::parse(name)?,
+        None => gucs::masking_method(),
+    };
     Ok((queue, max_messages, method))
 }
 
@@ -98,10 +101,16 @@ pub fn parse_args(
 pub fn catching<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     match catch_error(f) {
         Ok(result) => result,
-        Err(report) => Err(Error::Postgres {
-            code: report.sql_error_code(),
-            message: report.message().to_string(),
-            hint: report.hint().map(str::to_string),
+        Err(report) => Err({
+            if transient(report.sql_error_code()) {
+                // Wherever it was raised (the target, the ledger, a commit): the batch comes back after a backoff.
+                hold::back_off_on_abort();
+            }
+            Error::Postgres {
+                code: report.sql_error_code(),
+                message: report.message().to_string(),
+                hint: report.hint().map(str::to_string),
+            }
         }),
     }
 }
@@ -191,7 +200,11 @@ fn ingest_into(
     if fifo && run.summary.received > 0 {
         // Within one transaction SQS delivers no further message of a group this call holds, so "looked empty"
         // proves nothing: ask what is left (the held messages are in flight and not counted).
-        run.summary.fifo_remaining = sqs::block_on(sqs::queue_info(client, &queue.url))??.approximate_depth;
+        // Informational: a failure (throttling, a reload signal) leaves it unknown rather than failing the batch.
+        run.summary.fifo_remaining = sqs::block_on(sqs::queue_info(client, &queue.url))
+            .ok()
+            .and_then(Result::ok)
+            .and_then(|i| i.approximate_depth);
     }
 
     let s = run.summary;
@@ -254,7 +267,10 @@ fn probe(client: &sqs::Client, queue: &QueueUrl, reuse_for: Duration) -> Result<
 fn maybe_prune(url: &str, ledger_queue: &LedgerQueue, retention_s: Option<i64>) -> Result<()> {
     let due = LAST_PRUNE.with(|p| p.borrow().get(url).is_none_or(|t| t.elapsed() > Duration::from_secs(3600)));
     if due {
-        bookkeeping::prune_ledger(ledger_queue, retention_s.unwrap_or(4 * 86_400))?;
+        // Only a retention SQS can have (60 s to 14 days) is believed: the ledger is keyed by the queue's ARN, so
+        // an endpoint answering nonsense for one spelling must not prune the rows of every spelling.
+        let retention = retention_s.filter(|r| (60..=1_209_600).contains(r)).unwrap_or(1_209_600);
+        bookkeeping::prune_ledger(ledger_queue, retention)?;
         LAST_PRUNE.with(|p| p.borrow_mut().insert(url.to_string(), Instant::now()));
     }
     Ok(())

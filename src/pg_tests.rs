@@ -36,6 +36,14 @@ fn the_method_setting_chooses_the_default() {
     assert!(text("SELECT sqs_ingest.mask('x', 'encrypt')").unwrap().starts_with("enc:"));
 }
 
+#[pg_test(error = "invalid value for parameter \"sqs_ingest.masking_method\": \"rot13\"")]
+fn an_unknown_method_setting_is_refused_when_set() {
+    // An enum setting: Postgres itself refuses the value (22023), before any mask() runs.
+    Spi::run("SET LOCAL sqs_ingest.masking_method = 'HMAC'").unwrap();
+    assert!(text("SELECT sqs_ingest.mask('x')").unwrap().starts_with("hmac:"), "case-insensitive");
+    Spi::run("SET LOCAL sqs_ingest.masking_method = 'rot13'").unwrap();
+}
+
 #[pg_test(error = "token was masked with method hmac, which is irreversible")]
 fn hmac_tokens_cannot_be_unmasked() {
     let h = text("SELECT sqs_ingest.mask('x', 'hmac')").unwrap();
@@ -129,4 +137,8 @@ fn queue_key_is_the_first_64_bits_of_the_urls_sha256() {
     };
     assert_eq!(key("http://localhost:4566/000000000000/login-queue"), 3_372_887_132_628_947_437);
     assert_eq!(key("https://sqs.eu-west-1.amazonaws.com/123456789012/logins"), -6_200_339_497_826_981_772);
+    // Ingest computes the key in Rust: the same function.
+    for text in ["arn:aws:sqs:us-east-1:000000000000:login-queue", "", "ü"] {
+        assert_eq!(key(text), sqs_ingest_core::queue_url::queue_key(text), "{text}");
+    }
 }

@@ -249,6 +249,10 @@ fn run(source: Source, label: String, connection: Connection) {
     }
     log!("sqs_ingest {label} started in database {database}");
     if let Source::Dynamic(id) = source {
+        // SAFETY: a plain read of a backend global.
+        durable::note_connected(unsafe { pg_sys::MyDatabaseId }.to_u32(), id);
+    }
+    if let Source::Dynamic(id) = source {
         let _ = in_transaction(|| {
             as_owner(extension_owner(), || {
                 Spi::run_with_args(
@@ -265,6 +269,8 @@ fn run(source: Source, label: String, connection: Connection) {
     };
     let mut warned_missing = false;
     let mut ready = false;
+    // Queues whose last batch (or dry run) succeeded; see batch().
+    let mut checked = std::collections::HashSet::new();
     let mut backoff = Duration::ZERO;
     while !stopping() {
         reload_if_asked();
@@ -311,7 +317,7 @@ fn run(source: Source, label: String, connection: Connection) {
             if stopping() {
                 break;
             }
-            match batch(url, &label, &plan) {
+            match batch(url, &label, &plan, &mut checked) {
                 Ok(_) => backoff = Duration::ZERO,
                 Err(e) => {
                     ready = false;
@@ -330,12 +336,13 @@ fn run(source: Source, label: String, connection: Connection) {
 /// One batch: wait for messages outside any transaction (an idle worker holds no transaction id and no snapshot,
 /// so it never holds VACUUM back), then store them and whatever else is ready, up to the batch size, in one
 /// transaction; its COMMIT deletes them from SQS.
-fn batch(url: &str, label: &str, plan: &Plan) -> Result<i64> {
+///
+/// After a failure (and before the first batch) a dry run in a transaction of its own checks everything but the
+/// messages first — the queue answers, the target resolves and may be written, the keys are there — so a worker
+/// that cannot store does not keep receiving, and releasing, the head of the queue: each receive counts towards
+/// `sqs_ingest.max_receive_count` (and an SQS redrive policy).
+fn batch(url: &str, label: &str, plan: &Plan, checked: &mut std::collections::HashSet<String>) -> Result<i64> {
     let (queue, max, method) = ingest::parse_args(url, Some(plan.batch), plan.method.as_deref())?;
-    let waited = ingest::wait_for_messages(&queue, plan.batch, gucs::worker_wait_s())?;
-    if waited.is_empty() {
-        return Ok(0);
-    }
     let opts = ingest::Options {
         max_messages: max,
         method,
@@ -346,8 +353,20 @@ fn batch(url: &str, label: &str, plan: &Plan) -> Result<i64> {
         progress_notices: false,
         reuse_probe_for: Duration::from_secs(10),
     };
-    let summary = in_transaction(|| ingest::catching(|| ingest::ingest_waited(&queue, &opts, waited)))?;
-    Ok(summary.received)
+    if !checked.contains(url) {
+        let dry = ingest::Options { max_messages: Some(0), ..opts.clone() };
+        in_transaction(|| ingest::catching(|| ingest::ingest(&queue, &dry)))?;
+        checked.insert(url.to_string());
+    }
+    let waited = ingest::wait_for_messages(&queue, plan.batch, gucs::worker_wait_s())?;
+    if waited.is_empty() {
+        return Ok(0);
+    }
+    let summary = in_transaction(|| ingest::catching(|| ingest::ingest_waited(&queue, &opts, waited)));
+    if summary.is_err() {
+        checked.remove(url);
+    }
+    Ok(summary?.received)
 }
 
 /// Entry point of the GUC-configured workers; the argument is the worker's index.
@@ -370,6 +389,9 @@ pub extern "C-unwind" fn sqs_ingest_worker_main(arg: pg_sys::Datum) {
     run(Source::Static, label, Connection::Named { database: gucs::worker_database(), role });
 }
 
+/// Starts in a row that may fail to connect before a dynamic worker gives up.
+const MAX_FAILED_STARTS: u32 = 5;
+
 /// Entry point of workers started with `sqs_ingest.worker_start()`; the argument is the row in sqs_ingest.workers.
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -381,6 +403,14 @@ pub extern "C-unwind" fn sqs_ingest_dynamic_worker_main(arg: pg_sys::Datum) {
         log!("sqs_ingest dynamic worker {id}: started by an older library (no role recorded); start it again with sqs_ingest.worker_start()");
         return;
     };
+    // A worker that cannot connect (its role lost LOGIN, the database refuses connections or is gone) would be
+    // restarted every worker_restart_delay forever, and again after every server start: after a few starts in a
+    // row that never got connected, it gives up for good (exit 0) and drops its restart record.
+    if durable::note_start(database, id).is_some_and(|n| n > MAX_FAILED_STARTS) {
+        log!("sqs_ingest dynamic worker {id}: {MAX_FAILED_STARTS} starts in a row could not connect to its database as its role; giving up (start it again with sqs_ingest.worker_start())");
+        durable::forget(database, id);
+        return;
+    }
     run(
         Source::Dynamic(id),
         format!("dynamic worker {id}"),
@@ -411,19 +441,14 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
         // Serialises concurrent starts, so two of them cannot both see room for one more.
         Spi::run("LOCK TABLE sqs_ingest.workers IN SHARE ROW EXCLUSIVE MODE")
             .map_err(|e| Error::Internal(e.to_string()))?;
-        // Rows of workers that are running, or were started in the last minute and may still be starting; not
-        // rows whose worker could not be launched (no slot) or did not come back after a restart.
-        let running = Spi::get_one::<i64>(
-            "SELECT count(*) FROM sqs_ingest.workers w
-              WHERE w.stopped_at IS NULL
-                AND ((w.pid IS NULL AND w.started_at > now() - interval '1 minute')
-                     OR w.pid IN (SELECT a.pid FROM pg_stat_activity a WHERE a.backend_type = 'sqs_ingest worker'))",
-        )
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .unwrap_or(0);
+        // Every worker started and not stopped counts, running or not: each comes back at the next server start
+        // (a worker ended by pg_terminate_backend, or not launched for want of a slot, included).
+        let running = Spi::get_one::<i64>("SELECT count(*) FROM sqs_ingest.workers w WHERE w.stopped_at IS NULL")
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .unwrap_or(0);
         if running >= cap {
             return Err(Error::Limit(format!(
-                "this database already runs {running} dynamic sqs_ingest worker(s), the most sqs_ingest.max_dynamic_workers ({cap}) allows"
+                "this database already has {running} dynamic sqs_ingest worker(s) started and not stopped, the most sqs_ingest.max_dynamic_workers ({cap}) allows"
             )));
         }
         Spi::get_one_with_args::<i32>(
@@ -568,14 +593,43 @@ mod durable {
     }
 
     pub fn remember(database: u32, id: i32, role: u32) -> std::io::Result<()> {
+        write(database, id, role, 0)
+    }
+
+    /// The record holds `<database>|<role>|<starts that did not get connected>`.
+    fn write(database: u32, id: i32, role: u32, failed_starts: u32) -> std::io::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(DIR)?;
         let tmp = Path::new(DIR).join(format!("{database}.{id}.tmp"));
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        write!(f, "{database}|{role}")?;
+        write!(f, "{database}|{role}|{failed_starts}")?;
         f.sync_all()?;
         std::fs::rename(&tmp, file(database, id))
+    }
+
+    fn read(database: u32, id: i32) -> Option<(u32, u32)> {
+        let text = std::fs::read_to_string(file(database, id)).ok()?;
+        let mut fields = text.trim().split('|');
+        let (db, role) = (fields.next()?.parse::<u32>().ok()?, fields.next()?.parse::<u32>().ok()?);
+        let failed_starts = fields.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        (db == database).then_some((role, failed_starts))
+    }
+
+    /// A start that has not connected yet; returns how many in a row (None: not recorded).
+    pub fn note_start(database: u32, id: i32) -> Option<u32> {
+        let (role, failed) = read(database, id)?;
+        write(database, id, role, failed + 1).ok()?;
+        Some(failed + 1)
+    }
+
+    /// The worker connected: its start failures are forgotten.
+    pub fn note_connected(database: u32, id: i32) {
+        if let Some((role, failed)) = read(database, id) {
+            if failed > 0 {
+                let _ = write(database, id, role, 0);
+            }
+        }
     }
 
     pub fn forget(database: u32, id: i32) {
@@ -591,9 +645,8 @@ mod durable {
                 let name = e.file_name().into_string().ok()?;
                 let (database, id) = name.split_once('.')?;
                 let (database, id): (u32, i32) = (database.parse().ok()?, id.parse().ok()?);
-                let text = std::fs::read_to_string(e.path()).ok()?;
-                let (db, role) = text.trim().split_once('|')?;
-                (db.parse::<u32>().ok()? == database).then_some((id, database, role.parse().ok()?))
+                let (role, _) = read(database, id)?;
+                Some((id, database, role))
             })
             .collect()
     }

@@ -12,6 +12,14 @@
 use std::fmt;
 use thiserror::Error;
 
+/// The ledger key of a queue's identity text: the first 64 bits of its SHA-256, big-endian, as a signed integer —
+/// what the SQL function `sqs_ingest.queue_key(text)` computes (a pgrx test holds the two to each other).
+pub fn queue_key(text: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(text.as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueUrl {
     /// The URL exactly as given (used as the SQS QueueUrl parameter and as the queue's identity).
@@ -311,6 +319,13 @@ mod tests {
             "arn:aws-cn:sqs:cn-north-1:123456789012:q"
         );
         assert_eq!(other("http://localhost:4566/000000000000/q.fifo"), "arn:aws:sqs:us-east-1:000000000000:q.fifo");
+    }
+
+    #[test]
+    fn queue_key_is_the_first_64_bits_of_the_sha256() {
+        // The values the SQL function gives (src/pg_tests.rs checks the same ones there).
+        assert_eq!(queue_key("http://localhost:4566/000000000000/login-queue"), 3_372_887_132_628_947_437);
+        assert_eq!(queue_key("https://sqs.eu-west-1.amazonaws.com/123456789012/logins"), -6_200_339_497_826_981_772);
     }
 
     #[test]

@@ -179,9 +179,12 @@ fn an_idle_worker_holds_no_transaction() {
     let id: i32 = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap().get(0);
     let label = format!("dynamic worker {id}");
     let pid_of = |c: &mut postgres::Client| -> Option<i32> {
-        c.query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&label])
-            .unwrap()
-            .map(|r| r.get(0))
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+            &[&label],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
     };
     eventually("the worker runs", Duration::from_secs(30), || pid_of(&mut c).is_some());
     let pid = pid_of(&mut c).unwrap();
@@ -311,9 +314,12 @@ fn a_worker_records_an_error_raised_inside_its_batch_and_carries_on() {
         .is_some()
     });
     let pid_of = |c: &mut postgres::Client| -> Option<i32> {
-        c.query_opt("SELECT pid FROM pg_stat_activity WHERE application_name = $1", &[&label])
-            .unwrap()
-            .map(|r| r.get(0))
+        c.query_opt(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+            &[&label],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
     };
     let pid = pid_of(&mut c).expect("the worker is still running");
     c.batch_execute("DROP TRIGGER conflict ON user_logins").unwrap();
@@ -322,4 +328,37 @@ fn a_worker_records_an_error_raised_inside_its_batch_and_carries_on() {
     });
     assert_eq!(pid_of(&mut c), Some(pid), "the worker exited on an error of its batch");
     assert_eq!(c.query_one("SELECT sqs_ingest.worker_stop($1)", &[&url]).unwrap().get::<_, i64>(0), 1);
+}
+
+#[test]
+fn a_worker_that_cannot_store_does_not_take_messages() {
+    let h = harness();
+    let op = "e2e_no_insert_op";
+    let mut admin = h.fresh_db("e2e_no_insert");
+    h.login_role(&mut admin, op, &["sqs_ingest_operator"]);
+    let url = h.fresh_queue(&mut admin, "e2e-no-insert", 30);
+    create_user_logins(&mut admin);
+    // Any receive before the worker can store would count: the message would then be a dead letter.
+    admin.batch_execute("ALTER DATABASE e2e_no_insert SET sqs_ingest.max_receive_count = 1").unwrap();
+    h.send(&mut admin, &url, &[login(1)]);
+    let mut c = h.connect_as("e2e_no_insert", op);
+    let id: i32 = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap().get(0);
+    let label = format!("dynamic worker {id}");
+    eventually("the worker reports that it may not insert", Duration::from_secs(30), || {
+        admin
+            .query_opt("SELECT 1 FROM sqs_ingest.stats WHERE worker = $1 AND last_error LIKE '42501:%'", &[&label])
+            .unwrap()
+            .is_some()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    admin.batch_execute(&format!("GRANT INSERT ON user_logins TO {op}")).unwrap();
+    eventually("stored once the worker may insert", Duration::from_secs(90), || {
+        count(&mut admin, "SELECT count(*) FROM user_logins") == 1
+    });
+    assert_eq!(
+        count(&mut admin, "SELECT count(*) FROM sqs_ingest.dead_letters"),
+        0,
+        "the message was received while the worker could not store it"
+    );
+    assert_eq!(c.query_one("SELECT sqs_ingest.worker_stop()", &[]).unwrap().get::<_, i64>(0), 1);
 }

@@ -77,9 +77,12 @@ fn an_operator_runs_ingest_drain_redrive_stats_and_workers_without_superuser() {
     assert_eq!(sqlstate(&e), "53400", "{e}");
     let label = format!("dynamic worker {wid}");
     let worker_user = |c: &mut postgres::Client| -> Option<String> {
-        c.query_opt("SELECT usename::text FROM pg_stat_activity WHERE application_name = $1", &[&label])
-            .unwrap()
-            .map(|r| r.get(0))
+        c.query_opt(
+            "SELECT usename::text FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+            &[&label],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
     };
     eventually("the dynamic worker runs", Duration::from_secs(30), || worker_user(&mut admin).is_some());
     assert_eq!(worker_user(&mut admin).as_deref(), Some(op), "the worker connects as the role that started it");

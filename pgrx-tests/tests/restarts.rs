@@ -21,7 +21,7 @@ fn dynamic_workers_survive_restarts_and_fast_shutdown_ends_a_stalled_delete_phas
     // sent within its 20 s wait.
     let cluster = PrivateCluster::start(
         "restarts",
-        "shared_preload_libraries = 'sqs_ingest'\nsqs_ingest.worker_count = 0\nsqs_ingest.worker_wait_time = 2",
+        "shared_preload_libraries = 'sqs_ingest'\nsqs_ingest.worker_count = 0\nsqs_ingest.worker_wait_time = 2\nsqs_ingest.worker_restart_delay = 1",
     );
     cluster.connect("postgres", "postgres").batch_execute("CREATE DATABASE r").unwrap();
     let mut c = cluster.connect("r", "postgres");
@@ -61,6 +61,13 @@ fn dynamic_workers_survive_restarts_and_fast_shutdown_ends_a_stalled_delete_phas
     std::thread::sleep(Duration::from_secs(3));
     h.send(&mut c, &url, &(0..3).map(login).collect::<Vec<_>>());
     eventually("it ingests", Duration::from_secs(60), || count(&mut c, "SELECT count(*) FROM user_logins") == 3);
+    // Ended by pg_terminate_backend, it still counts towards max_dynamic_workers: it comes back at the next start.
+    c.batch_execute(&format!("SELECT pg_terminate_backend({after})")).unwrap();
+    eventually("the worker is gone", Duration::from_secs(30), || worker_pid(&mut c, id).is_none());
+    c.batch_execute("SET sqs_ingest.max_dynamic_workers = 1").unwrap();
+    let e = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "53400", "{e}");
+    c.batch_execute("RESET sqs_ingest.max_dynamic_workers").unwrap();
 
     // 2. Stopped, it is gone for good: not back after the next restart, and nothing left to start.
     assert_eq!(c.query_one("SELECT sqs_ingest.worker_stop()", &[]).unwrap().get::<_, i64>(0), 1);
@@ -91,7 +98,24 @@ fn dynamic_workers_survive_restarts_and_fast_shutdown_ends_a_stalled_delete_phas
     );
     assert_eq!(std::fs::read_dir(format!("{}/data/sqs_ingest_workers", cluster.dir)).unwrap().count(), 0);
 
-    // 4. Fast shutdown while a COMMIT's deletes hang on a frozen endpoint (with a deadline far away): the server
+    // 4. A worker whose role can no longer log in fails to connect at every start: after a few starts in a row it
+    //    gives up for good instead of being restarted forever (and after every server start).
+    c.batch_execute("GRANT sqs_ingest_operator TO etl").unwrap();
+    let mut etl = cluster.connect("r", "etl");
+    let id: i32 = etl.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap().get(0);
+    eventually("etl's worker runs", Duration::from_secs(30), || worker_pid(&mut c, id).is_some());
+    drop(etl);
+    c.batch_execute("ALTER ROLE etl NOLOGIN").unwrap();
+    assert!(cluster.stop("immediate", 60));
+    cluster.start_again();
+    let mut c = cluster.connect("r", "postgres");
+    eventually("the worker gives up", Duration::from_secs(60), || {
+        cluster.log().contains(&format!("dynamic worker {id}: 5 starts in a row could not connect"))
+    });
+    assert_eq!(std::fs::read_dir(format!("{}/data/sqs_ingest_workers", cluster.dir)).unwrap().count(), 0);
+    c.batch_execute(&format!("UPDATE sqs_ingest.workers SET stopped_at = now() WHERE worker_id = {id}")).unwrap();
+
+    // 5. Fast shutdown while a COMMIT's deletes hang on a frozen endpoint (with a deadline far away): the server
     //    stops, the committed rows stay, and the undeleted messages come back as duplicates.
     let proxy = FreezingProxy::start(h.endpoint.rsplit(':').next().unwrap().parse().unwrap());
     let via_proxy = format!("http://127.0.0.1:{}/000000000000/{name}", proxy.port);
