@@ -19,22 +19,6 @@ pub enum LedgerQueue {
     Url(String),
 }
 
-thread_local! {
-    /// Spellings whose rows under the old URL key this backend moved to the queue's identity key, in committed
-    /// transactions (and in the current one: forgotten if it aborts, so the move is tried again).
-    static ADOPTED: std::cell::RefCell<HashSet<(i64, String)>> = std::cell::RefCell::new(HashSet::new());
-    static ADOPTED_NOW: std::cell::RefCell<Vec<(u32, (i64, String))>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Transaction end (called by the transaction callback): keeps the adoptions of a committed transaction.
-pub fn after_xact(committed: bool) {
-    let now = ADOPTED_NOW.with(|a| std::mem::take(&mut *a.borrow_mut()));
-    if committed {
-        let xid = crate::privilege::local_xid();
-        ADOPTED.with(|a| a.borrow_mut().extend(now.into_iter().filter(|(x, _)| *x == xid).map(|(_, e)| e)));
-    }
-}
-
 /// The queue's identity ([`QueueUrl::arn`]); the URL text itself when it does not parse (rows of old releases).
 pub fn queue_identity(queue_url: &str) -> String {
     QueueUrl::parse(queue_url).map_or_else(|_| queue_url.to_string(), |q| q.arn(&crate::gucs::region()))
@@ -55,14 +39,10 @@ impl LedgerQueue {
         // The same key as the SQL function sqs_ingest.queue_key(), without a statement per call.
         let identity = queue_key(&queue_identity(queue_url));
         let spelling = queue_key(queue_url);
-        let entry = (identity, queue_url.to_string());
-        // Entries of other (ended) transactions in ADOPTED_NOW are ignored: only a commit makes an adoption stick.
-        let xid = crate::privilege::local_xid();
-        let done = ADOPTED.with(|a| a.borrow().contains(&entry))
-            || ADOPTED_NOW.with(|a| a.borrow().iter().any(|(x, e)| *x == xid && *e == entry));
-        if spelling != identity && !done {
+        if spelling != identity {
+            // One indexed DELETE that finds nothing once the spelling's rows were moved (not cached: a move rolled
+            // back with its transaction or savepoint must be made again).
             adopt_spelling(spelling, identity)?;
-            ADOPTED_NOW.with(|a| a.borrow_mut().push((xid, entry)));
         }
         Ok(LedgerQueue::Key(identity))
     }

@@ -4,9 +4,8 @@
 //!
 //! Why: `make bench` measured the SDK's pipeline (config bag, interceptors, endpoint rules, identity cache,
 //! retry and timeout layers) at most of the backend's CPU per message, for two requests per ten messages. This
-//! client does the same three calls with a SigV4 signer for its one request shape (`sqs_ingest_core::sigv4`,
-//! unit-tested signature for signature against the SDK's `aws-sigv4`), the same credentials (the SDK
-//! config's provider chain, cached until shortly before expiry) and the same error classification. Everything
+//! client does the same three calls signed by the SDK's own SigV4 signer (`aws-sigv4`), with the same credentials
+//! (the SDK config's provider chain, cached until shortly before expiry) and the same error classification. Everything
 //! else (GetQueueAttributes, queue administration, the pre-flight probe) stays on the SDK, and
 //! `sqs_ingest.sqs_client = 'sdk'` puts the hot path back on it too (for proxies, FIPS or dual-stack endpoints).
 //! Wire formats live in `sqs_ingest_core::sqs_json`.
@@ -20,7 +19,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use sqs_ingest_core::sigv4;
 use sqs_ingest_core::sqs_error::Observed;
 use sqs_ingest_core::sqs_json::{self, Operation, WireMessage};
 use std::sync::{Arc, OnceLock};
@@ -171,29 +169,36 @@ impl Direct {
 
     async fn attempt(&self, op: Operation, body: Bytes, wait_s: i32) -> Attempt<Bytes> {
         let creds = self.current_credentials().await?;
-        let signable = sigv4::Request {
-            host: &self.host,
-            content_type: sqs_json::CONTENT_TYPE,
-            target: op.target(),
-            query_mode: "true",
-            body: &body,
+        // Signed by the SDK's signer: the host, content type, operation and query-mode headers, and the body.
+        let headers = [
+            ("host", self.host.as_str()),
+            ("content-type", sqs_json::CONTENT_TYPE),
+            ("x-amz-target", op.target()),
+            ("x-amzn-query-mode", "true"),
+        ];
+        let identity = creds.into();
+        let signing = || -> std::result::Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let params = aws_sigv4::sign::v4::SigningParams::builder()
+                .identity(&identity)
+                .region(&self.region)
+                .name("sqs")
+                .time(SystemTime::now())
+                .settings(aws_sigv4::http_request::SigningSettings::default())
+                .build()?
+                .into();
+            let signable = aws_sigv4::http_request::SignableRequest::new(
+                "POST",
+                self.endpoint.as_str(),
+                headers.into_iter(),
+                aws_sigv4::http_request::SignableBody::Bytes(&body),
+            )?;
+            Ok(aws_sigv4::http_request::sign(signable, &params)?.into_parts().0)
         };
-        let identity = sigv4::Credentials {
-            access_key_id: creds.access_key_id(),
-            secret_access_key: creds.secret_access_key(),
-            session_token: creds.session_token(),
-        };
-        let signed = sigv4::sign(&signable, &identity, &self.region, "sqs", SystemTime::now());
-        // The headers sent are the ones signed.
-        let mut request = http::Request::post(self.endpoint.as_str())
-            .header(http::header::HOST, signable.host)
-            .header(http::header::CONTENT_TYPE, signable.content_type)
-            .header("x-amz-target", signable.target)
-            .header("x-amzn-query-mode", signable.query_mode)
-            .header("x-amz-date", signed.amz_date)
-            .header(http::header::AUTHORIZATION, signed.authorization);
-        if let Some(token) = creds.session_token() {
-            request = request.header("x-amz-security-token", token);
+        let instructions = signing().map_err(|e| Failure::no_response(format!("cannot sign the request: {e}")))?;
+        // The headers sent are the ones signed, plus what the signer adds (date, authorization, session token).
+        let mut request = http::Request::post(self.endpoint.as_str());
+        for (name, value) in headers.into_iter().chain(instructions.headers()) {
+            request = request.header(name, value);
         }
         let request = request
             .body(Full::new(body))

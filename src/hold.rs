@@ -303,7 +303,6 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             // Never raise after commit: a panic here would take the backend down.
             let _ = std::panic::catch_unwind(after_commit);
-            crate::bookkeeping::after_xact(true);
             let _ = std::panic::catch_unwind(crate::worker::after_commit);
             let _ = std::panic::catch_unwind(crate::audit::after_commit);
         }
@@ -313,7 +312,6 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
             let _ = std::panic::catch_unwind(after_abort);
-            crate::bookkeeping::after_xact(false);
             crate::worker::after_abort();
             let _ = std::panic::catch_unwind(crate::audit::after_abort);
             let _ = std::panic::catch_unwind(crate::ingest::after_abort);

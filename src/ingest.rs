@@ -216,6 +216,10 @@ fn ingest_into(
         deleted: s.deleted,
         delete_failures: 0,
     };
+    if opts.max_messages == Some(0) {
+        // A worker's dry run (see worker::batch): it checked what it could and stored nothing; no stats.
+        return Ok(run.summary);
+    }
     as_owner(owner, || -> Result<()> {
         // The probe saw the queue before this call took its messages: report what is left, as best known.
         let depth = if s.fifo_remaining.is_some() {
@@ -724,14 +728,17 @@ impl Rows {
             self.create_date.into(),
         ];
         as_role(writer_for(target.owner), || -> std::result::Result<(), pgrx::spi::SpiError> {
-            crate::plans::run(&sql, &args, |_| ())?;
-            // Deferred constraints are checked now, inside this insert's subtransaction: a violation is then
-            // this row's (a dead letter), not the COMMIT's (which would fail the whole batch every time).
-            if let Some((immediate, restore)) = &target.deferred_checks {
+            // Deferrable constraints are made immediate for this insert, inside its subtransaction: their checks
+            // fire at its end, so a violation is this row's (a dead letter), not the COMMIT's (which would fail
+            // the whole batch every time), and no trigger is deferred out of the owner's security-restricted
+            // context (which Postgres refuses).
+            let deferred = target.deferred_checks.as_ref();
+            if let Some((immediate, _)) = deferred {
                 Spi::run(immediate)?;
-                if let Some(restore) = restore {
-                    Spi::run(restore)?;
-                }
+            }
+            crate::plans::run(&sql, &args, |_| ())?;
+            if let Some((_, Some(restore))) = deferred {
+                Spi::run(restore)?;
             }
             Ok(())
         })

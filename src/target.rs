@@ -21,9 +21,10 @@ pub struct Target {
     /// Whether the table can refuse a row that passed validation (constraints, unique indexes, NOT NULL, domain
     /// columns, triggers, rules, partitioning): only then is each batch stored in a subtransaction.
     pub can_refuse_rows: bool,
-    /// For a table with deferrable constraints: `SET CONSTRAINTS … IMMEDIATE` naming them (run after each insert in
-    /// its subtransaction, so a violation is that row's, not the COMMIT's), and the `SET CONSTRAINTS … DEFERRED`
-    /// that puts the initially deferred ones back.
+    /// For a table with deferrable constraints: `SET CONSTRAINTS … IMMEDIATE` naming them (run before each insert
+    /// in its subtransaction, so their checks fire at the end of the insert: a violation is that row's, not the
+    /// COMMIT's, and nothing is deferred out of a security-restricted operation), and the `SET CONSTRAINTS …
+    /// DEFERRED` that puts the initially deferred ones back afterwards.
     pub deferred_checks: Option<(String, Option<String>)>,
 }
 
@@ -174,11 +175,18 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
         if !matches!(relkind.as_deref(), Some("r") | Some("p")) {
             return Err(Error::Target(format!("\"{name}\" is not a table")));
         }
+        // Only constraints whose name is unique in their schema: SET CONSTRAINTS names a constraint by schema and
+        // name, so a same-named constraint of another table (which anyone with CREATE on the schema could add)
+        // would be switched too, or make the statement fail. Those stay checked at COMMIT.
         let deferrable: Vec<(String, bool)> = client
             .select(
                 "SELECT pg_catalog.format('%I.%I', n.nspname, k.conname), k.condeferred
                    FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_namespace n ON n.oid = k.connamespace
-                  WHERE k.conrelid = $1 AND k.condeferrable ORDER BY 1",
+                  WHERE k.conrelid = $1 AND k.condeferrable
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint o
+                                     WHERE o.connamespace = k.connamespace AND o.conname = k.conname
+                                       AND o.oid <> k.oid)
+                  ORDER BY 1",
                 None,
                 &[oid.into()],
             )

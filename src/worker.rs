@@ -436,16 +436,46 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
             crate::privilege::role_name(role)
         )));
     }
+    // The cap below counts rows under a table lock; a snapshot older than the lock (REPEATABLE READ, SERIALIZABLE)
+    // would not see the rows of transactions that committed while this one waited, and so let them all in.
+    // SAFETY: a plain read of the transaction's isolation level on the main thread.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(Error::Postgres {
+            code: pgrx::PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+            message: "sqs_ingest.worker_start() must run in a READ COMMITTED transaction".into(),
+            hint: Some("It counts the workers that concurrent transactions start; run it outside REPEATABLE READ and SERIALIZABLE transactions.".into()),
+        });
+    }
     let cap = gucs::max_dynamic_workers();
     let id = as_owner(extension_owner(), || -> Result<i32> {
         // Serialises concurrent starts, so two of them cannot both see room for one more.
         Spi::run("LOCK TABLE sqs_ingest.workers IN SHARE ROW EXCLUSIVE MODE")
             .map_err(|e| Error::Internal(e.to_string()))?;
-        // Every worker started and not stopped counts, running or not: each comes back at the next server start
-        // (a worker ended by pg_terminate_backend, or not launched for want of a slot, included).
-        let running = Spi::get_one::<i64>("SELECT count(*) FROM sqs_ingest.workers w WHERE w.stopped_at IS NULL")
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .unwrap_or(0);
+        // Every worker started and not stopped that runs or will come back at the next server start (it has a
+        // restart record: one ended by pg_terminate_backend, or not launched for want of a slot) counts. Rows
+        // whose worker gave up for good (its role or database refused its connections) do not.
+        let rows: Vec<(i32, bool)> = Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT w.worker_id, w.pid IS NOT NULL AND w.pid IN (
+                        SELECT a.pid FROM pg_stat_activity a
+                         WHERE a.backend_type = 'sqs_ingest worker'
+                           AND a.datid = (SELECT oid FROM pg_database WHERE datname = current_database()))
+                   FROM sqs_ingest.workers w WHERE w.stopped_at IS NULL",
+                None,
+                &[],
+            )?;
+            Ok::<_, pgrx::spi::SpiError>(
+                rows.map(|r| {
+                    (
+                        r.get::<i32>(1).ok().flatten().unwrap_or_default(),
+                        r.get::<bool>(2).ok().flatten().unwrap_or(false),
+                    )
+                })
+                .collect(),
+            )
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        let running = rows.iter().filter(|(id, live)| *live || durable::exists(database.to_u32(), *id)).count() as i64;
         if running >= cap {
             return Err(Error::Limit(format!(
                 "this database already has {running} dynamic sqs_ingest worker(s) started and not stopped, the most sqs_ingest.max_dynamic_workers ({cap}) allows"
@@ -630,6 +660,10 @@ mod durable {
                 let _ = write(database, id, role, 0);
             }
         }
+    }
+
+    pub fn exists(database: u32, id: i32) -> bool {
+        file(database, id).exists()
     }
 
     pub fn forget(database: u32, id: i32) {

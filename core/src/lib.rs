@@ -9,7 +9,6 @@ pub mod mask;
 mod prf;
 pub mod queue_url;
 pub mod scrub;
-pub mod sigv4;
 pub mod sqs_error;
 pub mod sqs_json;
 pub mod version;

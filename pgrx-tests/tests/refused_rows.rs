@@ -146,4 +146,16 @@ fn a_deferred_constraint_refuses_the_row_not_the_commit() {
         "{all}"
     );
     eventually("every message deleted", Duration::from_secs(10), || depth(&mut admin, &url) == (0, 0));
+
+    // A superuser writes the operator's table as its owner, in a security-restricted context, where Postgres
+    // refuses to defer a trigger: the constraints are made immediate before the insert, so that works too.
+    h.send(&mut admin, &url, &[login(100), with(100, "x", 2.into()), login(101)]);
+    let r = admin.query_one("SELECT inserted, dead_lettered FROM sqs_ingest($1)", &[&url]).unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1)), (2, 1));
+    // A same-named constraint on another table of the schema (anyone with CREATE there can add one) is never
+    // switched: the target's constraint keeps its COMMIT-time check instead, and ingest keeps working.
+    c.batch_execute("CREATE TABLE decoy (a int CONSTRAINT one_login_per_user CHECK (a > 0))").unwrap();
+    h.send(&mut admin, &url, &[login(102)]);
+    assert_eq!(ingest(&mut c, &url).inserted, 1);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM user_logins"), 21);
 }

@@ -68,6 +68,11 @@ fn dynamic_workers_survive_restarts_and_fast_shutdown_ends_a_stalled_delete_phas
     let e = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap_err();
     assert_eq!(sqlstate(&e), "53400", "{e}");
     c.batch_execute("RESET sqs_ingest.max_dynamic_workers").unwrap();
+    // Counting under a snapshot older than the lock would let concurrent starts past the cap: refused.
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ").unwrap();
+    let e = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "25000", "{e}");
+    c.batch_execute("ROLLBACK").unwrap();
 
     // 2. Stopped, it is gone for good: not back after the next restart, and nothing left to start.
     assert_eq!(c.query_one("SELECT sqs_ingest.worker_stop()", &[]).unwrap().get::<_, i64>(0), 1);
