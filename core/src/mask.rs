@@ -204,7 +204,10 @@ impl KeyMaterial {
             Method::Hmac => {
                 let digest = self.hmac.mac(&[plaintext]);
                 token.push_str(&self.prefixes[1]);
-                URL_SAFE_NO_PAD.encode_string(digest, token);
+                // Into a stack buffer, then appended: no growth of the token's buffer by the encoder.
+                let mut encoded = [0u8; 43];
+                let n = URL_SAFE_NO_PAD.encode_slice(digest, &mut encoded).expect("43 bytes hold a 32-byte digest");
+                token.push_str(std::str::from_utf8(&encoded[..n]).expect("base64url is ASCII"));
             }
             Method::Encrypt => {
                 let nonce = self.synthetic_nonce(plaintext);
