@@ -33,7 +33,7 @@ pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Resu
         crate::plans::run(INSERT, &[session.into(), current.into(), key_id.into()], |_| ())
             .map_err(|e| Error::Internal(format!("cannot write the unmask audit trail: {e}")))
     })?;
-    crate::hold::ensure_callbacks();
+    crate::xact::ensure_registered();
     let (session, current) = roles();
     // SAFETY: plain reads of backend-local state on the main thread.
     let g = unsafe {
@@ -58,7 +58,7 @@ pub fn record_success(session: &str, current: &str, key_id: Option<i32>) -> Resu
 
 /// Records a refused call; it is written when the transaction ends, whatever the caller does. Never raises.
 pub fn record_refusal(key_id: Option<i32>, refusal: Refusal) {
-    crate::hold::ensure_callbacks();
+    crate::xact::ensure_registered();
     let (session, current) = roles();
     // SAFETY: a plain read of the clock on the main thread.
     let at = unsafe { pg_sys::GetCurrentTimestamp() };
@@ -106,7 +106,7 @@ pub fn count_mask() {
         MASKS.set(MaskCount { calls: count.calls + 1, ..count });
         return;
     }
-    crate::hold::ensure_callbacks();
+    crate::xact::ensure_registered();
     // SAFETY: a read of shared recovery state on the main thread.
     if unsafe { pg_sys::RecoveryInProgress() } {
         // A standby cannot write the audit row; the primary never hears of these calls.
@@ -202,6 +202,23 @@ fn take_mask_count() {
 
 /// Transaction hook, just before PREPARE TRANSACTION: a prepared transaction can still be rolled back by anyone
 /// later (`ROLLBACK PREPARED`), taking rows written in it along; refused while records wait.
+/// This module's transaction hooks: records still in memory are written in the transaction before it commits or
+/// is prepared (an ERROR then aborts it, and the abort hook keeps them); afterwards they belong to it.
+pub fn xact_hooks() -> crate::xact::Hooks {
+    crate::xact::Hooks {
+        pre_commit: Some(before_commit),
+        pre_prepare: Some(|| {
+            before_prepare();
+            before_commit();
+        }),
+        commit: Some(after_commit),
+        prepare: Some(after_commit),
+        abort: Some(after_abort),
+        subxact_abort: Some(after_subxact_abort),
+        subxact_commit: Some(after_subxact_commit),
+    }
+}
+
 pub fn before_prepare() {
     if MASKS.get().calls > 0 || PENDING.with(|p| !p.borrow().is_empty()) {
         refuse(

@@ -145,7 +145,7 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// Adds a rejected message: its body encrypted whole, or, when it is too large ever to be stored, only its
     /// first [`KEPT_BODY_PREFIX_BYTES`] bytes encrypted plus a keyed digest of the whole body.
-    pub fn push(&mut self, key: &KeyMaterial, m: crate::sqs::Received, reason: &Rejection) {
+    pub fn push(&mut self, key: &KeyMaterial, m: sqs_ingest_core::sqs_json::WireMessage, reason: &Rejection) {
         let body = m.body.as_bytes();
         let (kept, digest) = if body.len() > MAX_BODY_BYTES {
             (&body[..KEPT_BODY_PREFIX_BYTES], Some(key.body_digest(body).to_vec()))

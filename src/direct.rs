@@ -10,8 +10,8 @@
 //! `sqs_ingest.sqs_client = 'sdk'` puts the hot path back on it too (for proxies, FIPS or dual-stack endpoints).
 //! Wire formats live in `sqs_ingest_core::sqs_json`.
 
+use crate::error::error_chain;
 use crate::error::{Error, Result};
-use crate::sqs::error_chain;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
 use bytes::Bytes;
@@ -81,7 +81,7 @@ impl Failure {
             (None, Some(code)) => format!("{code}: {}", self.message.as_deref().unwrap_or("no message")),
             (None, None) => format!("HTTP {}", self.status.unwrap_or(0)),
         };
-        crate::sqs::failure(op.name(), &seen, what)
+        crate::error::sqs_failure(op.name(), &seen, what)
     }
 }
 
@@ -129,7 +129,7 @@ impl Direct {
     pub async fn receive(&self, queue_url: &str, max: i32, wait_s: i32, visibility_s: i32) -> Result<Vec<WireMessage>> {
         let op = Operation::ReceiveMessage;
         let body = self.call(op, sqs_json::receive_request(queue_url, max, wait_s, visibility_s), wait_s).await?;
-        sqs_json::parse_receive(&body).map_err(|e| crate::sqs::failure(op.name(), &Observed::default(), e))
+        sqs_json::parse_receive(&body).map_err(|e| crate::error::sqs_failure(op.name(), &Observed::default(), e))
     }
 
     /// One DeleteMessageBatch of at most 10 receipts: (succeeded, failed) entries, `None` if the call failed.

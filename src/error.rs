@@ -7,7 +7,7 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 use sqs_ingest_core::mask::MaskError;
 use sqs_ingest_core::queue_url::QueueUrlError;
 use sqs_ingest_core::scrub::scrub;
-use sqs_ingest_core::sqs_error::FailureClass;
+use sqs_ingest_core::sqs_error::{FailureClass, Observed};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -175,4 +175,30 @@ impl<T> OrRaise<T> for Result<T> {
             Err(e) => e.raise(),
         }
     }
+}
+
+/// The [`Error`] for a failed SQS call, from what was observed (shared by the SDK and the direct client).
+pub fn sqs_failure(operation: &str, seen: &Observed<'_>, what: String) -> Error {
+    let class = FailureClass::classify(seen);
+    let detail = match (seen.http_status, class) {
+        (Some(s), FailureClass::LegacyProtocol) => {
+            format!("{operation}: HTTP {s} with an XML body to a JSON-protocol request")
+        }
+        _ => format!("{operation}: {what}"),
+    };
+    Error::Sqs { class, summary: class.summary().to_string(), detail }
+}
+
+/// The Display texts of an error and its sources, without the Debug dump of the SDK's internals.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
 }

@@ -48,7 +48,6 @@ pub struct PostCommit {
 
 thread_local! {
     static HOLD: RefCell<Option<Hold>> = const { RefCell::new(None) };
-    static REGISTERED: Cell<bool> = const { Cell::new(false) };
     static LAST_COMMIT: Cell<BatchOutcome> = const { Cell::new(BatchOutcome { succeeded: 0, failed: 0 }) };
     static UNREPORTED: RefCell<Vec<PostCommit>> = const { RefCell::new(Vec::new()) };
     /// The current transaction is failing for a transient reason: its messages are released with a backoff.
@@ -61,25 +60,12 @@ pub fn back_off_on_abort() {
     BACK_OFF.set(true);
 }
 
-/// Registers the transaction callbacks once per backend.
-pub fn ensure_callbacks() {
-    if REGISTERED.get() {
-        return;
-    }
-    // SAFETY: registering static callbacks with Postgres; called on the main thread.
-    unsafe {
-        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
-        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
-    }
-    REGISTERED.set(true);
-}
-
 /// Takes ownership of received messages for the current (sub)transaction.
 pub fn hold(client: &sqs::Client, queue_url: &str, receipts: Vec<(String, i32)>, visibility_s: i32) {
     if receipts.is_empty() {
         return;
     }
-    ensure_callbacks();
+    crate::xact::ensure_registered();
     // SAFETY: reading the current subtransaction id inside a transaction on the main thread.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     HOLD.with(|h| {
@@ -275,72 +261,32 @@ fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransac
     });
 }
 
-// SAFETY: registered with RegisterXactCallback; Postgres calls it on the backend's main thread at every
-// transaction event, and it touches only this module's thread-local state and the network runtime.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_PRE_PREPARE if held_count() > 0 => {
-            pgrx::pg_sys::panic::ErrorReport::new(
-                pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "sqs_ingest cannot be used in a transaction that is prepared for two-phase commit",
-                "sqs_ingest",
-            )
-            .set_hint(
-                "Its messages are deleted from SQS by the session that commits; call sqs_ingest() in an ordinary transaction.",
-            )
-            .report(pgrx::PgLogLevel::ERROR)
-        }
-        // Before COMMIT or PREPARE the transaction is still open: audit records still in memory are written in it
-        // (an ERROR here aborts the commit, and the abort hook keeps them).
-        XACT_EVENT_PRE_PREPARE => {
-            crate::worker::before_prepare();
-            crate::audit::before_prepare();
-            crate::audit::before_commit();
-        }
-        XACT_EVENT_PRE_COMMIT => crate::audit::before_commit(),
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            // Never raise after commit: a panic here would take the backend down.
-            let _ = std::panic::catch_unwind(after_commit);
-            let _ = std::panic::catch_unwind(crate::worker::after_commit);
-            let _ = std::panic::catch_unwind(crate::audit::after_commit);
-        }
-        XACT_EVENT_PREPARE => {
-            // The audit rows now belong to the prepared transaction.
-            let _ = std::panic::catch_unwind(crate::audit::after_commit);
-        }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => {
-            let _ = std::panic::catch_unwind(after_abort);
-            crate::worker::after_abort();
-            let _ = std::panic::catch_unwind(crate::audit::after_abort);
-            let _ = std::panic::catch_unwind(crate::ingest::after_abort);
-        }
-        _ => {}
+/// Refuses PREPARE TRANSACTION while the transaction holds messages: they are deleted from SQS by the session
+/// that commits, and a prepared transaction is committed (or not) later, maybe by another session.
+fn before_prepare() {
+    if held_count() > 0 {
+        pgrx::pg_sys::panic::ErrorReport::new(
+            pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "sqs_ingest cannot be used in a transaction that is prepared for two-phase commit",
+            "sqs_ingest",
+        )
+        .set_hint(
+            "Its messages are deleted from SQS by the session that commits; call sqs_ingest() in an ordinary transaction.",
+        )
+        .report(pgrx::PgLogLevel::ERROR)
     }
 }
 
-// SAFETY: registered with RegisterSubXactCallback; same thread and state as `on_xact`.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn on_subxact(
-    event: pg_sys::SubXactEvent::Type,
-    my: pg_sys::SubTransactionId,
-    parent: pg_sys::SubTransactionId,
-    _arg: *mut std::ffi::c_void,
-) {
-    use pg_sys::SubXactEvent::*;
-    match event {
-        SUBXACT_EVENT_ABORT_SUB => {
-            let _ = std::panic::catch_unwind(|| after_subxact_abort(my));
-            crate::audit::after_subxact_abort(my);
-            crate::worker::after_subxact_abort(my);
-        }
-        SUBXACT_EVENT_COMMIT_SUB => {
-            after_subxact_commit(my, parent);
-            crate::audit::after_subxact_commit(my, parent);
-            crate::worker::after_subxact_commit(my, parent);
-        }
-        _ => {}
+/// This module's transaction hooks (registered first: a PREPARE of a transaction holding messages is refused
+/// before anything else runs).
+pub fn xact_hooks() -> crate::xact::Hooks {
+    crate::xact::Hooks {
+        pre_prepare: Some(before_prepare),
+        commit: Some(after_commit),
+        abort: Some(after_abort),
+        subxact_abort: Some(after_subxact_abort),
+        subxact_commit: Some(after_subxact_commit),
+        ..Default::default()
     }
 }
 

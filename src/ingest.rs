@@ -127,6 +127,11 @@ pub fn after_abort() {
     crate::audit::save_errors(errors);
 }
 
+/// This module's transaction hooks.
+pub fn xact_hooks() -> crate::xact::Hooks {
+    crate::xact::Hooks { abort: Some(after_abort), ..Default::default() }
+}
+
 /// Writes what earlier transactions of this backend could not: post-commit delete outcomes and errors.
 pub fn flush_unreported(worker: &str) -> Result<()> {
     let deletes = hold::take_unreported();
@@ -155,7 +160,7 @@ pub fn ingest_waited(queue: &QueueUrl, opts: &Options, waited: Waited) -> Result
 
 fn ingest_from(queue: &QueueUrl, opts: &Options, waited: Option<Waited>) -> Result<Summary> {
     let started = Instant::now();
-    hold::ensure_callbacks();
+    crate::xact::ensure_registered();
     let client = sqs::client(queue)?;
     // Connectivity, existence and protocol are checked before anything is written.
     let info = probe(&client, queue, opts.reuse_probe_for)?;

@@ -19,9 +19,11 @@ mod ingest;
 mod keys;
 mod plans;
 mod privilege;
+mod signals;
 mod sqs;
 mod target;
 mod worker;
+mod xact;
 
 pgrx::pg_module_magic!();
 
@@ -31,6 +33,11 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    // Transaction hooks, in the order they run at each event.
+    xact::register(hold::xact_hooks());
+    xact::register(worker::xact_hooks());
+    xact::register(audit::xact_hooks());
+    xact::register(ingest::xact_hooks());
     worker::register_static_workers();
 }
 

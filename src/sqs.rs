@@ -19,7 +19,7 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use futures_util::stream::{self, StreamExt};
 use pgrx::pg_sys;
 use sqs_ingest_core::queue_url::QueueUrl;
-use sqs_ingest_core::sqs_error::{FailureClass, Observed};
+use sqs_ingest_core::sqs_error::Observed;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -120,7 +120,7 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
                     out = &mut fut => return Some(out),
                     _ = tick.tick() => {
                         // SAFETY: a sig_atomic_t flag set by signal handlers; read on the main thread.
-                        if unsafe { pg_sys::InterruptPending } != 0 || crate::worker::shutdown_requested() {
+                        if unsafe { pg_sys::InterruptPending } != 0 || crate::signals::shutdown_requested() {
                             return None;
                         }
                     }
@@ -132,7 +132,7 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
             None => {
                 // Raises for cancel/timeout/terminate; returns for harmless interrupts, and we keep waiting.
                 pgrx::check_for_interrupts!();
-                if crate::worker::shutdown_requested() {
+                if crate::signals::shutdown_requested() {
                     return Err(Error::Interrupted);
                 }
             }
@@ -281,35 +281,9 @@ pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     };
     let what = match (&err, code.as_deref()) {
         (SdkError::ServiceError(_), Some(code)) => format!("{code}: {}", err.message().unwrap_or("no message")),
-        _ => error_chain(&err),
+        _ => crate::error::error_chain(&err),
     };
-    failure(operation, &seen, what)
-}
-
-/// The [`Error`] for a failed SQS call, from what was observed (shared by the SDK and the direct client).
-pub fn failure(operation: &str, seen: &Observed<'_>, what: String) -> Error {
-    let class = FailureClass::classify(seen);
-    let detail = match (seen.http_status, class) {
-        (Some(s), FailureClass::LegacyProtocol) => {
-            format!("{operation}: HTTP {s} with an XML body to a JSON-protocol request")
-        }
-        _ => format!("{operation}: {what}"),
-    };
-    Error::Sqs { class, summary: class.summary().to_string(), detail }
-}
-
-/// The Display texts of an error and its sources, without the Debug dump of the SDK's internals.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = s.source();
-    }
-    parts.join(": ")
+    crate::error::sqs_failure(operation, &seen, what)
 }
 
 /// Reads depth and retention; doubles as the connectivity and existence check before any side effect.

@@ -22,17 +22,8 @@ use std::time::Duration;
 pub const WORKER_TYPE: &str = "sqs_ingest worker";
 
 static LOADED_AT_PRELOAD: AtomicBool = AtomicBool::new(false);
-static IN_WORKER: AtomicBool = AtomicBool::new(false);
-
-/// True in a worker that was asked to stop (SIGTERM) or to reload (SIGHUP): long polls return early.
-pub fn shutdown_requested() -> bool {
-    // SAFETY: sig_atomic_t flags written by signal handlers; read on the main thread.
-    IN_WORKER.load(Ordering::Relaxed)
-        && unsafe { pg_sys::ShutdownRequestPending != 0 || pg_sys::ConfigReloadPending != 0 }
-}
-
 fn stopping() -> bool {
-    // SAFETY: as above.
+    // SAFETY: a sig_atomic_t flag written by the signal handler; read on the main thread.
     unsafe { pg_sys::ShutdownRequestPending != 0 }
 }
 
@@ -73,7 +64,7 @@ pub fn register_static_workers() {
 }
 
 fn attach() {
-    IN_WORKER.store(true, Ordering::Relaxed);
+    crate::signals::mark_worker();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
 }
 
@@ -489,7 +480,7 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
         .ok_or_else(|| Error::Internal("worker row not created".into()))
     })?;
     // The worker reads its row, so it must be committed first: the worker is started at commit.
-    crate::hold::ensure_callbacks();
+    crate::xact::ensure_registered();
     PENDING_STARTS.with(|p| p.borrow_mut().push((current_subxact(), (id, database, role))));
     Ok(id)
 }
@@ -523,7 +514,7 @@ pub fn stop_dynamic(queue_url: Option<&str>) -> Result<i64> {
         })
     })
     .map_err(|e| Error::Internal(e.to_string()))?;
-    crate::hold::ensure_callbacks();
+    crate::xact::ensure_registered();
     let subxact = current_subxact();
     PENDING_STOPS.with(|p| p.borrow_mut().extend(stopped.iter().map(|(id, pid)| (subxact, (*id, *pid)))));
     Ok(stopped.len() as i64)
@@ -736,6 +727,18 @@ pub fn before_prepare() {
         )
         .set_hint("Call worker_start() and worker_stop() in an ordinary transaction.")
         .report(pgrx::PgLogLevel::ERROR);
+    }
+}
+
+/// This module's transaction hooks.
+pub fn xact_hooks() -> crate::xact::Hooks {
+    crate::xact::Hooks {
+        pre_prepare: Some(before_prepare),
+        commit: Some(after_commit),
+        abort: Some(after_abort),
+        subxact_abort: Some(after_subxact_abort),
+        subxact_commit: Some(after_subxact_commit),
+        ..Default::default()
     }
 }
 
