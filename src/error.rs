@@ -45,17 +45,19 @@ pub enum Error {
     Postgres { code: PgSqlErrorCode, message: String, hint: Option<String> },
 }
 
+/// The SQLSTATE of an SQS failure class: the one mapping, in `sqs_ingest_core::sqs_error` (its unit tests pin it).
 fn sqlstate_of(class: FailureClass) -> PgSqlErrorCode {
-    use PgSqlErrorCode::*;
-    match class {
-        FailureClass::Unreachable => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-        FailureClass::NoSuchQueue => ERRCODE_UNDEFINED_OBJECT,
-        FailureClass::BadCredentials => ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
-        FailureClass::AccessDenied => ERRCODE_INSUFFICIENT_PRIVILEGE,
-        FailureClass::LegacyProtocol => ERRCODE_FEATURE_NOT_SUPPORTED,
-        FailureClass::Throttled => ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-        FailureClass::Service => ERRCODE_SYSTEM_ERROR,
-    }
+    sqlstate_code(class.sqlstate())
+}
+
+/// A five-character SQLSTATE as Postgres' packed code (six bits a character, lowest first: `MAKE_SQLSTATE`).
+pub fn sqlstate_code(state: &str) -> PgSqlErrorCode {
+    let packed = state
+        .bytes()
+        .take(5)
+        .enumerate()
+        .fold(0i32, |code, (i, c)| code | ((i32::from(c.wrapping_sub(b'0')) & 0x3f) << (6 * i)));
+    PgSqlErrorCode::from(packed)
 }
 
 impl Error {

@@ -142,3 +142,14 @@ fn queue_key_is_the_first_64_bits_of_the_urls_sha256() {
         assert_eq!(key(text), sqs_ingest_core::queue_url::queue_key(text), "{text}");
     }
 }
+
+#[pg_test]
+fn sqs_failure_classes_raise_the_sqlstates_core_names() {
+    use sqs_ingest_core::sqs_error::FailureClass::*;
+    for class in [Unreachable, NoSuchQueue, BadCredentials, AccessDenied, LegacyProtocol, Throttled, Service] {
+        let code = crate::error::sqlstate_code(class.sqlstate());
+        assert_eq!(crate::error::sqlstate_text(code), class.sqlstate(), "{class:?}");
+    }
+    assert_eq!(crate::error::sqlstate_code("08001"), pgrx::PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION);
+    assert_eq!(crate::error::sqlstate_code("42704"), pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT);
+}
