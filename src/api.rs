@@ -5,10 +5,11 @@ use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod sqs_ingest {
-    use crate::error::{Error, OrRaise, Result};
+    use crate::error::{Error, Result};
     use crate::ingest;
     use crate::privilege::{as_owner, extension_owner, role_names};
     use crate::{audit, gucs, hold, keys, sqs, target};
+    use pgrx::pg_sys::panic::ErrorReport;
     use pgrx::prelude::*;
     use sqs_ingest_core::event;
     use sqs_ingest_core::mask::{MaskError, Method, Token};
@@ -25,7 +26,7 @@ pub mod sqs_ingest {
 
     /// Reverses an `enc:` token. Every call is audited in `sqs_ingest.unmask_audit` and the server log.
     #[pg_extern(volatile, parallel_unsafe, strict)]
-    fn unmask(token: &str) -> String {
+    fn unmask(token: &str) -> std::result::Result<String, ErrorReport> {
         audit::refuse_in_parallel_worker("unmask");
         let (current, session) = role_names();
         let parsed = Token::parse(token);
@@ -37,27 +38,27 @@ pub mod sqs_ingest {
         match result {
             Ok(value) => {
                 log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} succeeded");
-                audit::record_success(&session, &current, key_id).or_raise();
-                value
+                audit::record_success(&session, &current, key_id)?;
+                Ok(value)
             }
             Err(e) => {
                 log!("sqs_ingest audit: unmask by session_role={session} current_role={current} key_id={key_id:?} refused: {e}");
                 audit::record_refusal(key_id, audit::Refusal::of(&e));
-                e.raise()
+                Err(e.into())
             }
         }
     }
 
     /// Makes a freshly generated key the active one; older keys still unmask. Returns the new key id.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn rotate_key() -> i32 {
-        keys::rotate().or_raise()
+    fn rotate_key() -> std::result::Result<i32, ErrorReport> {
+        Ok(keys::rotate()?)
     }
 
     /// Rewrites the reversible tokens of `target` that use an older key to the active key. Returns the count.
     #[pg_extern(volatile, parallel_unsafe, name = "rekey_table")]
-    fn rekey_table(target_oid: pg_sys::Oid) -> i64 {
-        rekey(target_oid).or_raise()
+    fn rekey_table(target_oid: pg_sys::Oid) -> std::result::Result<i64, ErrorReport> {
+        Ok(rekey(target_oid)?)
     }
 
     /// Rewrites the tokens of `target` as its owner when the caller is a superuser and the owner is not (so the
@@ -146,8 +147,8 @@ pub mod sqs_ingest {
 
     /// Re-processes one dead letter (after its cause was fixed). Returns true if it is now stored.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn redrive(message_id: &str, queue_url: default!(Option<&str>, "NULL")) -> bool {
-        redrive_one(message_id, queue_url).or_raise()
+    fn redrive(message_id: &str, queue_url: default!(Option<&str>, "NULL")) -> std::result::Result<bool, ErrorReport> {
+        Ok(redrive_one(message_id, queue_url)?)
     }
 
     fn redrive_one(message_id: &str, queue_url: Option<&str>) -> Result<bool> {
@@ -251,18 +252,21 @@ pub mod sqs_ingest {
 
     /// Sends message bodies to a queue (batches of 10). Returns how many SQS accepted.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn queue_send(queue_url: &str, bodies: Vec<Option<String>>) -> i64 {
-        let queue = ingest::parse_queue_url(queue_url).or_raise();
-        let client = sqs::client(&queue).or_raise();
+    fn queue_send(queue_url: &str, bodies: Vec<Option<String>>) -> std::result::Result<i64, ErrorReport> {
+        let queue = ingest::parse_queue_url(queue_url)?;
+        let client = sqs::client(&queue)?;
         let bodies: Vec<String> = bodies.into_iter().flatten().collect();
-        sqs::block_on(sqs::send(&client, &queue.url, &bodies, 8)).or_raise().or_raise() as i64
+        Ok(sqs::block_on(sqs::send(&client, &queue.url, &bodies, 8))?? as i64)
     }
 
     /// Creates a queue named by the last segment of `queue_url` at its endpoint. Returns the queue URL SQS reports.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn queue_create(queue_url: &str, visibility_timeout: default!(i32, 30)) -> String {
-        let queue = ingest::parse_queue_url(queue_url).or_raise();
-        let client = sqs::client(&queue).or_raise().sdk;
+    fn queue_create(
+        queue_url: &str,
+        visibility_timeout: default!(i32, 30),
+    ) -> std::result::Result<String, ErrorReport> {
+        let queue = ingest::parse_queue_url(queue_url)?;
+        let client = sqs::client(&queue)?.sdk;
         let name = queue.name.clone();
         let out = sqs::block_on(async move {
             client
@@ -272,20 +276,21 @@ pub mod sqs_ingest {
                 .send()
                 .await
                 .map_err(|e| sqs::classify("CreateQueue", e))
-        })
-        .or_raise()
-        .or_raise();
-        out.queue_url.unwrap_or_default()
+        })??;
+        Ok(out.queue_url.unwrap_or_default())
     }
 
     /// Approximate message counts of a queue: visible, in flight (received, not deleted), delayed.
     #[pg_extern(volatile, parallel_unsafe)]
     fn queue_depth(
         queue_url: &str,
-    ) -> TableIterator<'static, (name!(visible, i64), name!(in_flight, i64), name!(delayed, i64))> {
+    ) -> std::result::Result<
+        TableIterator<'static, (name!(visible, i64), name!(in_flight, i64), name!(delayed, i64))>,
+        ErrorReport,
+    > {
         use aws_sdk_sqs::types::QueueAttributeName as A;
-        let queue = ingest::parse_queue_url(queue_url).or_raise();
-        let client = sqs::client(&queue).or_raise().sdk;
+        let queue = ingest::parse_queue_url(queue_url)?;
+        let client = sqs::client(&queue)?.sdk;
         let url = queue.url.clone();
         let attrs = sqs::block_on(async move {
             client
@@ -297,15 +302,13 @@ pub mod sqs_ingest {
                 .send()
                 .await
                 .map_err(|e| sqs::classify("GetQueueAttributes", e))
-        })
-        .or_raise()
-        .or_raise();
+        })??;
         let get = |n: A| attrs.attributes().and_then(|a| a.get(&n)).and_then(|v| v.parse().ok()).unwrap_or(0i64);
-        TableIterator::once((
+        Ok(TableIterator::once((
             get(A::ApproximateNumberOfMessages),
             get(A::ApproximateNumberOfMessagesNotVisible),
             get(A::ApproximateNumberOfMessagesDelayed),
-        ))
+        )))
     }
 
     /// Benchmark baseline: receives and deletes (discards!) up to `max_messages` with the same client and
@@ -314,9 +317,12 @@ pub mod sqs_ingest {
     fn bench_raw_drain(
         queue_url: &str,
         max_messages: i64,
-    ) -> TableIterator<'static, (name!(received, i64), name!(deleted, i64), name!(elapsed_ms, f64))> {
-        let (queue, _, _) = ingest::parse_args(queue_url, Some(max_messages), None).or_raise();
-        let client = sqs::client(&queue).or_raise();
+    ) -> std::result::Result<
+        TableIterator<'static, (name!(received, i64), name!(deleted, i64), name!(elapsed_ms, f64))>,
+        ErrorReport,
+    > {
+        let (queue, _, _) = ingest::parse_args(queue_url, Some(max_messages), None)?;
+        let client = sqs::client(&queue)?;
         let started = std::time::Instant::now();
         let (received, deleted) = sqs::block_on(sqs::raw_drain(
             client,
@@ -324,10 +330,8 @@ pub mod sqs_ingest {
             max_messages,
             gucs::receive_concurrency(),
             gucs::visibility_timeout_s(),
-        ))
-        .or_raise()
-        .or_raise();
-        TableIterator::once((received, deleted, started.elapsed().as_secs_f64() * 1000.0))
+        ))??;
+        Ok(TableIterator::once((received, deleted, started.elapsed().as_secs_f64() * 1000.0)))
     }
 
     /// Starts a background worker for one queue in this database (needs shared_preload_libraries). Returns its id.
@@ -336,29 +340,32 @@ pub mod sqs_ingest {
         queue_url: &str,
         batch_messages: default!(Option<i32>, "NULL"),
         method: default!(Option<&str>, "NULL"),
-    ) -> i32 {
-        crate::worker::start_dynamic(queue_url, batch_messages, method).or_raise()
+    ) -> std::result::Result<i32, ErrorReport> {
+        Ok(crate::worker::start_dynamic(queue_url, batch_messages, method)?)
     }
 
     /// Stops this database's dynamic workers (of one queue, or all); each finishes its current batch. Returns how many.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn worker_stop(queue_url: default!(Option<&str>, "NULL")) -> i64 {
-        crate::worker::stop_dynamic(queue_url).or_raise()
+    fn worker_stop(queue_url: default!(Option<&str>, "NULL")) -> std::result::Result<i64, ErrorReport> {
+        Ok(crate::worker::stop_dynamic(queue_url)?)
     }
 
     /// Every running sqs_ingest worker of the server: static (GUC) and dynamic ones.
     #[allow(clippy::type_complexity)]
     #[pg_extern(volatile, parallel_unsafe)]
-    fn worker_status() -> TableIterator<
-        'static,
-        (
-            name!(pid, i32),
-            name!(worker, String),
-            name!(database, Option<String>),
-            name!(queue_urls, Option<String>),
-            name!(state, Option<String>),
-            name!(backend_start, Option<pgrx::datum::TimestampWithTimeZone>),
-        ),
+    fn worker_status() -> std::result::Result<
+        TableIterator<
+            'static,
+            (
+                name!(pid, i32),
+                name!(worker, String),
+                name!(database, Option<String>),
+                name!(queue_urls, Option<String>),
+                name!(state, Option<String>),
+                name!(backend_start, Option<pgrx::datum::TimestampWithTimeZone>),
+            ),
+        >,
+        ErrorReport,
     > {
         let static_urls = gucs::worker_queue_urls().join(",");
         let rows = crate::privilege::pinned(|| {
@@ -383,8 +390,7 @@ pub mod sqs_ingest {
                 )
             })
         })
-        .map_err(|e| Error::Internal(e.to_string()))
-        .or_raise();
+        .map_err(|e| Error::Internal(e.to_string()))?;
         let owner = extension_owner();
         let out: Vec<_> = rows
             .into_iter()
@@ -406,14 +412,14 @@ pub mod sqs_ingest {
                 (pid, label, db, urls, state, start)
             })
             .collect();
-        TableIterator::new(out)
+        Ok(TableIterator::new(out))
     }
 
     /// Records counters for a queue (used by sqs_ingest_drain to add post-commit delete outcomes).
     #[pg_extern(volatile, parallel_unsafe)]
-    fn flush_stats() {
+    fn flush_stats() -> std::result::Result<(), ErrorReport> {
         let owner = extension_owner();
-        as_owner(owner, || ingest::flush_unreported("")).or_raise();
+        Ok(as_owner(owner, || ingest::flush_unreported(""))?)
     }
 }
 
@@ -440,7 +446,7 @@ thread_local! {
 #[no_mangle]
 #[pg_guard]
 pub unsafe extern "C-unwind" fn mask_wrapper(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    use crate::error::{Error, OrRaise};
+    use crate::error::Error;
     // SAFETY: Postgres passes a valid fcinfo with `nargs` initialised arguments; text arguments are varlenas
     // (detoasted here, possibly into the current memory context), read only while this call runs.
     unsafe {
@@ -456,11 +462,11 @@ pub unsafe extern "C-unwind" fn mask_wrapper(fcinfo: pg_sys::FunctionCallInfo) -
             return pg_sys::Datum::from(0usize);
         };
         let method_name = text(1).map(|b| std::str::from_utf8(b).unwrap_or("\u{fffd}"));
-        let method = sqs_ingest::method_of(method_name).or_raise();
-        let key = crate::keys::active_material().or_raise();
+        let method = sqs_ingest::method_of(method_name).unwrap_or_else(|e| e.raise());
+        let key = crate::keys::active_material().unwrap_or_else(|e| e.raise());
         TOKEN.with(|t| {
             let mut token = t.borrow_mut();
-            key.mask_into(method, value, &mut token).map_err(Error::from).or_raise();
+            key.mask_into(method, value, &mut token).unwrap_or_else(|e| Error::from(e).raise());
             crate::audit::count_mask();
             pg_sys::Datum::from(pg_sys::cstring_to_text_with_len(token.as_ptr().cast(), token.len() as i32))
         })

@@ -122,20 +122,10 @@ impl Error {
         Some(hint.to_string())
     }
 
-    /// Raises this error as a Postgres ERROR. Never returns.
+    /// Raises this error as a Postgres ERROR (for the few places that cannot return a `Result`: the V1 `mask`
+    /// entry and transaction hooks). Never returns.
     pub fn raise(self) -> ! {
-        let secrets = crate::gucs::configured_secrets();
-        let known: Vec<&str> = secrets.iter().map(String::as_str).collect();
-        let mut report = ErrorReport::new(self.sqlstate(), scrub(&self.to_string(), &known), "sqs_ingest");
-        if let Error::Sqs { detail, .. } = &self {
-            if !detail.is_empty() {
-                report = report.set_detail(scrub(detail, &known));
-            }
-        }
-        if let Some(hint) = self.hint() {
-            report = report.set_hint(hint);
-        }
-        report.report(PgLogLevel::ERROR);
+        ErrorReport::from(self).report(PgLogLevel::ERROR);
         unreachable!("ereport(ERROR) does not return")
     }
 
@@ -165,17 +155,22 @@ pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Unwraps a result or raises its error.
-pub trait OrRaise<T> {
-    fn or_raise(self) -> T;
-}
-
-impl<T> OrRaise<T> for Result<T> {
-    fn or_raise(self) -> T {
-        match self {
-            Ok(v) => v,
-            Err(e) => e.raise(),
+/// What a `#[pg_extern]` returns on failure: pgrx raises the report as it is — SQLSTATE, message and detail
+/// scrubbed of configured secrets, and the hint.
+impl From<Error> for ErrorReport {
+    fn from(e: Error) -> ErrorReport {
+        let secrets = crate::gucs::configured_secrets();
+        let known: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let mut report = ErrorReport::new(e.sqlstate(), scrub(&e.to_string(), &known), "sqs_ingest");
+        if let Error::Sqs { detail, .. } = &e {
+            if !detail.is_empty() {
+                report = report.set_detail(scrub(detail, &known));
+            }
         }
+        if let Some(hint) = e.hint() {
+            report = report.set_hint(hint);
+        }
+        report
     }
 }
 

@@ -5,6 +5,9 @@
 //! `privilege` owner context, `keys` key store, `sqs` network, `hold` post-commit deletes, `target` the
 //! destination table, `bookkeeping` internal tables, `ingest` the loop, `api` the SQL surface, `worker` the
 //! background workers.
+// SQL functions return `Result<_, ErrorReport>` (spelled out: pgrx's SQL generation reads the `Result`): pgrx
+// raises the report unchanged (SQLSTATE, hint) only when it is not boxed, so its size is what it is.
+#![allow(clippy::result_large_err)]
 
 use pgrx::prelude::*;
 
@@ -41,26 +44,30 @@ pub extern "C-unwind" fn _PG_init() {
     worker::register_static_workers();
 }
 
-use error::OrRaise;
+use pgrx::pg_sys::panic::ErrorReport;
 
 /// Drains a queue into the target table in the current transaction; messages are deleted after COMMIT.
+#[allow(clippy::type_complexity)]
 #[pg_extern(name = "sqs_ingest", volatile, parallel_unsafe)]
 fn sqs_ingest_fn(
     queue_url: &str,
     max_messages: default!(Option<i64>, "NULL"),
     method: default!(Option<&str>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(received, i64),
-        name!(inserted, i64),
-        name!(duplicates, i64),
-        name!(dead_lettered, i64),
-        name!(deleted, i64),
-        name!(elapsed_ms, f64),
-    ),
+) -> std::result::Result<
+    TableIterator<
+        'static,
+        (
+            name!(received, i64),
+            name!(inserted, i64),
+            name!(duplicates, i64),
+            name!(dead_lettered, i64),
+            name!(deleted, i64),
+            name!(elapsed_ms, f64),
+        ),
+    >,
+    ErrorReport,
 > {
-    let (queue, max_messages, method) = ingest::parse_args(queue_url, max_messages, method).or_raise();
+    let (queue, max_messages, method) = ingest::parse_args(queue_url, max_messages, method)?;
     let opts = ingest::Options {
         max_messages,
         method,
@@ -74,7 +81,7 @@ fn sqs_ingest_fn(
         Ok(s) => s,
         Err(e) => {
             ingest::remember_error(&queue.url, "", &e);
-            e.raise()
+            return Err(e.into());
         }
     };
     if let Some(remaining) = s.fifo_remaining.filter(|n| *n > 0) {
@@ -87,21 +94,31 @@ fn sqs_ingest_fn(
         .set_hint("Call sqs_ingest() again after COMMIT, or drain FIFO queues with CALL sqs_ingest_drain(...) or a background worker, which commit batch by batch.")
         .report(pgrx::PgLogLevel::NOTICE);
     }
-    TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.deleted, s.elapsed_ms))
+    Ok(TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.deleted, s.elapsed_ms)))
 }
 
 /// One batch of `sqs_ingest_drain`: as `sqs_ingest()`, plus whether the queue may hold more for the next batch
 /// (`more`; a FIFO queue goes on while batches receive messages), and without the FIFO NOTICE.
+#[allow(clippy::type_complexity)]
 #[pg_extern(name = "drain_batch", schema = "sqs_ingest", volatile, parallel_unsafe)]
 fn drain_batch(
     queue_url: &str,
     max_messages: i64,
     method: Option<&str>,
-) -> TableIterator<
-    'static,
-    (name!(received, i64), name!(inserted, i64), name!(duplicates, i64), name!(dead_lettered, i64), name!(more, bool)),
+) -> std::result::Result<
+    TableIterator<
+        'static,
+        (
+            name!(received, i64),
+            name!(inserted, i64),
+            name!(duplicates, i64),
+            name!(dead_lettered, i64),
+            name!(more, bool),
+        ),
+    >,
+    ErrorReport,
 > {
-    let (queue, max_messages, method) = ingest::parse_args(queue_url, Some(max_messages), method).or_raise();
+    let (queue, max_messages, method) = ingest::parse_args(queue_url, Some(max_messages), method)?;
     let opts = ingest::Options {
         max_messages,
         method,
@@ -115,10 +132,10 @@ fn drain_batch(
         Ok(s) => s,
         Err(e) => {
             ingest::remember_error(&queue.url, "", &e);
-            e.raise()
+            return Err(e.into());
         }
     };
-    TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.more))
+    Ok(TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.more)))
 }
 
 #[cfg(any(test, feature = "pg_test"))]
