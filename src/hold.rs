@@ -191,10 +191,6 @@ fn after_commit() {
     LAST_COMMIT.set(total);
 }
 
-fn release(groups: Vec<Group>) {
-    release_after(groups.into_iter().map(|g| (g, 0)).collect());
-}
-
 /// Sets each group's messages visible after the given number of seconds.
 fn release_after(groups: Vec<(Group, i32)>) {
     for ((client, url, receipts), visibility_s) in groups {
@@ -219,7 +215,8 @@ fn after_abort() {
 /// Releases entries at once, or (after a transient failure) each after its [`backoff_s`].
 fn release_entries(queues: &[(sqs::Client, String)], entries: Vec<Entry>, back_off: bool) {
     if !back_off {
-        return release(group(queues, entries.into_iter().map(|e| (e.queue, e.receipt))));
+        let groups = group(queues, entries.into_iter().map(|e| (e.queue, e.receipt)));
+        return release_after(groups.into_iter().map(|g| (g, 0)).collect());
     }
     let mut by_delay: std::collections::BTreeMap<i32, Vec<Entry>> = std::collections::BTreeMap::new();
     for e in entries {

@@ -771,10 +771,7 @@ fn transient(code: pgrx::PgSqlErrorCode) -> bool {
 /// Re-raises a caught error of the target with its SQLSTATE and message but never its DETAIL ("Failing row
 /// contains (...)", "Key (...)=(...)" would put field values in the client's error and the server log).
 fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, target: &Target) -> ! {
-    if transient(report.sql_error_code()) {
-        // The batch is retried later, after a backoff that grows with each message's receive count.
-        hold::back_off_on_abort();
-    }
+    // (A transient one is retried after a backoff: `catching`, which every ingest runs under, decides that.)
     pgrx::pg_sys::panic::ErrorReport::new(
         report.sql_error_code(),
         format!("insert into {} failed: {}", target.name, report.message()),

@@ -46,6 +46,32 @@ pub extern "C-unwind" fn _PG_init() {
 
 use pgrx::pg_sys::panic::ErrorReport;
 
+/// One ingest call of a SQL session (`sqs_ingest()`, a batch of `sqs_ingest_drain`): its error, whatever raised
+/// it, is remembered for `stats.last_error` before it is raised.
+fn session_ingest(
+    queue_url: &str,
+    max_messages: Option<i64>,
+    method: Option<&str>,
+) -> std::result::Result<(sqs_ingest_core::queue_url::QueueUrl, ingest::Summary), ErrorReport> {
+    let (queue, max_messages, method) = ingest::parse_args(queue_url, max_messages, method)?;
+    let opts = ingest::Options {
+        max_messages,
+        method,
+        worker: String::new(),
+        confirm_wait_s: gucs::wait_time_s(),
+        return_after_wake: false,
+        progress_notices: true,
+        reuse_probe_for: std::time::Duration::ZERO,
+    };
+    match ingest::catching(|| ingest::ingest(&queue, &opts)) {
+        Ok(summary) => Ok((queue, summary)),
+        Err(e) => {
+            ingest::remember_error(&queue.url, "", &e);
+            Err(e.into())
+        }
+    }
+}
+
 /// Drains a queue into the target table in the current transaction; messages are deleted after COMMIT.
 #[allow(clippy::type_complexity)]
 #[pg_extern(name = "sqs_ingest", volatile, parallel_unsafe)]
@@ -67,23 +93,7 @@ fn sqs_ingest_fn(
     >,
     ErrorReport,
 > {
-    let (queue, max_messages, method) = ingest::parse_args(queue_url, max_messages, method)?;
-    let opts = ingest::Options {
-        max_messages,
-        method,
-        worker: String::new(),
-        confirm_wait_s: gucs::wait_time_s(),
-        return_after_wake: false,
-        progress_notices: true,
-        reuse_probe_for: std::time::Duration::ZERO,
-    };
-    let s = match ingest::catching(|| ingest::ingest(&queue, &opts)) {
-        Ok(s) => s,
-        Err(e) => {
-            ingest::remember_error(&queue.url, "", &e);
-            return Err(e.into());
-        }
-    };
+    let (queue, s) = session_ingest(queue_url, max_messages, method)?;
     if let Some(remaining) = s.fifo_remaining.filter(|n| *n > 0) {
         pgrx::pg_sys::panic::ErrorReport::new(
             pgrx::PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
@@ -118,23 +128,7 @@ fn drain_batch(
     >,
     ErrorReport,
 > {
-    let (queue, max_messages, method) = ingest::parse_args(queue_url, Some(max_messages), method)?;
-    let opts = ingest::Options {
-        max_messages,
-        method,
-        worker: String::new(),
-        confirm_wait_s: gucs::wait_time_s(),
-        return_after_wake: false,
-        progress_notices: true,
-        reuse_probe_for: std::time::Duration::ZERO,
-    };
-    let s = match ingest::catching(|| ingest::ingest(&queue, &opts)) {
-        Ok(s) => s,
-        Err(e) => {
-            ingest::remember_error(&queue.url, "", &e);
-            return Err(e.into());
-        }
-    };
+    let (_, s) = session_ingest(queue_url, Some(max_messages), method)?;
     Ok(TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.more)))
 }
 
