@@ -66,7 +66,7 @@ COMMENT ON FUNCTION sqs_ingest.queue_key(text) IS 'Key of a queue in sqs_ingest.
 CREATE TABLE sqs_ingest.ledger (
     queue_key   int8 NOT NULL,
     message_id  text COLLATE "C" NOT NULL,
-    outcome     text NOT NULL CHECK (outcome IN ('stored', 'dead_letter', 'redriven')),
+    outcome     text NOT NULL CHECK (outcome IN ('stored', 'dead_letter', 'redriven', 'filtered')),
     ingested_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (queue_key, message_id)
 );
@@ -75,7 +75,7 @@ REVOKE ALL ON sqs_ingest.ledger FROM PUBLIC;
 COMMENT ON TABLE sqs_ingest.ledger IS 'Every MessageId ingested, written in the same transaction as its row: a redelivered message is a duplicate. Pruned after the queue retention';
 COMMENT ON COLUMN sqs_ingest.ledger.queue_key IS 'Queue the message came from: sqs_ingest.queue_key(sqs_ingest.queue_arn(queue_url)), the same for every spelling of its URL (0.5.0)';
 COMMENT ON COLUMN sqs_ingest.ledger.message_id IS 'SQS MessageId';
-COMMENT ON COLUMN sqs_ingest.ledger.outcome IS 'stored, dead_letter, or redriven (stored later from a dead letter)';
+COMMENT ON COLUMN sqs_ingest.ledger.outcome IS 'stored, dead_letter, redriven (stored later from a dead letter), or filtered (a pipeline''s filter did not match; deleted, 0.6.0)';
 COMMENT ON COLUMN sqs_ingest.ledger.ingested_at IS 'Transaction time of ingest';
 
 -- Dead letters ---------------------------------------------------------------------------------------------
@@ -93,10 +93,11 @@ CREATE TABLE sqs_ingest.dead_letters (
     body_bytes     integer NOT NULL,
     redriven_at    timestamptz,
     body_digest    bytea,
+    pipeline       text,
     UNIQUE (queue_url, message_id)
 );
 REVOKE ALL ON sqs_ingest.dead_letters FROM PUBLIC;
-GRANT SELECT (id, queue_url, message_id, received_at, sent_at, receive_count, reason_code, reason, body_bytes, redriven_at)
+GRANT SELECT (id, queue_url, message_id, received_at, sent_at, receive_count, reason_code, reason, body_bytes, redriven_at, pipeline)
     ON sqs_ingest.dead_letters TO sqs_ingest_operator;
 COMMENT ON TABLE sqs_ingest.dead_letters IS 'Messages that could not be stored, with the reason; the body is encrypted because it may hold PII';
 COMMENT ON COLUMN sqs_ingest.dead_letters.id IS 'Surrogate key';
@@ -105,13 +106,14 @@ COMMENT ON COLUMN sqs_ingest.dead_letters.message_id IS 'SQS MessageId (argument
 COMMENT ON COLUMN sqs_ingest.dead_letters.received_at IS 'When it was dead-lettered';
 COMMENT ON COLUMN sqs_ingest.dead_letters.sent_at IS 'SQS SentTimestamp';
 COMMENT ON COLUMN sqs_ingest.dead_letters.receive_count IS 'SQS ApproximateReceiveCount when it was dead-lettered';
-COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large, refused_by_table (0.4.0), too_many_receives, no_message_id, no_receipt_handle (0.5.0)';
+COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large, refused_by_table (0.4.0), too_many_receives, no_message_id, no_receipt_handle (0.5.0), invalid_value, filtered (0.6.0, pipelines)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.reason IS 'Precise reason, naming the field (never its value)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.key_id IS 'Key the body is encrypted with';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_encrypted IS 'AES-256-GCM encrypted body (random nonce); readable only through sqs_ingest.dead_letter_body() by the owner';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_bytes IS 'Size of the original body';
 COMMENT ON COLUMN sqs_ingest.dead_letters.redriven_at IS 'When sqs_ingest.redrive() stored it';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_digest IS 'For a body over 64 KiB (never redrivable): HMAC-SHA256 of the whole body under the key''s HMAC subkey; body_encrypted then holds only its first 4 KiB. NULL otherwise. Since 0.4.0';
+COMMENT ON COLUMN sqs_ingest.dead_letters.pipeline IS 'The pipeline that dead-lettered it (NULL: the login pipeline, sqs_ingest(<queue url>)). Since 0.6.0';
 
 -- Unmask audit trail ---------------------------------------------------------------------------------------
 CREATE TABLE sqs_ingest.unmask_audit (
@@ -176,12 +178,15 @@ CREATE TABLE sqs_ingest.counters (
     last_error_at     timestamptz,
     approximate_depth bigint,
     depth_at          timestamptz,
-    PRIMARY KEY (queue_url, worker, backend_pid, hour)
+    filtered          bigint NOT NULL DEFAULT 0,
+    pipeline          text NOT NULL DEFAULT '',
+    PRIMARY KEY (queue_url, worker, backend_pid, hour, pipeline)
 );
 REVOKE ALL ON sqs_ingest.counters FROM PUBLIC;
 COMMENT ON TABLE sqs_ingest.counters IS 'Per queue, worker, backend and hour counters; one row per backend so concurrent ingests never wait on each other';
 COMMENT ON COLUMN sqs_ingest.counters.worker IS 'Empty for SQL sessions, "worker N" for background workers';
 COMMENT ON COLUMN sqs_ingest.counters.last_error IS 'Last error, scrubbed of secrets';
+COMMENT ON COLUMN sqs_ingest.counters.pipeline IS 'The declared pipeline counted ('''' for the login pipeline). Since 0.6.0';
 
 -- The view sqs_ingest.stats is created in finalize.sql (it keys a queue by sqs_ingest.queue_arn()).
 
@@ -218,3 +223,26 @@ COMMENT ON COLUMN sqs_ingest.workers.method IS 'Masking method (NULL: sqs_ingest
 COMMENT ON COLUMN sqs_ingest.workers.stopped_at IS 'Set by sqs_ingest.worker_stop(); the worker then exits for good. While NULL the worker is wanted: it comes back after a server restart (0.5.0); worker_status() shows what runs';
 COMMENT ON COLUMN sqs_ingest.workers.pid IS 'Backend pid of the running worker';
 COMMENT ON COLUMN sqs_ingest.workers.run_as IS 'Role the worker connects as: the role that called worker_start(). Since 0.4.0';
+
+-- Pipelines (0.6.0): any queue into any table, declared with sqs_ingest.pipeline_create() ----------------
+CREATE TABLE sqs_ingest.pipelines (
+    name        text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_-]{0,62}$'),
+    queue_url   text NOT NULL,
+    target      text NOT NULL,
+    columns     jsonb NOT NULL CHECK (pg_catalog.jsonb_typeof(columns) = 'object'),
+    envelope    text NOT NULL DEFAULT 'none' CHECK (envelope IN ('none', 'sns', 'eventbridge')),
+    filter      jsonpath,
+    filter_fate text NOT NULL DEFAULT 'delete' CHECK (filter_fate IN ('delete', 'release', 'dead_letter')),
+    owner       text NOT NULL,
+    declared_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+REVOKE ALL ON sqs_ingest.pipelines FROM PUBLIC;
+GRANT SELECT ON sqs_ingest.pipelines TO sqs_ingest_operator;
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.pipelines', '');
+COMMENT ON TABLE sqs_ingest.pipelines IS 'Pipelines declared with sqs_ingest.pipeline_create(): which queue goes into which table, column by column; run one with sqs_ingest(''<name>''). Since 0.6.0';
+COMMENT ON COLUMN sqs_ingest.pipelines.target IS 'The target table, schema-qualified at declaration; it must exist (pipelines never create tables)';
+COMMENT ON COLUMN sqs_ingest.pipelines.columns IS 'Per target column: a source ($.json.path, body, attribute:<name>, sqs:<attribute>, envelope:$.path) or {"from": source, "mask": "encrypt"|"hmac", "transform": "app_version", "required": bool, "default": text, "json_type": "string"}';
+COMMENT ON COLUMN sqs_ingest.pipelines.envelope IS 'none, sns (an SNS notification without raw delivery is unwrapped to its Message) or eventbridge (unwrapped to its detail)';
+COMMENT ON COLUMN sqs_ingest.pipelines.filter IS 'SQL/JSON path predicate over {"body": ..., "attributes": {...}, "sqs": {...}}; NULL: every message';
+COMMENT ON COLUMN sqs_ingest.pipelines.filter_fate IS 'What happens to a message the filter does not match: delete (after COMMIT), release (back to the queue) or dead_letter';
+COMMENT ON COLUMN sqs_ingest.pipelines.owner IS 'The role that declared it; only it (or a superuser) may replace or drop it';

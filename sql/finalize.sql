@@ -120,9 +120,11 @@ SELECT (pg_catalog.array_agg(c.queue_url ORDER BY c.hour DESC))[1] AS queue_url,
             FILTER (WHERE c.last_error IS NOT NULL))[1] AS last_error,
        pg_catalog.max(c.last_error_at)           AS last_error_at,
        pg_catalog.max(d.approximate_depth)       AS approximate_depth,
-       c.queue                                   AS queue_arn
+       c.queue                                   AS queue_arn,
+       pg_catalog.sum(c.filtered)::bigint        AS filtered,
+       c.pipeline                                AS pipeline
   FROM c LEFT JOIN depth d ON d.queue = c.queue
- GROUP BY c.queue, c.worker;
+ GROUP BY c.queue, c.worker, c.pipeline;
 REVOKE ALL ON sqs_ingest.stats FROM PUBLIC;
 GRANT SELECT ON sqs_ingest.stats TO sqs_ingest_operator;
 COMMENT ON VIEW sqs_ingest.stats IS 'Ingest counters per queue (every spelling of its URL together) and worker, last success, last error (scrubbed), and the queue depth seen at the last ingest';
@@ -130,6 +132,8 @@ COMMENT ON COLUMN sqs_ingest.stats.queue_url IS 'The URL the queue was last inge
 COMMENT ON COLUMN sqs_ingest.stats.deleted IS 'Messages handed to the commit hook for deletion; failures after commit are in delete_failures';
 COMMENT ON COLUMN sqs_ingest.stats.approximate_depth IS 'Messages SQS reported available at the last ingest (never 0 while a FIFO queue still holds messages); NULL if unknown';
 COMMENT ON COLUMN sqs_ingest.stats.queue_arn IS 'The queue''s identity, sqs_ingest.queue_arn(queue_url). Since 0.5.0';
+COMMENT ON COLUMN sqs_ingest.stats.pipeline IS 'The declared pipeline ('''' for the login pipeline, sqs_ingest(<queue url>)): every pipeline of a queue has its row. Since 0.6.0';
+COMMENT ON COLUMN sqs_ingest.stats.filtered IS 'Messages a pipeline''s filter did not match and deleted or released (those it dead-letters count in dead_lettered). Since 0.6.0';
 
 -- Privileges: nothing but app_version_text, queue_key and queue_arn is PUBLIC.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sqs_ingest FROM PUBLIC;
@@ -153,8 +157,9 @@ COMMENT ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigin
 COMMENT ON FUNCTION sqs_ingest.mask(text, text) IS 'Mask a value with the active key: encrypt (reversible, default from sqs_ingest.masking_method) or hmac';
 COMMENT ON FUNCTION sqs_ingest.unmask(text) IS 'Reveal the value of an enc: token; audited in sqs_ingest.unmask_audit; granted via role sqs_ingest_unmasker';
 COMMENT ON FUNCTION sqs_ingest.rotate_key() IS 'Generate a new active masking key; tokens of older keys still unmask';
-COMMENT ON FUNCTION sqs_ingest.rekey(regclass) IS 'Rewrite enc: tokens of older keys in the table to the active key; returns how many tokens changed';
+COMMENT ON FUNCTION sqs_ingest.rekey(regclass) IS 'Rewrite enc: tokens of older keys in the table to the active key (masked_ip and masked_device_id, and every column a pipeline into the table masks with encrypt, 0.6.0); returns how many tokens changed';
 COMMENT ON FUNCTION sqs_ingest.rekey_table(oid) IS 'Implementation of sqs_ingest.rekey';
+COMMENT ON FUNCTION sqs_ingest.rekey_all() IS 'Rekey every table that holds tokens: the login pipeline''s target and every pipeline''s target (each column a pipeline masks with encrypt); returns each table and its rewritten token count. Since 0.6.0';
 COMMENT ON FUNCTION sqs_ingest.queue_arn(text) IS 'The queue''s ARN (arn:aws:sqs:region:account:name), the same for every spelling of its URL; region from the URL, else sqs_ingest.region. NULL for text that is not a queue URL';
 COMMENT ON FUNCTION sqs_ingest.app_version_text(integer) IS 'Print a packed app_version (M*10000+m*100+p) as M.m.p';
 COMMENT ON FUNCTION sqs_ingest.redrive(text, text) IS 'Re-process one dead letter by message id (after fixing its cause); true if it is now stored';
@@ -171,6 +176,10 @@ GRANT EXECUTE ON FUNCTION sqs_ingest.worker_status() TO sqs_ingest_operator;
 COMMENT ON FUNCTION sqs_ingest.worker_start(text, integer, text) IS 'Start a background worker for one queue in this database (needs shared_preload_libraries = sqs_ingest); returns its id';
 COMMENT ON FUNCTION sqs_ingest.worker_stop(text) IS 'Stop this database''s dynamic workers (of one queue or all) after their current batch; returns how many';
 COMMENT ON FUNCTION sqs_ingest.worker_status() IS 'Running sqs_ingest workers: pid, label, database, queues, state';
+GRANT EXECUTE ON FUNCTION sqs_ingest.pipeline_create(text, text, text, jsonb, text, text, text, boolean) TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.pipeline_drop(text) TO sqs_ingest_operator;
+COMMENT ON FUNCTION sqs_ingest.pipeline_create(text, text, text, jsonb, text, text, text, boolean) IS 'Declare a pipeline: a queue into an existing table, column by column (source, mask, transform, required, default), with an optional envelope and filter; checked completely before it is stored (22023, 42703, 42P01, 42501, 42710). Run it with sqs_ingest(''<name>''). Since 0.6.0';
+COMMENT ON FUNCTION sqs_ingest.pipeline_drop(text) IS 'Drop a pipeline''s declaration (its table, ledger and dead letters stay); only its declaring role or a superuser. Since 0.6.0';
 
 -- 0.2.0: purge old, already handled dead letters (see sql/sqs_ingest--0.1.0--0.2.0.sql for the upgrade).
 CREATE FUNCTION sqs_ingest.purge_dead_letters(older_than interval DEFAULT '30 days', include_unhandled boolean DEFAULT false)

@@ -18,7 +18,7 @@
 
 use crate::error::{Error, Result};
 use crate::privilege::{as_owner, extension_owner, last_known_owner};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
 use sqs_ingest_core::mask::MaskError;
 use std::cell::{Cell, RefCell};
@@ -288,7 +288,17 @@ pub fn after_abort() {
 /// Errors of ingest calls whose transaction rolled back (queue URL, worker label, scrubbed text): written to
 /// `sqs_ingest.stats.last_error` by the audit worker, so they are on record even if the session ends right after
 /// (as pg_cron's do). Never raises.
-pub fn save_errors(errors: Vec<(String, String, String)>) {
+/// An error of an ingest call whose transaction rolled back, on its way to `sqs_ingest.stats`.
+#[derive(Debug, Clone)]
+pub struct UnreportedError {
+    pub queue_url: String,
+    pub worker: String,
+    /// "" for the login pipeline.
+    pub pipeline: String,
+    pub text: String,
+}
+
+pub fn save_errors(errors: Vec<UnreportedError>) {
     use base64::Engine;
     if errors.is_empty() {
         return;
@@ -296,7 +306,9 @@ pub fn save_errors(errors: Vec<(String, String, String)>) {
     let b64 = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t.as_bytes());
     // SAFETY: plain reads of backend-local globals on the main thread.
     let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
-    let lines = errors.iter().map(|(url, worker, text)| format!("e1|{}|{}|{}", b64(url), b64(worker), b64(text)));
+    let lines = errors
+        .iter()
+        .map(|e| format!("e2|{}|{}|{}|{}", b64(&e.queue_url), b64(&e.worker), b64(&e.text), b64(&e.pipeline)));
     match write_lines(database, pid, lines) {
         Ok(()) => launch(database),
         Err(e) => warning!(
@@ -305,14 +317,26 @@ pub fn save_errors(errors: Vec<(String, String, String)>) {
     }
 }
 
-fn decode_error(line: &str) -> Option<(String, String, String)> {
+fn decode_error(line: &str) -> Option<UnreportedError> {
     use base64::Engine;
     let text = |t: &str| {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).ok().and_then(|b| String::from_utf8(b).ok())
     };
     let f: Vec<&str> = line.split('|').collect();
     match f.as_slice() {
-        ["e1", url, worker, message] => Some((text(url)?, text(worker)?, text(message)?)),
+        // e1: written by 0.5.0 (no pipeline); e2: since 0.6.0.
+        ["e1", url, worker, message] => Some(UnreportedError {
+            queue_url: text(url)?,
+            worker: text(worker)?,
+            pipeline: String::new(),
+            text: text(message)?,
+        }),
+        ["e2", url, worker, message, pipeline] => Some(UnreportedError {
+            queue_url: text(url)?,
+            worker: text(worker)?,
+            pipeline: text(pipeline)?,
+            text: text(message)?,
+        }),
         _ => None,
     }
 }
@@ -678,7 +702,7 @@ fn claim_files(database: u32) -> Vec<PathBuf> {
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    crate::runtime::install_worker_signal_handlers();
     let extra: Vec<&str> = BackgroundWorker::get_extra().split('|').collect();
     let (Some(database), Some(owner)) =
         (extra.get(1).and_then(|d| d.parse::<u32>().ok()), extra.get(2).and_then(|o| o.parse::<u32>().ok()))
@@ -710,6 +734,8 @@ pub extern "C-unwind" fn sqs_ingest_audit_worker_main(_arg: pg_sys::Datum) {
     // Files keep arriving while earlier ones are written (backends that saw this worker running leave theirs):
     // sweep until none is left, let go of the running file, and sweep once more for files written meanwhile.
     for _ in 0..100 {
+        // The one signal regime of every sqs_ingest worker (crate::runtime): a SIGHUP is acted on here.
+        crate::runtime::reload_if_requested();
         let files = claim_files(database);
         if files.is_empty() {
             break;
@@ -757,9 +783,9 @@ fn write_files(files: &[PathBuf]) {
         }
         as_owner(extension_owner(), || {
             write(&records, true)?;
-            for (url, worker, text) in &errors {
+            for e in &errors {
                 let none = crate::bookkeeping::Counters::default();
-                crate::bookkeeping::add_counters(url, worker, none, None, Some(text))?;
+                crate::bookkeeping::add_counters(&e.queue_url, &e.worker, &e.pipeline, none, None, Some(&e.text))?;
             }
             Ok(true)
         })

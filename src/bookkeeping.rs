@@ -107,25 +107,47 @@ pub fn mark_redriven(queue: &LedgerQueue, message_id: &str) -> Result<()> {
     .map_err(|e| Error::Internal(format!("ledger update failed: {e}")))
 }
 
-/// What this database's (possibly not yet updated) schema has, detected once per ingest call: new library files
+/// What this database's (possibly not yet updated) schema has, detected once per transaction: new library files
 /// keep ingesting into an older schema until `ALTER EXTENSION ... UPDATE` runs there.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Schema {
     /// `dead_letters.body_digest` (0.4.0).
     pub body_digest: bool,
+    /// `counters.pipeline` (0.6.0).
+    pub counters_pipeline: bool,
+}
+
+thread_local! {
+    static SCHEMA: std::cell::Cell<Option<(u32, Schema)>> = const { std::cell::Cell::new(None) };
 }
 
 impl Schema {
+    /// The schema of this database, looked up once per transaction (an `ALTER EXTENSION … UPDATE` commits before
+    /// the next transaction sees it).
     pub fn detect() -> Result<Schema> {
-        let body_digest = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                             WHERE attrelid OPERATOR(pg_catalog.=) 'sqs_ingest.dead_letters'::pg_catalog.regclass
-                               AND attname OPERATOR(pg_catalog.=) 'body_digest'::pg_catalog.name
-                               AND NOT attisdropped)",
-        )
-        .map_err(|e| Error::Internal(format!("schema lookup failed: {e}")))?
-        .unwrap_or(false);
-        Ok(Schema { body_digest })
+        let lxid = crate::privilege::local_xid();
+        if let Some((x, schema)) = SCHEMA.get() {
+            if x == lxid {
+                return Ok(schema);
+            }
+        }
+        let has = |table: &str, column: &str| -> Result<bool> {
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                                 WHERE attrelid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass
+                                   AND attname OPERATOR(pg_catalog.=) $2::pg_catalog.name
+                                   AND NOT attisdropped)",
+                &[table.into(), column.into()],
+            )
+            .map_err(|e| Error::Internal(format!("schema lookup failed: {e}")))
+            .map(|b| b.unwrap_or(false))
+        };
+        let schema = Schema {
+            body_digest: has("sqs_ingest.dead_letters", "body_digest")?,
+            counters_pipeline: has("sqs_ingest.counters", "pipeline")?,
+        };
+        SCHEMA.set(Some((lxid, schema)));
+        Ok(schema)
     }
 }
 
@@ -163,10 +185,22 @@ impl DeadLetters {
     }
 }
 
-pub fn store_dead_letters(queue_url: &str, key_id: i32, schema: Schema, d: DeadLetters) -> Result<()> {
+/// Stores a batch's dead letters (`pipeline`: the declared pipeline that rejected them, None for the login one).
+pub fn store_dead_letters(
+    queue_url: &str,
+    key_id: i32,
+    schema: Schema,
+    pipeline: Option<&str>,
+    d: DeadLetters,
+) -> Result<()> {
     if d.message_ids.is_empty() {
         return Ok(());
     }
+    // Pipelines exist only in a 0.6.0 schema, which has the column; the login pipeline leaves it NULL.
+    let (pipeline_column, pipeline_value, pipeline_update) = match pipeline {
+        Some(_) => (", pipeline", ", $11::pg_catalog.text", ", pipeline = EXCLUDED.pipeline"),
+        None => ("", "", ""),
+    };
     let (digest_column, digest_value, digest_update) = if schema.body_digest {
         (", body_digest", ", g", ", body_digest = EXCLUDED.body_digest")
     } else {
@@ -174,16 +208,16 @@ pub fn store_dead_letters(queue_url: &str, key_id: i32, schema: Schema, d: DeadL
     };
     let sql = format!(
         "INSERT INTO sqs_ingest.dead_letters
-            (queue_url, message_id, sent_at, receive_count, reason_code, reason, key_id, body_encrypted, body_bytes{digest_column})
+            (queue_url, message_id, sent_at, receive_count, reason_code, reason, key_id, body_encrypted, body_bytes{digest_column}{pipeline_column})
          SELECT $1::pg_catalog.text, m, pg_catalog.to_timestamp(s OPERATOR(pg_catalog./) 1000.0::pg_catalog.float8),
-                c, rc, r, $2::pg_catalog.int4, b, n{digest_value}
+                c, rc, r, $2::pg_catalog.int4, b, n{digest_value}{pipeline_value}
            FROM unnest($3::pg_catalog.text[], $4::pg_catalog.int8[], $5::pg_catalog.int4[],
                                   $6::pg_catalog.text[], $7::pg_catalog.text[], $8::pg_catalog.bytea[],
                                   $9::pg_catalog.int4[], $10::pg_catalog.bytea[])
                 AS u(m, s, c, rc, r, b, n, g)
          ON CONFLICT (queue_url, message_id) DO UPDATE
             SET reason_code = EXCLUDED.reason_code, reason = EXCLUDED.reason, key_id = EXCLUDED.key_id,
-                body_encrypted = EXCLUDED.body_encrypted, body_bytes = EXCLUDED.body_bytes{digest_update},
+                body_encrypted = EXCLUDED.body_encrypted, body_bytes = EXCLUDED.body_bytes{digest_update}{pipeline_update},
                 received_at = pg_catalog.now(), redriven_at = NULL"
     );
     crate::plans::run(
@@ -199,7 +233,10 @@ pub fn store_dead_letters(queue_url: &str, key_id: i32, schema: Schema, d: DeadL
             d.bodies.into(),
             d.body_bytes.into(),
             d.digests.into(),
-        ],
+        ]
+        .into_iter()
+        .chain(pipeline.map(|p| p.into()))
+        .collect::<Vec<_>>(),
         |_| (),
     )
     .map_err(|e| Error::Internal(format!("dead letter insert failed: {e}")))
@@ -212,23 +249,35 @@ pub struct Counters {
     pub inserted: i64,
     pub duplicates: i64,
     pub dead_lettered: i64,
+    /// Messages a pipeline's filter did not match (0.6.0).
+    pub filtered: i64,
     pub deleted: i64,
     pub delete_failures: i64,
 }
 
 /// Adds to this backend's counter row for the current hour. Rows are keyed by backend pid, so concurrent
 /// sessions never wait on each other's counter rows.
-pub fn add_counters(queue_url: &str, worker: &str, c: Counters, depth: Option<i64>, error: Option<&str>) -> Result<()> {
-    crate::plans::run(
+/// `pipeline`: the declared pipeline the counts are of ("" for the login pipeline, and in a schema before 0.6.0).
+pub fn add_counters(
+    queue_url: &str,
+    worker: &str,
+    pipeline: &str,
+    c: Counters,
+    depth: Option<i64>,
+    error: Option<&str>,
+) -> Result<()> {
+    let by_pipeline = Schema::detect()?.counters_pipeline;
+    let (column, value, key) = if by_pipeline { (", pipeline", ", $11::text", ", pipeline") } else { ("", "", "") };
+    let sql = format!(
         "INSERT INTO sqs_ingest.counters AS k
             (queue_url, worker, backend_pid, hour, received, inserted, duplicates, dead_lettered, deleted,
-             delete_failures, last_success_at, last_error, last_error_at, approximate_depth, depth_at)
+             delete_failures, last_success_at, last_error, last_error_at, approximate_depth, depth_at{column})
          VALUES ($1::text, $2::text, pg_catalog.pg_backend_pid(), pg_catalog.date_trunc('hour', pg_catalog.now()),
                  $3, $4, $5, $6, $7, $8,
                  CASE WHEN $9::text IS NULL THEN pg_catalog.now() END,
                  $9, CASE WHEN $9::text IS NOT NULL THEN pg_catalog.now() END,
-                 $10, CASE WHEN $10::int8 IS NOT NULL THEN pg_catalog.now() END)
-         ON CONFLICT (queue_url, worker, backend_pid, hour) DO UPDATE SET
+                 $10, CASE WHEN $10::int8 IS NOT NULL THEN pg_catalog.now() END{value})
+         ON CONFLICT (queue_url, worker, backend_pid, hour{key}) DO UPDATE SET
             received = k.received + EXCLUDED.received,
             inserted = k.inserted + EXCLUDED.inserted,
             duplicates = k.duplicates + EXCLUDED.duplicates,
@@ -239,22 +288,36 @@ pub fn add_counters(queue_url: &str, worker: &str, c: Counters, depth: Option<i6
             last_error = COALESCE(EXCLUDED.last_error, k.last_error),
             last_error_at = COALESCE(EXCLUDED.last_error_at, k.last_error_at),
             approximate_depth = COALESCE(EXCLUDED.approximate_depth, k.approximate_depth),
-            depth_at = COALESCE(EXCLUDED.depth_at, k.depth_at)",
-        &[
-            queue_url.into(),
-            worker.into(),
-            c.received.into(),
-            c.inserted.into(),
-            c.duplicates.into(),
-            c.dead_lettered.into(),
-            c.deleted.into(),
-            c.delete_failures.into(),
-            error.map(str::to_string).into(),
-            depth.into(),
-        ],
-        |_| (),
-    )
-    .map_err(|e| Error::Internal(format!("counter update failed: {e}")))
+            depth_at = COALESCE(EXCLUDED.depth_at, k.depth_at)"
+    );
+    let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
+        queue_url.into(),
+        worker.into(),
+        c.received.into(),
+        c.inserted.into(),
+        c.duplicates.into(),
+        c.dead_lettered.into(),
+        c.deleted.into(),
+        c.delete_failures.into(),
+        error.map(str::to_string).into(),
+        depth.into(),
+    ];
+    if by_pipeline {
+        args.push(pipeline.into());
+    }
+    crate::plans::run(&sql, &args, |_| ()).map_err(|e| Error::Internal(format!("counter update failed: {e}")))?;
+    if c.filtered > 0 {
+        // Only pipelines filter, and they exist only once the schema is 0.6.0 (which has the column).
+        crate::plans::run(
+            "UPDATE sqs_ingest.counters SET filtered = filtered + $3
+              WHERE queue_url = $1::text AND worker = $2::text AND backend_pid = pg_catalog.pg_backend_pid()
+                AND hour = pg_catalog.date_trunc('hour', pg_catalog.now()) AND pipeline = $4::text",
+            &[queue_url.into(), worker.into(), c.filtered.into(), pipeline.into()],
+            |_| (),
+        )
+        .map_err(|e| Error::Internal(format!("counter update failed: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Deletes ledger entries older than the queue's retention (plus a day): SQS can no longer redeliver them.

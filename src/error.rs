@@ -43,6 +43,10 @@ pub enum Error {
     /// SQLSTATE, message and hint (never its DETAIL, which may quote values).
     #[error("{message}")]
     Postgres { code: PgSqlErrorCode, message: String, hint: Option<String> },
+    /// A pipeline declaration or name that cannot be used: 22023 (a bad element), 42703 (no such column), 42704
+    /// (no such pipeline), 42710 (the name is taken), 42501 (not the pipeline's owner).
+    #[error("{message}")]
+    Pipeline { code: PgSqlErrorCode, message: String },
 }
 
 /// The SQLSTATE of an SQS failure class: the one mapping, in `sqs_ingest_core::sqs_error` (its unit tests pin it).
@@ -80,12 +84,19 @@ impl Error {
             Error::NotPreloaded(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             Error::Internal(_) => ERRCODE_INTERNAL_ERROR,
             Error::Postgres { code, .. } => *code,
+            Error::Pipeline { code, .. } => *code,
         }
     }
 
     pub fn hint(&self) -> Option<String> {
         let hint = match self {
             Error::Postgres { hint, .. } => return hint.clone(),
+            Error::Pipeline { code, .. } => match code {
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT => "List the pipelines with SELECT name FROM sqs_ingest.pipelines; a queue URL (with ://) runs the built-in login pipeline.",
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT => "Pass replace => true to redeclare it (as its owner), or choose another name.",
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE => "Only the role that declared a pipeline (or a superuser) may replace or drop it.",
+                _ => "See \"Pipelines\" in the README: every column maps a source (a JSON path $.x, body, attribute:<name>, sqs:<attribute>, envelope:$.x) with optional mask, transform, required, default and json_type.",
+            },
             Error::QueueUrl { .. } => "Pass the queue URL as SQS returns it, e.g. http://localhost:4566/000000000000/login-queue or https://sqs.us-east-1.amazonaws.com/123456789012/login-queue.",
             Error::Sqs { class, .. } => class.hint(),
             Error::Mask(MaskError::UnknownMethod(_)) => "Use 'encrypt' or 'hmac'.",

@@ -73,6 +73,19 @@ pub fn masking_method() -> sqs_ingest_core::mask::Method {
         MaskingMethod::Hmac => sqs_ingest_core::mask::Method::Hmac,
     }
 }
+/// The masking method a call names (`encrypt`, `hmac`), else `sqs_ingest.masking_method`. An unknown name is
+/// `MaskError::UnknownMethod` (22023).
+pub fn masking_method_or(
+    name: Option<&str>,
+) -> std::result::Result<sqs_ingest_core::mask::Method, sqs_ingest_core::mask::MaskError> {
+    use sqs_ingest_core::mask::Method;
+    match name {
+        Some("encrypt") => Ok(Method::Encrypt),
+        Some("hmac") => Ok(Method::Hmac),
+        Some(other) => Method::parse(other),
+        None => Ok(masking_method()),
+    }
+}
 pub fn target_table() -> String {
     string(&TARGET_TABLE).unwrap_or_else(|| "user_logins".into())
 }
@@ -103,7 +116,7 @@ pub fn wait_time_s() -> i32 {
 /// Values of `sqs_ingest.sqs_client`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum SqsClient {
-    /// The built-in JSON-protocol client (`crate::direct`).
+    /// The built-in JSON-protocol client (`crate::sqs::direct`).
     #[name = c"direct"]
     Direct,
     /// The AWS SDK for Rust.

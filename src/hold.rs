@@ -21,6 +21,8 @@ struct Entry {
     subxact: pg_sys::SubTransactionId,
     /// SQS ApproximateReceiveCount when received (1 if unknown).
     receive_count: i32,
+    /// Released (visibility 0) when the transaction ends, committed or not, instead of deleted at COMMIT.
+    release: bool,
 }
 
 /// Visibility timeout (seconds) of a message released after a transient failure: 2^receive_count, at most 256.
@@ -84,7 +86,27 @@ pub fn hold(client: &sqs::Client, queue_url: &str, receipts: Vec<(String, i32)>,
             receipt,
             subxact,
             receive_count,
+            release: false,
         }));
+    });
+}
+
+/// Marks held messages to be released (visibility 0) when the transaction ends, whether it commits or not, instead
+/// of deleted at COMMIT: a pipeline's filter left them in the queue for another consumer.
+pub fn release_at_end(queue_url: &str, receipts: &std::collections::HashSet<String>) {
+    if receipts.is_empty() {
+        return;
+    }
+    HOLD.with(|h| {
+        if let Some(hold) = h.borrow().as_ref() {
+            if let Ok(mut s) = hold.shared.lock() {
+                let Some(queue) = s.queues.iter().position(|(_, u)| u == queue_url) else { return };
+                s.entries
+                    .iter_mut()
+                    .filter(|e| e.queue == queue && receipts.contains(&e.receipt))
+                    .for_each(|e| e.release = true);
+            }
+        }
     });
 }
 
@@ -99,7 +121,7 @@ fn start(visibility_s: i32) -> Hold {
     // Extend at a third of the timeout, so two extensions can fail before a message becomes visible again.
     let period = Duration::from_millis((visibility_s.max(1) as u64 * 1000) / 3);
     let enabled = crate::gucs::visibility_heartbeat();
-    let heartbeat = sqs::runtime().spawn(async move {
+    let heartbeat = crate::runtime::runtime().spawn(async move {
         if !enabled {
             return;
         }
@@ -141,9 +163,15 @@ fn take_entries() -> Option<Taken> {
     Some((queues, entries, hold.heartbeat))
 }
 
-fn take() -> Option<(Vec<Group>, tokio::task::JoinHandle<()>)> {
+/// The committed transaction's messages to delete, those to release, and the heartbeat task.
+fn take() -> Option<(Vec<Group>, Vec<Group>, tokio::task::JoinHandle<()>)> {
     let (queues, entries, heartbeat) = take_entries()?;
-    Some((group(&queues, entries.into_iter().map(|e| (e.queue, e.receipt))), heartbeat))
+    let (release, delete): (Vec<Entry>, Vec<Entry>) = entries.into_iter().partition(|e| e.release);
+    Some((
+        group(&queues, delete.into_iter().map(|e| (e.queue, e.receipt))),
+        group(&queues, release.into_iter().map(|e| (e.queue, e.receipt))),
+        heartbeat,
+    ))
 }
 
 /// DeleteMessageBatch calls in flight after a commit.
@@ -155,18 +183,19 @@ const DELETE_CONCURRENCY: usize = 8;
 /// after their visibility timeout and recognised as duplicates by the ledger.
 fn after_commit() {
     BACK_OFF.set(false);
-    let Some((groups, heartbeat)) = take() else { return };
+    let Some((groups, released, heartbeat)) = take() else { return };
     heartbeat.abort();
+    release_after(released.into_iter().map(|g| (g, 0)).collect());
     let deadline = std::time::Instant::now() + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
     let mut total = BatchOutcome::default();
     for (client, url, receipts) in groups {
         // On the network thread, beside the connections: the main thread only waits for the total.
         let n = receipts.len() as u64;
         let task_url = url.clone();
-        let task =
-            sqs::runtime().spawn(async move { sqs::delete(&client, &task_url, &receipts, DELETE_CONCURRENCY).await });
+        let task = crate::runtime::runtime()
+            .spawn(async move { sqs::delete(&client, &task_url, &receipts, DELETE_CONCURRENCY).await });
         let abort = task.abort_handle();
-        let outcome = match sqs::block_on_until(task, deadline) {
+        let outcome = match crate::runtime::block_on_until(task, deadline) {
             Some(Ok(outcome)) => outcome,
             Some(Err(_)) => BatchOutcome { succeeded: 0, failed: n },
             None => {
@@ -195,7 +224,7 @@ fn after_commit() {
 fn release_after(groups: Vec<(Group, i32)>) {
     for ((client, url, receipts), visibility_s) in groups {
         // Best effort: if this fails the messages reappear when their visibility timeout ends anyway.
-        sqs::block_on_uninterruptible(async {
+        crate::runtime::block_on_uninterruptible(async {
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),
                 sqs::change_visibility(&client, &url, &receipts, visibility_s, 8),

@@ -7,24 +7,89 @@
 
 use crate::bookkeeping::{self, Counters, DeadLetters, LedgerQueue};
 use crate::error::{Error, Result};
-use crate::privilege::{as_owner, as_role, extension_owner, pinned, writer_for};
+use crate::pipeline::{self, Layout, Pipeline};
+use crate::privilege::{as_owner, extension_owner, pinned};
+use crate::rows::{self, Rows, TextRows};
 use crate::sqs::{self, Received};
+use crate::subxact::catch_error;
 use crate::target::{self, Target};
 use crate::{gucs, hold, keys};
-use pgrx::datum::Date;
 use pgrx::prelude::*;
-use sqs_ingest_core::event::{self, AppVersionColumn, AppVersionValue, Rejection};
+use sqs_ingest_core::event::{self, Rejection};
 use sqs_ingest_core::mask::{KeyMaterial, Method};
+use sqs_ingest_core::pipeline::{self as pipeline_core, MessageView};
 use sqs_ingest_core::queue_url::QueueUrl;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
+
+/// What a call ingests into: the built-in login pipeline (into `sqs_ingest.target_table`, masked with the call's
+/// method), or a declared pipeline (its table, its columns, its masks).
+#[derive(Debug, Clone)]
+pub enum Shape {
+    Login,
+    Pipeline(Rc<Pipeline>),
+}
+
+/// What a message that passed validation becomes.
+enum Verdict {
+    Login(event::LoginEvent, event::AppVersionValue),
+    /// A pipeline's column texts.
+    Values(Vec<Option<String>>),
+    /// A pipeline's filter did not match: deleted after COMMIT, recorded in the ledger as `filtered`.
+    Filtered,
+}
+
+/// Evaluates a pipeline's filter on every message of a batch (one statement: `jsonb_path_match` over the
+/// messages' filter documents). A filter that errs on a message (a type mismatch in the path) does not match it.
+fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Received]) -> Result<Vec<bool>> {
+    let docs: Vec<String> = batch
+        .iter()
+        .map(|m| {
+            mapping.filter_document(&MessageView {
+                body: &m.body,
+                message_id: &m.message_id,
+                sent_timestamp_ms: m.sent_timestamp_ms,
+                receive_count: m.receive_count,
+                group_id: m.group_id.as_deref(),
+                sequence_number: m.sequence_number.as_deref(),
+                attributes: &m.attributes,
+            })
+        })
+        .collect();
+    let n = docs.len();
+    let matched = crate::plans::run(
+        "SELECT pg_catalog.array_agg(pg_catalog.jsonb_path_match(d::pg_catalog.jsonb, $2::pg_catalog.jsonpath,
+                    '{}'::pg_catalog.jsonb, true) IS TRUE ORDER BY i)
+           FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(d, i)",
+        &[docs.into(), filter.into()],
+        |rows| rows.first().get_one::<Vec<bool>>().ok().flatten(),
+    )
+    .map_err(|e| Error::Internal(format!("filter evaluation failed: {e}")))?
+    .unwrap_or_default();
+    if matched.len() != n {
+        return Err(Error::Internal("filter evaluation returned a wrong count".into()));
+    }
+    Ok(matched)
+}
+
+impl Shape {
+    /// The declared pipeline's name, "" for the login pipeline (as `counters.pipeline` keeps it).
+    pub fn pipeline_name(&self) -> &str {
+        match self {
+            Shape::Pipeline(p) => &p.name,
+            Shape::Login => "",
+        }
+    }
+}
 
 /// How one ingest call behaves.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub max_messages: Option<i64>,
     pub method: Method,
+    pub shape: Shape,
     /// Label in `sqs_ingest.stats` (empty for SQL sessions, `worker N` for background workers).
     pub worker: String,
     /// Long-poll wait of the receive that confirms the queue is empty (0: trust one empty short poll).
@@ -43,6 +108,8 @@ pub struct Summary {
     pub inserted: i64,
     pub duplicates: i64,
     pub dead_lettered: i64,
+    /// Messages a pipeline's filter did not match (deleted, released or dead-lettered as the pipeline says).
+    pub filtered: i64,
     /// Messages this call hands to the commit hook for deletion (every message it processed).
     pub deleted: i64,
     pub elapsed_ms: f64,
@@ -56,7 +123,7 @@ pub struct Summary {
 
 thread_local! {
     /// Errors of calls whose transaction rolled back, written to the counters by this backend's next call.
-    static UNREPORTED_ERRORS: RefCell<Vec<(String, String, String)>> = const { RefCell::new(Vec::new()) };
+    static UNREPORTED_ERRORS: RefCell<Vec<crate::audit::UnreportedError>> = const { RefCell::new(Vec::new()) };
     /// The last GetQueueAttributes answer per queue, for `Options::reuse_probe_for`.
     static LAST_PROBE: RefCell<HashMap<String, (Instant, sqs::QueueInfo)>> = RefCell::new(HashMap::new());
     /// When this backend last pruned each queue's ledger.
@@ -74,13 +141,25 @@ pub fn parse_queue_url(queue_url: &str) -> Result<QueueUrl> {
     Ok(queue)
 }
 
-/// Parses the arguments every entry point shares; raises before any side effect.
+/// Parses the arguments every entry point shares; raises before any side effect. The first names a queue (its
+/// URL: the login pipeline) or a declared pipeline (its name: read from `sqs_ingest.pipelines`, so this needs a
+/// transaction).
 pub fn parse_args(
-    queue_url: &str,
+    queue_or_pipeline: &str,
     max_messages: Option<i64>,
     method: Option<&str>,
-) -> Result<(QueueUrl, Option<i64>, Method)> {
-    let queue = parse_queue_url(queue_url)?;
+) -> Result<(QueueUrl, Option<i64>, Method, Shape)> {
+    let (queue, shape) = if pipeline::is_name(queue_or_pipeline) {
+        if method.is_some() {
+            return Err(Error::InvalidArgument(
+                "a pipeline's masking is declared per column; call it without a method".into(),
+            ));
+        }
+        let p = pipeline::load(queue_or_pipeline)?;
+        (parse_queue_url(&p.queue_url)?, Shape::Pipeline(Rc::new(p)))
+    } else {
+        (parse_queue_url(queue_or_pipeline)?, Shape::Login)
+    };
     if let Some(n) = max_messages {
         if n < 1 {
             return Err(Error::InvalidArgument(format!(
@@ -88,11 +167,8 @@ pub fn parse_args(
             )));
         }
     }
-    let method = match method {
-        Some(name) => Method::parse(name)?,
-        None => gucs::masking_method(),
-    };
-    Ok((queue, max_messages, method))
+    let method = gucs::masking_method_or(method)?;
+    Ok((queue, max_messages, method, shape))
 }
 
 /// Runs `f`, turning an ERROR Postgres raises inside it into an [`Error::Postgres`], so that a failing call's error
@@ -115,9 +191,16 @@ pub fn catching<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     }
 }
 
-/// Remembers the error of a failing call so the next call in this backend records it in the counters.
-pub fn remember_error(queue_url: &str, worker: &str, error: &Error) {
-    UNREPORTED_ERRORS.with(|e| e.borrow_mut().push((queue_url.to_string(), worker.to_string(), error.scrubbed())));
+/// Remembers the error of a failing call (of `pipeline`, "" for the login pipeline) so that it reaches the counters.
+pub fn remember_error(queue_url: &str, worker: &str, pipeline: &str, error: &Error) {
+    UNREPORTED_ERRORS.with(|e| {
+        e.borrow_mut().push(crate::audit::UnreportedError {
+            queue_url: queue_url.to_string(),
+            worker: worker.to_string(),
+            pipeline: pipeline.to_string(),
+            text: error.scrubbed(),
+        })
+    });
 }
 
 /// Transaction hook after ABORT: the errors of the calls that rolled back go to the audit worker, which writes
@@ -139,11 +222,11 @@ pub fn flush_unreported(worker: &str) -> Result<()> {
     for d in deletes {
         let c = Counters { delete_failures: d.outcome.failed as i64, ..Default::default() };
         if c.delete_failures > 0 {
-            bookkeeping::add_counters(&d.queue_url, worker, c, None, None)?;
+            bookkeeping::add_counters(&d.queue_url, worker, "", c, None, None)?;
         }
     }
-    for (url, w, text) in errors {
-        bookkeeping::add_counters(&url, &w, Counters::default(), None, Some(&text))?;
+    for e in errors {
+        bookkeeping::add_counters(&e.queue_url, &e.worker, &e.pipeline, Counters::default(), None, Some(&e.text))?;
     }
     Ok(())
 }
@@ -169,16 +252,25 @@ fn ingest_from(queue: &QueueUrl, opts: &Options, waited: Option<Waited>) -> Resu
     durable_commit();
     // The target is the caller's to name, so it is resolved with the caller's search_path; every other
     // statement runs with a pinned one (see crate::privilege).
-    let target = target::resolve_or_create(&gucs::target_table())?;
-    pinned(|| ingest_into(queue, opts, &client, info, &target, started, waited))
+    let (target, layout) = match &opts.shape {
+        Shape::Login => (target::resolve_or_create(&gucs::target_table())?, None),
+        Shape::Pipeline(p) => {
+            let target = target::resolve_existing(&p.target)?;
+            let layout = pinned(|| pipeline::layout(p, &target))?;
+            (target, Some(layout))
+        }
+    };
+    pinned(|| ingest_into(queue, opts, &client, info, &target, layout.as_ref(), started, waited))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn ingest_into(
     queue: &QueueUrl,
     opts: &Options,
     client: &sqs::Client,
     info: sqs::QueueInfo,
     target: &Target,
+    layout: Option<&Layout>,
     started: Instant,
     waited: Option<Waited>,
 ) -> Result<Summary> {
@@ -196,6 +288,7 @@ fn ingest_into(
         opts,
         owner,
         target,
+        layout,
         key: &key,
         summary: Summary::default(),
     };
@@ -206,7 +299,7 @@ fn ingest_into(
         // Within one transaction SQS delivers no further message of a group this call holds, so "looked empty"
         // proves nothing: ask what is left (the held messages are in flight and not counted).
         // Informational: a failure (throttling, a reload signal) leaves it unknown rather than failing the batch.
-        run.summary.fifo_remaining = sqs::block_on(sqs::queue_info(client, &queue.url))
+        run.summary.fifo_remaining = crate::runtime::block_on(sqs::queue_info(client, &queue.url))
             .ok()
             .and_then(Result::ok)
             .and_then(|i| i.approximate_depth);
@@ -218,6 +311,7 @@ fn ingest_into(
         inserted: s.inserted,
         duplicates: s.duplicates,
         dead_lettered: s.dead_lettered,
+        filtered: s.filtered,
         deleted: s.deleted,
         delete_failures: 0,
     };
@@ -234,7 +328,7 @@ fn ingest_into(
         } else {
             info.approximate_depth.map(|d| (d - s.received).max(0))
         };
-        bookkeeping::add_counters(&queue.url, &opts.worker, counters, depth, None)?;
+        bookkeeping::add_counters(&queue.url, &opts.worker, opts.shape.pipeline_name(), counters, depth, None)?;
         maybe_prune(&queue.url, &ledger_queue, info.retention_s)
     })?;
     let mut summary = s;
@@ -268,7 +362,7 @@ fn probe(client: &sqs::Client, queue: &QueueUrl, reuse_for: Duration) -> Result<
     if let Some(info) = fresh {
         return Ok(info);
     }
-    let info = sqs::block_on(sqs::queue_info(client, &queue.url))??;
+    let info = crate::runtime::block_on(sqs::queue_info(client, &queue.url))??;
     LAST_PROBE.with(|p| p.borrow_mut().insert(queue.url.clone(), (Instant::now(), info)));
     Ok(info)
 }
@@ -302,7 +396,7 @@ struct InFlight {
 fn release_soon(client: sqs::Client, url: String, messages: Vec<Received>) {
     let receipts: Vec<String> = messages.into_iter().map(|m| m.receipt_handle).collect();
     if !receipts.is_empty() {
-        sqs::runtime().spawn(async move {
+        crate::runtime::runtime().spawn(async move {
             sqs::change_visibility(&client, &url, &receipts, 0, 4).await;
         });
     }
@@ -338,6 +432,8 @@ struct Run<'a> {
     opts: &'a Options,
     owner: pg_sys::Oid,
     target: &'a Target,
+    /// A declared pipeline's layout (None: the login pipeline).
+    layout: Option<&'a Layout>,
     key: &'a KeyMaterial,
     summary: Summary,
 }
@@ -348,7 +444,7 @@ fn spawn_receive(client: &sqs::Client, url: &str, n: i64, wait_s: i32) -> InFlig
     let fut = sqs::receive(client.clone(), url.clone(), n as i32, wait_s, gucs::visibility_timeout_s());
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (task_client, task_url) = (client.clone(), url.clone());
-    let handle = sqs::runtime().spawn(async move {
+    let handle = crate::runtime::runtime().spawn(async move {
         if let Err(Ok(messages)) = tx.send(fut.await) {
             // The loop is gone: nobody will store these.
             let receipts: Vec<String> = messages.into_iter().map(|m| m.receipt_handle).collect();
@@ -376,7 +472,7 @@ pub fn wait_for_messages(queue: &QueueUrl, max: i64, wait_s: i32) -> Result<Wait
     let client = sqs::client(queue)?;
     let mut receive = spawn_receive(&client, &queue.url, max.clamp(1, 10), wait_s);
     let rx = receive.rx.take().expect("a fresh receive");
-    let messages = match sqs::block_on(rx) {
+    let messages = match crate::runtime::block_on(rx) {
         Ok(received) => received.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??,
         Err(Error::Interrupted) => Vec::new(), // asked to stop or reload: the task releases what it gets
         Err(e) => return Err(e),
@@ -385,6 +481,11 @@ pub fn wait_for_messages(queue: &QueueUrl, max: i64, wait_s: i32) -> Result<Wait
 }
 
 impl Run<'_> {
+    /// The declared pipeline this run serves (None: the login pipeline).
+    fn pipeline_name(&self) -> Option<&str> {
+        Some(self.opts.shape.pipeline_name()).filter(|n| !n.is_empty())
+    }
+
     fn spawn(&self, n: i64, wait_s: i32) -> InFlight {
         spawn_receive(self.client, &self.queue.url, n, wait_s)
     }
@@ -448,7 +549,7 @@ impl Run<'_> {
             for mut f in done {
                 let abort = f.handle.abort_handle();
                 let rx = f.rx.take().expect("an in-flight receive is taken once");
-                let got = match sqs::block_on(rx) {
+                let got = match crate::runtime::block_on(rx) {
                     Ok(received) => received.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??,
                     Err(Error::Interrupted) => {
                         // A worker asked to stop or reload: abandon the pending polls, store what we have.
@@ -516,18 +617,29 @@ impl Run<'_> {
         let mut candidates = Vec::with_capacity(batch.len());
         let (mut ids, mut outcomes) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
         let mut no_receipt = HashSet::new();
+        // A pipeline's filter, evaluated first: a message it does not match is never a row, whatever it holds.
+        let (matched, fate) = match self.layout.and_then(|l| l.filter.as_ref().map(|f| (l, f))) {
+            Some((layout, (filter, fate))) => (filter_batch(&layout.mapping, filter, &batch)?, Some(*fate)),
+            None => (Vec::new(), None),
+        };
+        let unmatched = |i: usize| matched.get(i).is_some_and(|m| !m);
+        let mut released = HashSet::new();
         for (i, m) in batch.iter_mut().enumerate() {
             let receipt = std::mem::take(&mut m.receipt_handle);
             if receipt.is_empty() {
                 no_receipt.insert(i);
             } else {
+                if unmatched(i) && fate == Some(pipeline::FilterFate::Release) {
+                    released.insert(receipt.clone());
+                }
                 receipts.push((receipt, m.receive_count.unwrap_or(1)));
             }
         }
         // Held by this transaction from now on: a COMMIT deletes them, an abort (even one that lands inside the
-        // inserts below) releases them.
-        self.summary.deleted += receipts.len() as i64;
+        // inserts below) releases them; those a filter releases go back to the queue when the transaction ends.
+        self.summary.deleted += (receipts.len() - released.len()) as i64;
         hold::hold(self.client, &self.queue.url, receipts, gucs::visibility_timeout_s());
+        hold::release_at_end(&self.queue.url, &released);
         let max_receives = gucs::max_receive_count();
         for (i, mut m) in batch.into_iter().enumerate() {
             self.summary.received += 1;
@@ -551,12 +663,49 @@ impl Run<'_> {
                 continue;
             }
             let receive_count = m.receive_count.unwrap_or(1);
+            if anomaly.is_none() && unmatched(i) {
+                match fate {
+                    // Back to the queue at the end of the transaction; not in the ledger (it may come back).
+                    Some(pipeline::FilterFate::Release) => {
+                        self.summary.filtered += 1;
+                        continue;
+                    }
+                    Some(pipeline::FilterFate::DeadLetter) => {
+                        ids.push(m.message_id.clone());
+                        outcomes.push("dead_letter".to_string());
+                        candidates.push((m, Err(Rejection::Filtered)));
+                    }
+                    _ => {
+                        ids.push(m.message_id.clone());
+                        outcomes.push("filtered".to_string());
+                        candidates.push((m, Ok(Verdict::Filtered)));
+                    }
+                }
+                continue;
+            }
             let verdict = match anomaly {
                 Some(reason) => Err(reason),
                 None if max_receives > 0 && receive_count > max_receives => {
                     Err(Rejection::TooManyReceives { receive_count, limit: max_receives })
                 }
-                None => event::parse(&m.body).and_then(|e| event::validate(&e, &limits).map(|v| (e, v))),
+                None => match self.layout {
+                    None => {
+                        event::parse(&m.body).and_then(|e| event::validate(&e, &limits).map(|v| Verdict::Login(e, v)))
+                    }
+                    Some(layout) => {
+                        let view = MessageView {
+                            body: &m.body,
+                            message_id: &m.message_id,
+                            sent_timestamp_ms: m.sent_timestamp_ms,
+                            receive_count: m.receive_count,
+                            group_id: m.group_id.as_deref(),
+                            sequence_number: m.sequence_number.as_deref(),
+                            attributes: &m.attributes,
+                        };
+                        let mut values = Vec::with_capacity(layout.mapping.columns.len());
+                        layout.mapping.extract(&view, Some(self.key), &mut values).map(|()| Verdict::Values(values))
+                    }
+                },
             };
             ids.push(m.message_id.clone());
             outcomes.push(if verdict.is_ok() { "stored" } else { "dead_letter" }.to_string());
@@ -565,6 +714,7 @@ impl Run<'_> {
         let fresh = as_owner(self.owner, || bookkeeping::claim(self.ledger_queue, ids, outcomes))?;
 
         let mut rows = Rows::default();
+        let mut texts = self.layout.map(|l| TextRows::new(l.rows.clone()));
         let mut row_messages = Vec::with_capacity(candidates.len());
         let mut dead = DeadLetters::default();
         for (m, verdict) in candidates {
@@ -573,14 +723,22 @@ impl Run<'_> {
                 continue;
             }
             match verdict {
-                Ok((e, version)) => {
+                Ok(Verdict::Login(e, version)) => {
                     rows.push(self.key, self.opts.method, e, version, m.sent_timestamp_ms)?;
+                    row_messages.push(m);
+                }
+                Ok(Verdict::Filtered) => self.summary.filtered += 1,
+                Ok(Verdict::Values(values)) => {
+                    texts.as_mut().expect("a pipeline's rows").push(values);
                     row_messages.push(m);
                 }
                 Err(reason) => dead.push(self.key, m, &reason),
             }
         }
-        let refused = rows.insert_isolated(self.target)?;
+        let refused = match texts {
+            Some(texts) => rows::insert_isolated(texts, self.target)?,
+            None => rows::insert_isolated(rows, self.target)?,
+        };
         let inserted = (row_messages.len() - refused.len()) as i64;
         if !refused.is_empty() {
             // Rows the table refused become dead letters like any other rejection (redrivable once fixed).
@@ -594,169 +752,13 @@ impl Run<'_> {
             as_owner(self.owner, || bookkeeping::mark_dead_letters(self.ledger_queue, ids))?;
         }
         let dead_count = dead.message_ids.len() as i64;
-        as_owner(self.owner, || bookkeeping::store_dead_letters(&self.queue.url, self.key.id(), self.schema, dead))?;
+        as_owner(self.owner, || {
+            bookkeeping::store_dead_letters(&self.queue.url, self.key.id(), self.schema, self.pipeline_name(), dead)
+        })?;
         self.summary.inserted += inserted;
         self.summary.dead_lettered += dead_count;
         Ok(())
     }
-}
-
-/// Column arrays of the rows of one batch.
-#[derive(Default, Clone)]
-pub struct Rows {
-    user_id: Vec<String>,
-    device_type: Vec<String>,
-    masked_ip: Vec<String>,
-    masked_device_id: Vec<String>,
-    locale: Vec<Option<String>>,
-    version_int: Vec<i32>,
-    version_text: Vec<String>,
-    create_date: Vec<Date>,
-}
-
-/// Days from 1970-01-01 to 2000-01-01, Postgres' date epoch.
-const PG_EPOCH_UNIX_DAYS: i64 = 10_957;
-
-impl Rows {
-    pub fn push(
-        &mut self,
-        key: &KeyMaterial,
-        method: Method,
-        e: event::LoginEvent,
-        version: AppVersionValue,
-        sent_ms: Option<i64>,
-    ) -> Result<()> {
-        self.masked_ip.push(key.mask(method, e.ip.as_bytes())?);
-        self.masked_device_id.push(key.mask(method, e.device_id.as_bytes())?);
-        self.user_id.push(e.user_id);
-        self.device_type.push(e.device_type);
-        self.locale.push(e.locale);
-        match version {
-            AppVersionValue::Packed(v) => self.version_int.push(v),
-            AppVersionValue::Verbatim(v) => self.version_text.push(v),
-        }
-        let ms = sent_ms.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-        });
-        let days = ms.div_euclid(86_400_000) - PG_EPOCH_UNIX_DAYS;
-        self.create_date.push(Date::saturating_from_raw(days as i32));
-        Ok(())
-    }
-
-    /// Stores the rows and returns those the table refused (by position), with why. One multi-row INSERT in a
-    /// subtransaction; when the table refuses it for a data reason (SQLSTATE class 22 or 23, or an exception a
-    /// trigger raised, class P0), the batch is stored again row by row, each row in a subtransaction of its own,
-    /// so one bad row never blocks the rest. Any other error (a serialization failure, a deadlock, a lock
-    /// timeout, out of memory or disk) fails the call: its messages are released and received again later.
-    pub fn insert_isolated(self, target: &Target) -> Result<Vec<(usize, Rejection)>> {
-        if self.user_id.is_empty() {
-            return Ok(Vec::new());
-        }
-        if !target.can_refuse_rows {
-            // Nothing in the table can refuse a row that passed validation: no subtransaction (each would take a
-            // subtransaction id, and more than 64 in one transaction slow every snapshot of the server).
-            return match catch_error(|| self.insert(target)) {
-                Ok(stored) => stored.map(|_| Vec::new()),
-                Err(report) => raise_without_detail(&report, target),
-            };
-        }
-        let rows = self.clone();
-        match in_subtransaction(|| self.insert(target)) {
-            Ok(stored) => return stored.map(|_| Vec::new()),
-            Err(report) if !refused_by_data(report.sql_error_code()) => raise_without_detail(&report, target),
-            Err(_) => {}
-        }
-        let mut refused = Vec::new();
-        for (i, row) in rows.into_single_rows().into_iter().enumerate() {
-            match in_subtransaction(|| row.insert(target)) {
-                Ok(stored) => stored?,
-                Err(report) if refused_by_data(report.sql_error_code()) => refused.push((
-                    i,
-                    Rejection::refused_by_table(
-                        &crate::error::sqlstate_text(report.sql_error_code()),
-                        report.message(),
-                    ),
-                )),
-                Err(report) => raise_without_detail(&report, target),
-            }
-        }
-        Ok(refused)
-    }
-
-    /// One row per `Rows`, in order.
-    fn into_single_rows(self) -> Vec<Rows> {
-        let integer = !self.version_int.is_empty();
-        let mut version_int = self.version_int.into_iter();
-        let mut version_text = self.version_text.into_iter();
-        let columns = self
-            .user_id
-            .into_iter()
-            .zip(self.device_type)
-            .zip(self.masked_ip)
-            .zip(self.masked_device_id)
-            .zip(self.locale)
-            .zip(self.create_date);
-        columns
-            .map(|(((((user_id, device_type), masked_ip), masked_device_id), locale), create_date)| Rows {
-                user_id: vec![user_id],
-                device_type: vec![device_type],
-                masked_ip: vec![masked_ip],
-                masked_device_id: vec![masked_device_id],
-                locale: vec![locale],
-                version_int: if integer { version_int.next().into_iter().collect() } else { Vec::new() },
-                version_text: if integer { Vec::new() } else { version_text.next().into_iter().collect() },
-                create_date: vec![create_date],
-            })
-            .collect()
-    }
-
-    /// One multi-row INSERT, as the calling role, so the target's own privileges apply (as the table's owner
-    /// when the caller is a superuser and the owner is not: see [`writer_for`]).
-    fn insert(self, target: &Target) -> Result<()> {
-        let integer = matches!(target.limits.app_version, AppVersionColumn::Integer);
-        let sql = format!(
-            "INSERT INTO {} (user_id, device_type, masked_ip, masked_device_id, locale, app_version, create_date)
-             SELECT * FROM unnest($1::pg_catalog.text[], $2::pg_catalog.text[], $3::pg_catalog.text[],
-                    $4::pg_catalog.text[], $5::pg_catalog.text[], $6::pg_catalog.{}[], $7::pg_catalog.date[])",
-            target.current_name()?,
-            if integer { "int4" } else { "text" }
-        );
-        let version: pgrx::datum::DatumWithOid =
-            if integer { self.version_int.into() } else { self.version_text.into() };
-        let args = [
-            self.user_id.into(),
-            self.device_type.into(),
-            self.masked_ip.into(),
-            self.masked_device_id.into(),
-            self.locale.into(),
-            version,
-            self.create_date.into(),
-        ];
-        as_role(writer_for(target.owner), || -> std::result::Result<(), pgrx::spi::SpiError> {
-            // Deferrable constraints are made immediate for this insert, inside its subtransaction: their checks
-            // fire at its end, so a violation is this row's (a dead letter), not the COMMIT's (which would fail
-            // the whole batch every time), and no trigger is deferred out of the owner's security-restricted
-            // context (which Postgres refuses).
-            let deferred = target.deferred_checks.as_ref();
-            if let Some((immediate, _)) = deferred {
-                Spi::run(immediate)?;
-            }
-            crate::plans::run(&sql, &args, |_| ())?;
-            if let Some((_, Some(restore))) = deferred {
-                Spi::run(restore)?;
-            }
-            Ok(())
-        })
-        .map_err(|e| Error::Target(format!("insert into {} failed: {e}", target.name)))
-    }
-}
-
-/// Whether the table refused a row for what is in it (so that row, not the batch, is the problem): data
-/// exceptions (class 22), integrity constraint violations (23), and exceptions raised by PL/pgSQL (P0), e.g. by
-/// a trigger.
-fn refused_by_data(code: pgrx::PgSqlErrorCode) -> bool {
-    let state = crate::error::sqlstate_text(code);
-    state.starts_with("22") || state.starts_with("23") || state.starts_with("P0")
 }
 
 /// Whether an error of the target is worth retrying later rather than a fault of the batch: serialization
@@ -766,67 +768,4 @@ fn refused_by_data(code: pgrx::PgSqlErrorCode) -> bool {
 fn transient(code: pgrx::PgSqlErrorCode) -> bool {
     let state = crate::error::sqlstate_text(code);
     state.starts_with("40") || state == "55P03" || state.starts_with("53") || state.starts_with("58")
-}
-
-/// Re-raises a caught error of the target with its SQLSTATE and message but never its DETAIL ("Failing row
-/// contains (...)", "Key (...)=(...)" would put field values in the client's error and the server log).
-fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, target: &Target) -> ! {
-    // (A transient one is retried after a backoff: `catching`, which every ingest runs under, decides that.)
-    pgrx::pg_sys::panic::ErrorReport::new(
-        report.sql_error_code(),
-        format!("insert into {} failed: {}", target.name, report.message()),
-        "sqs_ingest",
-    )
-    .set_hint("The batch was rolled back and its messages released; they are received again later.")
-    .report(pgrx::PgLogLevel::ERROR);
-    unreachable!("ereport(ERROR) does not return")
-}
-
-/// Runs `f` and returns an ERROR it raises, without a subtransaction (the caller re-raises it at once: the
-/// transaction is aborted).
-fn catch_error<R>(f: impl FnOnce() -> R) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
-    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
-        .catch_others(|e| match e {
-            // Raised by Postgres (through an FFI call), or by our own code with ereport.
-            pgrx::pg_sys::panic::CaughtError::PostgresError(r) | pgrx::pg_sys::panic::CaughtError::ErrorReport(r) => {
-                Err(Box::new(r))
-            }
-            other => other.rethrow(),
-        })
-        .execute()
-}
-
-/// Runs `f` in an internal subtransaction (as PL/pgSQL's exception blocks do). An ERROR raised inside rolls back
-/// only the subtransaction and is returned; anything else (a Rust panic) rolls it back too and propagates.
-fn in_subtransaction<R>(
-    f: impl FnOnce() -> R,
-) -> std::result::Result<R, Box<pgrx::pg_sys::panic::ErrorReportWithLevel>> {
-    // SAFETY: the documented sequence for internal subtransactions on the main thread inside a transaction; the
-    // memory context and resource owner are restored afterwards on every path, as pl_exec.c does.
-    let (context, owner) = unsafe {
-        let context = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(context);
-        (context, owner)
-    };
-    let result =
-        pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f()))).catch_others(|e| Err(Box::new(e))).execute();
-    // SAFETY: closes the subtransaction opened above and restores the caller's context and owner.
-    unsafe {
-        if result.is_ok() {
-            pg_sys::ReleaseCurrentSubTransaction();
-        } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        }
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-    }
-    match result {
-        Ok(r) => Ok(r),
-        Err(caught) => match *caught {
-            pgrx::pg_sys::panic::CaughtError::PostgresError(report) => Err(Box::new(report)),
-            other => other.rethrow(),
-        },
-    }
 }

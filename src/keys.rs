@@ -1,5 +1,10 @@
 //! Master keys: generated on first need, persisted in `sqs_ingest.keys`, cached per transaction.
 //!
+//! Cache invalidation: the keyring is cached for one transaction (keyed by the local transaction id, so the next
+//! transaction reads the table again and sees keys other sessions rotated in), dropped by [`rotate`], and dropped
+//! when a subtransaction rolls back or the transaction aborts ([`xact_hooks`]): a key created or activated inside
+//! a rolled-back savepoint no longer exists, and no token may be minted with it.
+//!
 //! The table is readable only by the extension owner; every read goes through [`crate::privilege::as_owner`].
 //! `sqs_ingest.key_events` remembers that keys were ever generated, so an emptied key table is an ERROR, never a silent new
 //! key that would orphan every stored token.
@@ -26,6 +31,12 @@ pub fn invalidate() {
     ACTIVE.with(|a| *a.borrow_mut() = None);
 }
 
+/// This module's transaction hooks: forget the cached keys when a subtransaction rolls back or the transaction
+/// aborts.
+pub fn xact_hooks() -> crate::xact::Hooks {
+    crate::xact::Hooks { abort: Some(invalidate), subxact_abort: Some(|_| invalidate()), ..Default::default() }
+}
+
 /// The keyring for this transaction, loaded once per transaction. With `create`, generates the first key.
 pub fn keyring(create: bool) -> Result<Rc<Keyring>> {
     let lxid = local_xid();
@@ -44,6 +55,7 @@ pub fn keyring(create: bool) -> Result<Rc<Keyring>> {
         Ok(ring)
     })?;
     let ring = Rc::new(ring);
+    crate::xact::ensure_registered();
     CACHE.with(|c| *c.borrow_mut() = Some(Cached { lxid, ring: ring.clone() }));
     Ok(ring)
 }

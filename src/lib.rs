@@ -1,10 +1,10 @@
 //! sqs_ingest: a PostgreSQL extension that ingests user-login events from AWS SQS into `user_logins`,
 //! masking `ip` and `device_id` inside the database, transactionally with deleting the messages.
 //!
-//! Layout: `sqs_ingest_core` (pure Rust) decides; this crate is glue. `gucs` settings, `error` SQLSTATEs,
-//! `privilege` owner context, `keys` key store, `sqs` network, `hold` post-commit deletes, `target` the
-//! destination table, `bookkeeping` internal tables, `ingest` the loop, `api` the SQL surface, `worker` the
-//! background workers.
+//! Layout: `sqs_ingest_core` (pure Rust) decides; this crate is glue, in floors that import only downwards
+//! (README, "Architecture"): surfaces (`api`, `mask`, `bench`, `worker`, this file) → domain (`ingest`, `rekey`,
+//! `redrive`) → state (`rows`, `hold`, `audit`, `bookkeeping`, `target`, `keys`) → network (`sqs`) → ground
+//! (`runtime`, `xact`, `subxact`, `privilege`, `plans`, `gucs`, `error`).
 // SQL functions return `Result<_, ErrorReport>` (spelled out: pgrx's SQL generation reads the `Result`): pgrx
 // raises the report unchanged (SQLSTATE, hint) only when it is not boxed, so its size is what it is.
 #![allow(clippy::result_large_err)]
@@ -13,18 +13,25 @@ use pgrx::prelude::*;
 
 mod api;
 mod audit;
+mod bench;
 mod bookkeeping;
-mod direct;
 mod error;
 mod gucs;
 mod hold;
 mod ingest;
 mod keys;
+mod mask;
+mod pipeline;
 mod plans;
 mod privilege;
-mod signals;
+mod redrive;
+mod rekey;
+mod rows;
+mod runtime;
 mod sqs;
+mod subxact;
 mod target;
+mod unmask;
 mod worker;
 mod xact;
 
@@ -41,6 +48,7 @@ pub extern "C-unwind" fn _PG_init() {
     xact::register(worker::xact_hooks());
     xact::register(audit::xact_hooks());
     xact::register(ingest::xact_hooks());
+    xact::register(keys::xact_hooks());
     worker::register_static_workers();
 }
 
@@ -53,10 +61,11 @@ fn session_ingest(
     max_messages: Option<i64>,
     method: Option<&str>,
 ) -> std::result::Result<(sqs_ingest_core::queue_url::QueueUrl, ingest::Summary), ErrorReport> {
-    let (queue, max_messages, method) = ingest::parse_args(queue_url, max_messages, method)?;
+    let (queue, max_messages, method, shape) = ingest::parse_args(queue_url, max_messages, method)?;
     let opts = ingest::Options {
         max_messages,
         method,
+        shape,
         worker: String::new(),
         confirm_wait_s: gucs::wait_time_s(),
         return_after_wake: false,
@@ -66,7 +75,7 @@ fn session_ingest(
     match ingest::catching(|| ingest::ingest(&queue, &opts)) {
         Ok(summary) => Ok((queue, summary)),
         Err(e) => {
-            ingest::remember_error(&queue.url, "", &e);
+            ingest::remember_error(&queue.url, "", opts.shape.pipeline_name(), &e);
             Err(e.into())
         }
     }

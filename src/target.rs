@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::privilege::{as_owner, extension_owner, pinned};
 use pgrx::prelude::*;
 use sqs_ingest_core::event::{AppVersionColumn, ColumnLimits};
+use sqs_ingest_core::pipeline::ColumnKind;
 
 /// A target table that passed inspection, locked (ROW EXCLUSIVE) for the rest of the transaction: it cannot be
 /// dropped, re-owned or given new constraints or triggers meanwhile. `name` is its schema-qualified name at
@@ -73,12 +74,99 @@ fn require(oid: pg_sys::Oid, mode: pg_sys::AclMode) -> Result<()> {
     }
 }
 
-/// Locks and inspects the table with this OID (for `rekey(regclass)`).
+/// Locks and inspects the table with this OID (for `rekey(regclass)`: any table that holds tokens, so only what
+/// every target has is inspected).
 pub fn resolve_oid(oid: pg_sys::Oid) -> Result<Target> {
     require(oid, pg_sys::ACL_UPDATE as pg_sys::AclMode)?;
     // SAFETY: as in lookup_locked.
     unsafe { pg_sys::LockRelationOid(oid, pg_sys::RowExclusiveLock as i32) };
-    inspect(oid)
+    pinned(|| inspect_any(oid))
+}
+
+/// Resolves a pipeline's target by name (never created: a pipeline names a table its DBA made), locked and
+/// inspected for what any table needs (owner, whether it can refuse rows, deferrable constraints).
+pub fn resolve_existing(name: &str) -> Result<Target> {
+    let oid = lookup_locked(name)?.ok_or_else(|| Error::Pipeline {
+        code: pgrx::PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+        message: format!("target table \"{name}\" does not exist"),
+    })?;
+    pinned(|| inspect_any(oid))
+}
+
+/// One insertable column of a table, as pipelines map it.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    /// The column's type without its modifier (`format_type(atttypid, NULL)`, qualified unless in pg_catalog):
+    /// values are cast to it, and the assignment to the column applies the modifier (and its length check).
+    pub type_sql: String,
+    /// The type with its modifier (`numeric(10,2)`): what a single value is checked against to name the column
+    /// the table refused.
+    pub type_full: String,
+    pub kind: ColumnKind,
+    /// NOT NULL without a default: a declaration must map it.
+    pub needs_value: bool,
+    /// Generated, or an identity GENERATED ALWAYS: not insertable.
+    pub generated: bool,
+}
+
+/// The columns of a table (by OID), in attribute order; runs with the pinned search_path so type names are
+/// qualified unless they live in pg_catalog.
+pub fn columns(oid: pg_sys::Oid) -> Result<Vec<Column>> {
+    pinned(|| {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, NULL),
+                        b.oid::pg_catalog.int8,
+                        CASE WHEN t.typtype OPERATOR(pg_catalog.=) 'd' THEN t.typtypmod ELSE a.atttypmod END,
+                        b.typcategory::pg_catalog.text,
+                        a.attnotnull AND NOT a.atthasdef AND a.attidentity OPERATOR(pg_catalog.=) '',
+                        a.attgenerated OPERATOR(pg_catalog.<>) '' OR a.attidentity OPERATOR(pg_catalog.=) 'a',
+                        pg_catalog.format_type(a.atttypid, a.atttypmod)
+                   FROM pg_catalog.pg_attribute a
+                   JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+                   JOIN pg_catalog.pg_type b ON b.oid OPERATOR(pg_catalog.=)
+                        CASE WHEN t.typtype OPERATOR(pg_catalog.=) 'd' THEN t.typbasetype ELSE t.oid END
+                  WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum OPERATOR(pg_catalog.>) 0
+                    AND NOT a.attisdropped
+                  ORDER BY a.attnum",
+                None,
+                &[oid.into()],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let base = r.get::<i64>(3)?.unwrap_or_default() as u32;
+                let typmod = r.get::<i32>(4)?.unwrap_or(-1);
+                let category = r.get::<String>(5)?.unwrap_or_default();
+                out.push(Column {
+                    name: r.get::<String>(1)?.unwrap_or_default(),
+                    type_sql: r.get::<String>(2)?.unwrap_or_default(),
+                    kind: kind_of(base, typmod, &category),
+                    needs_value: r.get::<bool>(6)?.unwrap_or(false),
+                    generated: r.get::<bool>(7)?.unwrap_or(false),
+                    type_full: r.get::<String>(8)?.unwrap_or_default(),
+                });
+            }
+            Ok::<_, pgrx::spi::SpiError>(out)
+        })
+    })
+    .map_err(|e| Error::Target(format!("cannot read the columns of the target table: {e}")))
+}
+
+/// How a (base) type takes text: character types with their length, JSON, arrays, date/time, integers, other.
+fn kind_of(base: u32, typmod: i32, category: &str) -> ColumnKind {
+    const TEXT: u32 = 25;
+    const BPCHAR: u32 = 1042;
+    const VARCHAR: u32 = 1043;
+    match base {
+        TEXT => ColumnKind::Text { max_chars: None },
+        BPCHAR | VARCHAR => ColumnKind::Text { max_chars: (typmod > 4).then(|| (typmod - 4) as usize) },
+        114 | 3802 => ColumnKind::Json,
+        1082 | 1083 | 1114 | 1184 | 1266 => ColumnKind::DateTime,
+        20 | 21 | 23 => ColumnKind::Integer,
+        _ if category == "A" => ColumnKind::Array,
+        _ => ColumnKind::Other,
+    }
 }
 
 const COLUMNS: [&str; 7] =
@@ -144,6 +232,69 @@ fn inspect(oid: pg_sys::Oid) -> Result<Target> {
     pinned(|| inspect_pinned(oid))
 }
 
+/// What every target needs, without the login columns: a pipeline's rows are converted by each column's type,
+/// so any such table can refuse a row (every batch goes into a subtransaction).
+fn inspect_any(oid: pg_sys::Oid) -> Result<Target> {
+    let (name, owner, deferred_checks) = Spi::connect(|client| {
+        let (name, relkind, owner): (Option<String>, Option<String>, Option<pg_sys::Oid>) = client
+            .select(
+                "SELECT c.oid::pg_catalog.regclass::pg_catalog.text, c.relkind::pg_catalog.text, c.relowner
+                   FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1",
+                None,
+                &[oid.into()],
+            )
+            .and_then(|t| t.first().get_three())
+            .unwrap_or((None, None, None));
+        let name = name.unwrap_or_default();
+        if !matches!(relkind.as_deref(), Some("r") | Some("p")) {
+            return Err(Error::Target(format!("\"{name}\" is not a table")));
+        }
+        Ok((name, owner, deferred_checks(client, oid)?))
+    })?;
+    Ok(Target {
+        oid,
+        name,
+        owner: owner.unwrap_or(pg_sys::Oid::INVALID),
+        limits: ColumnLimits::default(),
+        can_refuse_rows: true,
+        deferred_checks,
+    })
+}
+
+/// `SET CONSTRAINTS … IMMEDIATE` naming the table's deferrable constraints, and the `… DEFERRED` that restores the
+/// initially deferred ones (see [`Target::deferred_checks`]).
+#[allow(clippy::type_complexity)]
+fn deferred_checks(client: &pgrx::spi::SpiClient<'_>, oid: pg_sys::Oid) -> Result<Option<(String, Option<String>)>> {
+    // Only constraints whose name is unique in their schema: SET CONSTRAINTS names a constraint by schema and
+    // name, so a same-named constraint of another table (which anyone with CREATE on the schema could add)
+    // would be switched too, or make the statement fail. Those stay checked at COMMIT.
+    let deferrable: Vec<(String, bool)> = client
+        .select(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, k.conname), k.condeferred
+               FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_namespace n ON n.oid = k.connamespace
+              WHERE k.conrelid = $1 AND k.condeferrable
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint o
+                                 WHERE o.connamespace = k.connamespace AND o.conname = k.conname
+                                   AND o.oid <> k.oid)
+              ORDER BY 1",
+            None,
+            &[oid.into()],
+        )
+        .map_err(|e| Error::Target(e.to_string()))?
+        .map(|r| {
+            (r.get::<String>(1).ok().flatten().unwrap_or_default(), r.get::<bool>(2).ok().flatten().unwrap_or(false))
+        })
+        .collect();
+    Ok((!deferrable.is_empty()).then(|| {
+        let all: Vec<&str> = deferrable.iter().map(|(n, _)| n.as_str()).collect();
+        let initially: Vec<&str> = deferrable.iter().filter(|(_, d)| *d).map(|(n, _)| n.as_str()).collect();
+        (
+            format!("SET CONSTRAINTS {} IMMEDIATE", all.join(", ")),
+            (!initially.is_empty()).then(|| format!("SET CONSTRAINTS {} DEFERRED", initially.join(", "))),
+        )
+    }))
+}
+
 fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
     Spi::connect(|client| {
         let name: String = client
@@ -175,37 +326,7 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
         if !matches!(relkind.as_deref(), Some("r") | Some("p")) {
             return Err(Error::Target(format!("\"{name}\" is not a table")));
         }
-        // Only constraints whose name is unique in their schema: SET CONSTRAINTS names a constraint by schema and
-        // name, so a same-named constraint of another table (which anyone with CREATE on the schema could add)
-        // would be switched too, or make the statement fail. Those stay checked at COMMIT.
-        let deferrable: Vec<(String, bool)> = client
-            .select(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, k.conname), k.condeferred
-                   FROM pg_catalog.pg_constraint k JOIN pg_catalog.pg_namespace n ON n.oid = k.connamespace
-                  WHERE k.conrelid = $1 AND k.condeferrable
-                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint o
-                                     WHERE o.connamespace = k.connamespace AND o.conname = k.conname
-                                       AND o.oid <> k.oid)
-                  ORDER BY 1",
-                None,
-                &[oid.into()],
-            )
-            .map_err(|e| Error::Target(e.to_string()))?
-            .map(|r| {
-                (
-                    r.get::<String>(1).ok().flatten().unwrap_or_default(),
-                    r.get::<bool>(2).ok().flatten().unwrap_or(false),
-                )
-            })
-            .collect();
-        let deferred_checks = (!deferrable.is_empty()).then(|| {
-            let all: Vec<&str> = deferrable.iter().map(|(n, _)| n.as_str()).collect();
-            let initially: Vec<&str> = deferrable.iter().filter(|(_, d)| *d).map(|(n, _)| n.as_str()).collect();
-            (
-                format!("SET CONSTRAINTS {} IMMEDIATE", all.join(", ")),
-                (!initially.is_empty()).then(|| format!("SET CONSTRAINTS {} DEFERRED", initially.join(", "))),
-            )
-        });
+        let deferred_checks = deferred_checks(client, oid)?;
         let rows = client
             .select(
                 "SELECT attname::text, pg_catalog.format_type(atttypid, NULL), atttypmod

@@ -12,8 +12,9 @@
 
 use crate::error::{Error, Result};
 use crate::privilege::{as_owner, extension_owner, pinned};
+use crate::runtime::{install_worker_signal_handlers, reload_if_requested, sleep, stop_requested};
 use crate::{gucs, ingest};
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,10 +23,6 @@ use std::time::Duration;
 pub const WORKER_TYPE: &str = "sqs_ingest worker";
 
 static LOADED_AT_PRELOAD: AtomicBool = AtomicBool::new(false);
-fn stopping() -> bool {
-    // SAFETY: a sig_atomic_t flag written by the signal handler; read on the main thread.
-    unsafe { pg_sys::ShutdownRequestPending != 0 }
-}
 
 /// Whether the library was loaded through shared_preload_libraries (required for workers).
 pub fn preloaded() -> bool {
@@ -61,20 +58,6 @@ pub fn register_static_workers() {
             .set_restart_time(Some(Duration::from_secs(gucs::worker_restart_s() as u64)))
             .load();
     }
-}
-
-fn attach() {
-    crate::signals::mark_worker();
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-}
-
-fn reload_if_asked() {
-    if BackgroundWorker::sighup_received() {
-        // SAFETY: re-reads postgresql.conf on the worker's main thread, outside any transaction.
-        unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-    }
-    // SAFETY: resetting the flag our SIGHUP handler set, after processing it.
-    unsafe { pg_sys::ConfigReloadPending = 0 };
 }
 
 /// Runs `f` in its own transaction. Commits on Ok (the commit hook then deletes the batch's messages);
@@ -185,12 +168,21 @@ fn forget_self(dynamic: Option<i32>) {
     }
 }
 
+/// Records a failed batch in the counters: of its queue, or of the pipeline it names (under that pipeline's queue;
+/// under its name if the pipeline is gone).
 fn record_error(url: &str, label: &str, e: &Error) {
     let text = e.scrubbed();
     log!("sqs_ingest {label}: ingest from {url} failed: {text}");
     let _ = in_transaction(|| {
+        let (queue_url, pipeline) = if crate::pipeline::is_name(url) {
+            let queue_url = crate::pipeline::load(url).map(|p| p.queue_url).unwrap_or_else(|_| url.to_string());
+            (queue_url, url)
+        } else {
+            (url.to_string(), "")
+        };
         as_owner(extension_owner(), || {
-            crate::bookkeeping::add_counters(url, label, crate::bookkeeping::Counters::default(), None, Some(&text))
+            let none = crate::bookkeeping::Counters::default();
+            crate::bookkeeping::add_counters(&queue_url, label, pipeline, none, None, Some(&text))
         })
     });
 }
@@ -204,7 +196,7 @@ enum Connection {
 }
 
 fn run(source: Source, label: String, connection: Connection) {
-    attach();
+    install_worker_signal_handlers();
     let database = match connection {
         Connection::Named { database, role } => {
             BackgroundWorker::connect_worker_to_spi(Some(&database), Some(&role));
@@ -263,8 +255,8 @@ fn run(source: Source, label: String, connection: Connection) {
     // Queues whose last batch (or dry run) succeeded; see batch().
     let mut checked = std::collections::HashSet::new();
     let mut backoff = Duration::ZERO;
-    while !stopping() {
-        reload_if_asked();
+    while !stop_requested() {
+        reload_if_requested();
         // Checked in a transaction of its own only until it holds, and again after a failed batch.
         if !ready {
             match extension_ready() {
@@ -282,7 +274,7 @@ fn run(source: Source, label: String, connection: Connection) {
                         );
                         warned_missing = true;
                     }
-                    if !BackgroundWorker::wait_latch(Some(Duration::from_secs(10))) {
+                    if !sleep(Duration::from_secs(10)) {
                         break;
                     }
                     continue;
@@ -298,14 +290,14 @@ fn run(source: Source, label: String, connection: Connection) {
                 break;
             }
             Ok(None) | Err(_) => {
-                if !BackgroundWorker::wait_latch(Some(Duration::from_secs(5))) {
+                if !sleep(Duration::from_secs(5)) {
                     break;
                 }
                 continue;
             }
         };
         for url in &plan.queues {
-            if stopping() {
+            if stop_requested() {
                 break;
             }
             match batch(url, &label, &plan, &mut checked) {
@@ -317,7 +309,7 @@ fn run(source: Source, label: String, connection: Connection) {
                 }
             }
         }
-        if !backoff.is_zero() && !BackgroundWorker::wait_latch(Some(backoff)) {
+        if !backoff.is_zero() && !sleep(backoff) {
             break;
         }
     }
@@ -333,10 +325,13 @@ fn run(source: Source, label: String, connection: Connection) {
 /// that cannot store does not keep receiving, and releasing, the head of the queue: each receive counts towards
 /// `sqs_ingest.max_receive_count` (and an SQS redrive policy).
 fn batch(url: &str, label: &str, plan: &Plan, checked: &mut std::collections::HashSet<String>) -> Result<i64> {
-    let (queue, max, method) = ingest::parse_args(url, Some(plan.batch), plan.method.as_deref())?;
+    // A pipeline is read from its table (in a transaction of its own, before the wait), a queue URL only parsed.
+    let parse = || ingest::parse_args(url, Some(plan.batch), plan.method.as_deref());
+    let (queue, max, method, shape) = if crate::pipeline::is_name(url) { in_transaction(parse)? } else { parse()? };
     let opts = ingest::Options {
         max_messages: max,
         method,
+        shape,
         worker: label.to_string(),
         // Never long-poll inside the transaction: gather what is ready now, commit, and wait outside.
         confirm_wait_s: 0,
@@ -371,13 +366,68 @@ pub extern "C-unwind" fn sqs_ingest_worker_main(arg: pg_sys::Datum) {
         // Never ingest as the bootstrap superuser by default: that would run code of whoever owns the target.
         // It connects to no database (shared catalogs only) and runs no statement: it is listed by worker_status()
         // and pg_stat_activity, and says why it idles.
-        attach();
+        install_worker_signal_handlers();
         BackgroundWorker::connect_worker_to_spi(None, None);
         log!("sqs_ingest {label}: sqs_ingest.worker_role is not set, so the static workers do not ingest; set it in postgresql.conf and restart");
-        while !stopping() && BackgroundWorker::wait_latch(Some(Duration::from_secs(3600))) {}
+        while !stop_requested() && sleep(Duration::from_secs(3600)) {}
         return;
     };
     run(Source::Static, label, Connection::Named { database: gucs::worker_database(), role });
+}
+
+/// One row of `worker_status()`: pid, label, database, queue URLs, state, backend start.
+pub type Status =
+    (i32, String, Option<String>, Option<String>, Option<String>, Option<pgrx::datum::TimestampWithTimeZone>);
+
+/// Every running sqs_ingest worker of the server (static and dynamic), from pg_stat_activity; a dynamic worker's
+/// queue by its id and pid, never by a recorded pid alone (it may be stale).
+pub fn status() -> Result<Vec<Status>> {
+    let static_urls = gucs::worker_queue_urls().join(",");
+    let rows = crate::privilege::pinned(|| {
+        Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT a.pid, a.application_name::text, a.datname::text, a.state::text, a.backend_start
+               FROM pg_catalog.pg_stat_activity a WHERE a.backend_type = 'sqs_ingest worker' ORDER BY a.pid",
+                None,
+                &[],
+            )?;
+            Ok::<_, pgrx::spi::SpiError>(
+                rows.map(|r| {
+                    (
+                        r.get::<i32>(1).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(3).ok().flatten(),
+                        r.get::<String>(4).ok().flatten(),
+                        r.get::<pgrx::datum::TimestampWithTimeZone>(5).ok().flatten(),
+                    )
+                })
+                .collect::<Vec<_>>(),
+            )
+        })
+    })
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    let owner = extension_owner();
+    let out: Vec<_> = rows
+        .into_iter()
+        .map(|(pid, label, db, state, start)| {
+            let urls = if let Some(id) = label.strip_prefix("dynamic worker ") {
+                // By the worker's id (its label), never by a recorded pid, which may be stale.
+                let id: i32 = id.parse().unwrap_or(-1);
+                as_owner(owner, || {
+                    Spi::get_one_with_args::<String>(
+                        "SELECT queue_url FROM sqs_ingest.workers WHERE worker_id = $1 AND pid = $2",
+                        &[id.into(), pid.into()],
+                    )
+                })
+                .ok()
+                .flatten()
+            } else {
+                Some(static_urls.clone())
+            };
+            (pid, label, db, urls, state, start)
+        })
+        .collect();
+    Ok(out)
 }
 
 /// Starts in a row that may fail to connect before a dynamic worker gives up.
@@ -496,7 +546,8 @@ pub fn stop_dynamic(queue_url: Option<&str>) -> Result<i64> {
                 "WITH stopped AS (
                     UPDATE sqs_ingest.workers SET stopped_at = now()
                      WHERE stopped_at IS NULL
-                       AND ($1::text IS NULL OR sqs_ingest.queue_arn(queue_url) = sqs_ingest.queue_arn($1))
+                       AND ($1::text IS NULL OR queue_url = $1
+                            OR sqs_ingest.queue_arn(queue_url) = sqs_ingest.queue_arn($1))
                     RETURNING worker_id, pid)
                  SELECT s.worker_id, a.pid
                    FROM stopped s
@@ -687,7 +738,7 @@ mod durable {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn sqs_ingest_launcher_main(_arg: pg_sys::Datum) {
-    attach();
+    install_worker_signal_handlers();
     // Shared catalogs only (pg_database, pg_authid): it runs no statement.
     BackgroundWorker::connect_worker_to_spi(None, None);
     let mut started = 0;

@@ -107,6 +107,15 @@ pub enum Rejection {
     /// receipt handle (it cannot be deleted); it is kept under a digest of its body.
     NoMessageId,
     NoReceiptHandle,
+    /// A pipeline's filter did not match the message and its `filter_fate` is `dead_letter`.
+    Filtered,
+    /// A pipeline column's value cannot be stored: the column, where its value comes from, and why — never the
+    /// value.
+    Column {
+        column: String,
+        source: String,
+        problem: Problem,
+    },
 }
 
 impl Rejection {
@@ -124,6 +133,62 @@ impl Rejection {
             Rejection::TooManyReceives { .. } => "too_many_receives",
             Rejection::NoMessageId => "no_message_id",
             Rejection::NoReceiptHandle => "no_receipt_handle",
+            Rejection::Column { problem, .. } => problem.code(),
+            Rejection::Filtered => "filtered",
+        }
+    }
+}
+
+/// What is wrong with one column's value in one message (never the value itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    Missing,
+    WrongType {
+        found: &'static str,
+    },
+    NulByte,
+    TooLong {
+        chars: usize,
+        limit: usize,
+    },
+    MaskInputTooLong {
+        bytes: usize,
+    },
+    InvalidVersion(VersionError),
+    /// The column's type refused the text (its input function, a domain's check): SQLSTATE and type name.
+    NotConvertible {
+        sqlstate: String,
+        type_name: String,
+    },
+}
+
+impl Problem {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Problem::Missing => "missing_field",
+            Problem::WrongType { .. } => "wrong_type",
+            Problem::NulByte => "nul_byte",
+            Problem::TooLong { .. } | Problem::MaskInputTooLong { .. } => "value_too_long",
+            Problem::InvalidVersion(_) => "invalid_app_version",
+            Problem::NotConvertible { .. } => "invalid_value",
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Missing => f.write_str("required value is missing or null"),
+            Problem::WrongType { found } => write!(f, "value is a JSON {found}, expected a string"),
+            Problem::NulByte => f.write_str("value contains a NUL character (\\u0000)"),
+            Problem::TooLong { chars, limit } => write!(f, "value is {chars} characters; the column allows {limit}"),
+            Problem::MaskInputTooLong { bytes } => {
+                write!(f, "value is {bytes} bytes; masking accepts at most {MAX_MASK_INPUT_BYTES}")
+            }
+            Problem::InvalidVersion(e) => write!(f, "{e}"),
+            Problem::NotConvertible { sqlstate, type_name } => {
+                write!(f, "value is not a valid {type_name} (SQLSTATE {sqlstate})")
+            }
         }
     }
 }
@@ -156,6 +221,8 @@ impl fmt::Display for Rejection {
             Rejection::NoReceiptHandle => {
                 f.write_str("SQS delivered the message without a receipt handle (it cannot be deleted)")
             }
+            Rejection::Filtered => f.write_str("the pipeline's filter does not match the message (filter_fate is dead_letter)"),
+            Rejection::Column { column, source, problem } => write!(f, "column \"{column}\" (from {source}): {problem}"),
             Rejection::RefusedByTable { sqlstate, constraint, column } => {
                 write!(f, "the target table refused the row: SQLSTATE {sqlstate}")?;
                 if let Some(c) = constraint {

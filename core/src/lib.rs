@@ -6,6 +6,7 @@
 
 pub mod event;
 pub mod mask;
+pub mod pipeline;
 mod prf;
 pub mod queue_url;
 pub mod scrub;

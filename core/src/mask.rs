@@ -14,6 +14,16 @@
 //!
 //! Each 256-bit master key is expanded into independent subkeys by HMAC-SHA256 with distinct labels, so the
 //! `hmac` method never reveals the `enc` nonce of the same value.
+//!
+//! Why `enc` is sound (the README's "Deterministic encryption" gives the same argument for users): it follows the
+//! SIV pattern of Rogaway and Shrimpton (deterministic authenticated encryption, EUROCRYPT 2006) with HMAC-SHA256
+//! as the PRF that derives the IV and AES-256-GCM as the IV-based encryption, under independent subkeys. A
+//! nonce repeats for two *different* values of one key only on a 96-bit PRF collision (birthday bound
+//! q²/2⁹⁷: about 2⁻³³ after all 2³² IPv4 addresses), so GCM never sees a reused nonce in practice; equal values
+//! repeat nonce *and* plaintext, which reveals only their equality (the purpose of deterministic masking). A
+//! forged token must pass GCM's tag and then re-derive its own nonce from the decrypted value. Leaked by design:
+//! equality under one key, and the value's exact length. AES-GCM-SIV (RFC 8452) follows the same pattern (its IV
+//! is AES of a POLYVAL hash); tokens keep this format because 0.3.0 tokens are stored in users' tables.
 
 use crate::prf::PrekeyedHmac;
 use aes_gcm::aead::{Aead, Payload};

@@ -45,17 +45,21 @@ struct ReceiveRequest<'a> {
     max_number_of_messages: i32,
     wait_time_seconds: i32,
     visibility_timeout: i32,
-    message_system_attribute_names: [&'static str; 2],
+    message_system_attribute_names: [&'static str; 4],
+    message_attribute_names: [&'static str; 1],
 }
 
-/// ReceiveMessage body: up to `max` (clamped to 1..=10) messages with their SentTimestamp and receive count.
+/// ReceiveMessage body: up to `max` (clamped to 1..=10) messages with the system attributes pipelines can map
+/// (SentTimestamp, ApproximateReceiveCount, and for FIFO queues MessageGroupId and SequenceNumber) and every
+/// message attribute.
 pub fn receive_request(queue_url: &str, max: i32, wait_s: i32, visibility_s: i32) -> Vec<u8> {
     serde_json::to_vec(&ReceiveRequest {
         queue_url,
         max_number_of_messages: max.clamp(1, 10),
         wait_time_seconds: wait_s.max(0),
         visibility_timeout: visibility_s.max(0),
-        message_system_attribute_names: ["SentTimestamp", "ApproximateReceiveCount"],
+        message_system_attribute_names: RECEIVED_SYSTEM_ATTRIBUTES,
+        message_attribute_names: ["All"],
     })
     .expect("serializing strings and integers cannot fail")
 }
@@ -95,14 +99,23 @@ pub fn change_visibility_batch_request(queue_url: &str, receipts: &[String], vis
     batch_request(queue_url, receipts, Some(visibility_s.max(0)))
 }
 
+/// The system attributes every ReceiveMessage asks for (either client).
+pub const RECEIVED_SYSTEM_ATTRIBUTES: [&str; 4] =
+    ["SentTimestamp", "ApproximateReceiveCount", "MessageGroupId", "SequenceNumber"];
+
 /// One received message, as the wire gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct WireMessage {
     pub message_id: String,
     pub receipt_handle: String,
     pub body: String,
     pub sent_timestamp_ms: Option<i64>,
     pub receive_count: Option<i32>,
+    /// FIFO queues only.
+    pub group_id: Option<String>,
+    pub sequence_number: Option<String>,
+    /// Message attributes: name and string value (a binary value as its base64 text).
+    pub attributes: Vec<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -123,6 +136,15 @@ struct RawMessage {
     body: String,
     #[serde(default)]
     attributes: Attributes,
+    #[serde(default)]
+    message_attributes: std::collections::BTreeMap<String, MessageAttribute>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct MessageAttribute {
+    string_value: Option<String>,
+    binary_value: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -130,6 +152,8 @@ struct RawMessage {
 struct Attributes {
     sent_timestamp: Option<String>,
     approximate_receive_count: Option<String>,
+    message_group_id: Option<String>,
+    sequence_number: Option<String>,
 }
 
 /// Parses a successful ReceiveMessage response (`{}` when the queue had nothing).
@@ -144,6 +168,13 @@ pub fn parse_receive(body: &[u8]) -> Result<Vec<WireMessage>, String> {
             body: m.body,
             sent_timestamp_ms: m.attributes.sent_timestamp.and_then(|v| v.parse().ok()),
             receive_count: m.attributes.approximate_receive_count.and_then(|v| v.parse().ok()),
+            group_id: m.attributes.message_group_id,
+            sequence_number: m.attributes.sequence_number,
+            attributes: m
+                .message_attributes
+                .into_iter()
+                .filter_map(|(name, a)| a.string_value.or(a.binary_value).map(|v| (name, v)))
+                .collect(),
         })
         .collect())
 }
@@ -213,7 +244,11 @@ mod tests {
         assert_eq!(v["MaxNumberOfMessages"], 10);
         assert_eq!(v["WaitTimeSeconds"], 20);
         assert_eq!(v["VisibilityTimeout"], 30);
-        assert_eq!(v["MessageSystemAttributeNames"], serde_json::json!(["SentTimestamp", "ApproximateReceiveCount"]));
+        assert_eq!(
+            v["MessageSystemAttributeNames"],
+            serde_json::json!(["SentTimestamp", "ApproximateReceiveCount", "MessageGroupId", "SequenceNumber"])
+        );
+        assert_eq!(v["MessageAttributeNames"], serde_json::json!(["All"]));
         assert_eq!(json(&receive_request("u", 0, -1, 5))["MaxNumberOfMessages"], 1);
         assert_eq!(json(&receive_request("u", 0, -1, 5))["WaitTimeSeconds"], 0);
     }
@@ -236,7 +271,10 @@ mod tests {
     fn receive_response_is_parsed_with_attributes_and_unicode() {
         let body = br#"{"Messages":[
             {"MessageId":"m-1","ReceiptHandle":"r-1","MD5OfBody":"x","Body":"{\"a\":\"\u00e9\\u0000\"}",
-             "Attributes":{"SentTimestamp":"1700000000123","ApproximateReceiveCount":"3","SenderId":"s"}},
+             "Attributes":{"SentTimestamp":"1700000000123","ApproximateReceiveCount":"3","SenderId":"s",
+                           "MessageGroupId":"g-1","SequenceNumber":"18"},
+             "MessageAttributes":{"kind":{"DataType":"String","StringValue":"created"},
+                                  "blob":{"DataType":"Binary","BinaryValue":"AAE="}}},
             {"MessageId":"m-2","ReceiptHandle":"r-2","Body":"b"}]}"#;
         let m = parse_receive(body).unwrap();
         assert_eq!(m.len(), 2);
@@ -246,6 +284,13 @@ mod tests {
         assert_eq!(m[0].sent_timestamp_ms, Some(1_700_000_000_123));
         assert_eq!(m[0].receive_count, Some(3));
         assert_eq!(m[1].sent_timestamp_ms, None);
+        assert_eq!(m[0].group_id.as_deref(), Some("g-1"));
+        assert_eq!(m[0].sequence_number.as_deref(), Some("18"));
+        assert_eq!(
+            m[0].attributes,
+            vec![("blob".to_string(), "AAE=".to_string()), ("kind".to_string(), "created".to_string())]
+        );
+        assert!(m[1].attributes.is_empty() && m[1].group_id.is_none());
         assert_eq!(parse_receive(b"{}").unwrap(), vec![]);
         assert!(parse_receive(b"<xml/>").is_err());
     }

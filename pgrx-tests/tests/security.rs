@@ -263,3 +263,32 @@ fn an_unmask_in_a_prepared_transaction_is_audited_once() {
         .collect();
     assert_eq!(rows, vec![(true, None)]);
 }
+
+#[test]
+fn a_key_created_or_rotated_in_a_rolled_back_savepoint_never_mints_a_token() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_key_savepoint");
+    // The first key, created inside a savepoint that rolls back: the token minted after it must use a key that
+    // exists when the transaction commits.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    let _: String = tx.query_one("SELECT sqs_ingest.mask('198.51.100.7')", &[]).unwrap().get(0);
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    let first: String = tx.query_one("SELECT sqs_ingest.mask('198.51.100.7')", &[]).unwrap().get(0);
+    tx.commit().unwrap();
+    let clear: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&first]).unwrap().get(0);
+    assert_eq!(clear, "198.51.100.7");
+
+    // A rotation rolled back to its savepoint: later tokens use the key that is still active.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    let _: i32 = tx.query_one("SELECT sqs_ingest.rotate_key()", &[]).unwrap().get(0);
+    let _: String = tx.query_one("SELECT sqs_ingest.mask('198.51.100.8')", &[]).unwrap().get(0);
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    let second: String = tx.query_one("SELECT sqs_ingest.mask('198.51.100.8')", &[]).unwrap().get(0);
+    tx.commit().unwrap();
+    assert_eq!(first.split(':').nth(1), second.split(':').nth(1), "minted with the key that is still active");
+    let clear: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&second]).unwrap().get(0);
+    assert_eq!(clear, "198.51.100.8");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.keys"), 1);
+}
