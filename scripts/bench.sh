@@ -43,7 +43,18 @@ TICKS="$(getconf CLK_TCK)"
 # and the SDK client once; reported on its own). Each side runs right after its own load, so both see the same
 # LocalStack state; rounds alternate because LocalStack's speed drifts.
 throughput_round() {
-    local r="$1" q="bench-ingest-$1" pid_file="$B/pid" client="${2:-direct}"
+    local r="$1" q="bench-ingest-$1" pid_file="$B/pid" client="${2:-direct}" mode="${3:-login}"
+    # mode: login = sqs_ingest('<queue url>') (the built-in pipeline); declared = the same login pipeline declared
+    # with pipeline_create(); wide = a declared pipeline of 8 columns, 2 masked.
+    local arg="$EP/000000000000/$q"
+    if [[ "$mode" != login ]]; then
+        local table=logins_wide cols="$WIDE_COLUMNS"
+        [[ "$mode" == declared ]] && { table=user_logins_declared; cols="$DECLARED_COLUMNS"; }
+        "${PSQL[@]}" -d bench -v cols="$cols" >/dev/null <<SQL
+SELECT sqs_ingest.pipeline_create('bench-$mode', '$EP/000000000000/$q', '$table', :'cols', replace => true);
+SQL
+        arg="bench-$mode"
+    fi
     load "bench-raw-$r" "$N"
     "${PSQL[@]}" -d bench -c "SET sqs_ingest.sqs_client = $client" -c "SELECT round(received / (elapsed_ms / 1000.0)) FROM sqs_ingest.bench_raw_drain('$EP/000000000000/bench-raw-$r', $N)" >"$B/raw.$r"
     load "$q" "$N"
@@ -55,7 +66,7 @@ SELECT visible FROM sqs_ingest.queue_depth('$EP/000000000000/$q') \\g /dev/null
 \\! sh -c 'pid=\$(cat $pid_file); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu0'
 \\! sh -c 'pid=\$(cat $pid_file); cat /proc/\$pid/task/*/stat | grep sqs_ingest-net | awk "{s+=\\\$14+\\\$15} END {print s+0}" > $B/cpu0net'
 \\! sh -c 'date +%s.%N > $B/t0'
-SELECT received FROM sqs_ingest('$EP/000000000000/$q', $N);
+SELECT received FROM sqs_ingest('$arg', $N);
 \\! sh -c 'date +%s.%N > $B/t1'
 \\! sh -c 'pid=\$(cat $pid_file); awk "{print \\\$14+\\\$15}" /proc/\$pid/stat > $B/cpu1'
 \\! sh -c 'pid=\$(cat $pid_file); cat /proc/\$pid/task/*/stat | grep sqs_ingest-net | awk "{s+=\\\$14+\\\$15} END {print s+0}" > $B/cpu1net'
@@ -68,13 +79,32 @@ SQL
     cpu="$(awk -v a="$(cat "$B/cpu0")" -v b="$(cat "$B/cpu1")" -v t="$TICKS" -v n="$received" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
     net="$(awk -v a="$(cat "$B/cpu0net")" -v b="$(cat "$B/cpu1net")" -v t="$TICKS" -v n="$received" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }')"
     setup="$(awk -v a="$(cat "$B/cpuw")" -v b="$(cat "$B/cpu0")" -v t="$TICKS" 'BEGIN { printf "%.0f", (b - a) * 1e3 / t }')"
-    printf '%s %s %s %s %s %s %s\n' "$r" "$raw" "$rate" "$(awk -v a="$rate" -v b="$raw" 'BEGIN { printf "%.2f", a / b }')" "$cpu" "$net" "$setup" >>"$B/rounds.$client"
-    printf 'round %s (sqs_client=%s): raw drain %s msg/s, sqs_ingest() %s msg/s (%s messages), ratio %s, backend CPU %s us/msg (network thread %s us), first-call setup %s ms\n' \
-        "$r" "$client" "$raw" "$rate" "$received" "$(tail -1 "$B/rounds.$client" | cut -d' ' -f4)" "$cpu" "$net" "$setup"
+    local out="$B/rounds.$client"
+    [[ "$mode" != login ]] && out="$B/rounds.$mode"
+    printf '%s %s %s %s %s %s %s\n' "$r" "$raw" "$rate" "$(awk -v a="$rate" -v b="$raw" 'BEGIN { printf "%.2f", a / b }')" "$cpu" "$net" "$setup" >>"$out"
+    printf 'round %s (%s, sqs_client=%s): raw drain %s msg/s, sqs_ingest() %s msg/s (%s messages), ratio %s, backend CPU %s us/msg (network thread %s us), first-call setup %s ms\n' \
+        "$r" "$mode" "$client" "$raw" "$rate" "$received" "$(tail -1 "$out" | cut -d' ' -f4)" "$cpu" "$net" "$setup"
 }
-say "throughput: $ROUNDS rounds of $N messages (raw drain, then sqs_ingest)"
-: >"$B/rounds.direct"; : >"$B/rounds.sdk"
+say "throughput: $ROUNDS rounds of $N messages (raw drain, then sqs_ingest), then the pipeline rounds"
+: >"$B/rounds.direct"; : >"$B/rounds.sdk"; : >"$B/rounds.declared"; : >"$B/rounds.wide"
+# Pipelines (0.6.0): the login pipeline declared, and a wider one (8 columns: 2 masked, jsonb, timestamptz).
+DECLARED_COLUMNS='{"user_id": {"from": "$.user_id", "required": true, "json_type": "string"},
+ "device_type": {"from": "$.device_type", "required": true, "json_type": "string"},
+ "masked_ip": {"from": "$.ip", "required": true, "json_type": "string", "mask": "encrypt"},
+ "masked_device_id": {"from": "$.device_id", "required": true, "json_type": "string", "mask": "encrypt"},
+ "locale": {"from": "$.locale", "json_type": "string"},
+ "app_version": {"from": "$.app_version", "required": true, "json_type": "string", "transform": "app_version"},
+ "create_date": "sqs:SentTimestamp"}'
+WIDE_COLUMNS='{"user_id": {"from": "$.user_id", "required": true}, "device_type": "$.device_type",
+ "ip": {"from": "$.ip", "mask": "encrypt"}, "device_id": {"from": "$.device_id", "mask": "hmac"},
+ "locale": {"from": "$.locale", "default": "und"}, "app_version": "$.app_version",
+ "sent_at": "sqs:SentTimestamp", "event": "body"}'
+"${PSQL[@]}" -d bench -c "CREATE TABLE IF NOT EXISTS user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256), masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)" \
+    -c "CREATE TABLE user_logins_declared (LIKE user_logins)" \
+    -c "CREATE TABLE logins_wide (user_id text, device_type text, ip text, device_id text, locale text, app_version text, sent_at timestamptz, event jsonb)" >/dev/null
 for r in $(seq 1 "$ROUNDS"); do throughput_round "$r"; done
+throughput_round "$((ROUNDS + 2))" direct declared
+throughput_round "$((ROUNDS + 3))" direct wide
 # One round with the AWS SDK on the hot path, for comparison (sqs_ingest.sqs_client = sdk).
 throughput_round "$((ROUNDS + 1))" sdk
 cp "$B/rounds.direct" "$B/rounds"
@@ -84,6 +114,10 @@ printf '%-44s %10s msg/s  (median; wall clock incl. commit + deletes)\n' "sqs_in
 printf '%-44s %10s  (median of the per-round ratios)\n' "ratio sqs_ingest / raw drain" "$(cut -d' ' -f4 "$B/rounds" | median)"
 printf '%-44s %10s us  (median; network thread %s us)\n' "backend CPU per message" "$(cut -d' ' -f5 "$B/rounds" | median)" "$(cut -d' ' -f6 "$B/rounds" | median)"
 printf '%-44s %10s us  (one round; network thread %s us)\n' "backend CPU per message, sqs_client = sdk" "$(cut -d' ' -f5 "$B/rounds.sdk")" "$(cut -d' ' -f6 "$B/rounds.sdk")"
+for mode in declared wide; do
+    printf '%-44s %10s  (one round; backend CPU %s us/msg, network thread %s us)\n' "ratio, pipeline '$mode' / raw drain" \
+        "$(cut -d' ' -f4 "$B/rounds.$mode")" "$(cut -d' ' -f5 "$B/rounds.$mode")" "$(cut -d' ' -f6 "$B/rounds.$mode")"
+done
 printf '%-44s %10s ms  (runtime, SDK client, first request; 10 ms clock ticks)\n' "backend CPU for the session's first SQS call" "$(cut -d' ' -f7 "$B/rounds" | sort -n | tail -1)"
 
 RSS_N="${BENCH_RSS_N:-100000}"

@@ -94,6 +94,7 @@ CREATE TABLE sqs_ingest.dead_letters (
     redriven_at    timestamptz,
     body_digest    bytea,
     pipeline       text,
+    attributes_encrypted bytea,
     UNIQUE (queue_url, message_id)
 );
 REVOKE ALL ON sqs_ingest.dead_letters FROM PUBLIC;
@@ -113,6 +114,7 @@ COMMENT ON COLUMN sqs_ingest.dead_letters.body_encrypted IS 'AES-256-GCM encrypt
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_bytes IS 'Size of the original body';
 COMMENT ON COLUMN sqs_ingest.dead_letters.redriven_at IS 'When sqs_ingest.redrive() stored it';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_digest IS 'For a body over 64 KiB (never redrivable): HMAC-SHA256 of the whole body under the key''s HMAC subkey; body_encrypted then holds only its first 4 KiB. NULL otherwise. Since 0.4.0';
+COMMENT ON COLUMN sqs_ingest.dead_letters.attributes_encrypted IS 'A pipeline''s dead letter: its message attributes and FIFO group and sequence, AES-256-GCM encrypted like the body, for redrive. Since 0.6.0';
 COMMENT ON COLUMN sqs_ingest.dead_letters.pipeline IS 'The pipeline that dead-lettered it (NULL: the login pipeline, sqs_ingest(<queue url>)). Since 0.6.0';
 
 -- Unmask audit trail ---------------------------------------------------------------------------------------
@@ -229,20 +231,25 @@ CREATE TABLE sqs_ingest.pipelines (
     name        text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_-]{0,62}$'),
     queue_url   text NOT NULL,
     target      text NOT NULL,
+    target_owner text NOT NULL,
     columns     jsonb NOT NULL CHECK (pg_catalog.jsonb_typeof(columns) = 'object'),
     envelope    text NOT NULL DEFAULT 'none' CHECK (envelope IN ('none', 'sns', 'eventbridge')),
     filter      jsonpath,
     filter_fate text NOT NULL DEFAULT 'delete' CHECK (filter_fate IN ('delete', 'release', 'dead_letter')),
     owner       text NOT NULL,
-    declared_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    declared_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 REVOKE ALL ON sqs_ingest.pipelines FROM PUBLIC;
 GRANT SELECT ON sqs_ingest.pipelines TO sqs_ingest_operator;
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.pipelines', '');
 COMMENT ON TABLE sqs_ingest.pipelines IS 'Pipelines declared with sqs_ingest.pipeline_create(): which queue goes into which table, column by column; run one with sqs_ingest(''<name>''). Since 0.6.0';
 COMMENT ON COLUMN sqs_ingest.pipelines.target IS 'The target table, schema-qualified at declaration; it must exist (pipelines never create tables)';
+COMMENT ON COLUMN sqs_ingest.pipelines.target_owner IS 'The role that owned the target at declaration: ingest refuses a table of that name owned by another role (one swapped in under the name)';
 COMMENT ON COLUMN sqs_ingest.pipelines.columns IS 'Per target column: a source ($.json.path, body, attribute:<name>, sqs:<attribute>, envelope:$.path) or {"from": source, "mask": "encrypt"|"hmac", "transform": "app_version", "required": bool, "default": text, "json_type": "string"}';
 COMMENT ON COLUMN sqs_ingest.pipelines.envelope IS 'none, sns (an SNS notification without raw delivery is unwrapped to its Message) or eventbridge (unwrapped to its detail)';
 COMMENT ON COLUMN sqs_ingest.pipelines.filter IS 'SQL/JSON path predicate over {"body": ..., "attributes": {...}, "sqs": {...}}; NULL: every message';
 COMMENT ON COLUMN sqs_ingest.pipelines.filter_fate IS 'What happens to a message the filter does not match: delete (after COMMIT), release (back to the queue) or dead_letter';
+COMMENT ON COLUMN sqs_ingest.pipelines.declared_at IS 'When it was last declared or replaced';
+COMMENT ON COLUMN sqs_ingest.pipelines.created_at IS 'When it was first declared (replace keeps it): redrive() takes only dead letters younger than this declaration of the name';
 COMMENT ON COLUMN sqs_ingest.pipelines.owner IS 'The role that declared it; only it (or a superuser) may replace or drop it';

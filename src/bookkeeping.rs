@@ -151,6 +151,50 @@ impl Schema {
     }
 }
 
+/// What a pipeline may map besides the body, kept (sealed) with a pipeline's dead letter so that `redrive()` can
+/// store it as the pipeline would: the message attributes and the FIFO system attributes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SealedAttributes {
+    pub attributes: Vec<(String, String)>,
+    pub group_id: Option<String>,
+    pub sequence_number: Option<String>,
+}
+
+impl SealedAttributes {
+    fn of(m: &sqs_ingest_core::sqs_json::WireMessage) -> Option<SealedAttributes> {
+        (!m.attributes.is_empty() || m.group_id.is_some() || m.sequence_number.is_some()).then(|| SealedAttributes {
+            attributes: m.attributes.clone(),
+            group_id: m.group_id.clone(),
+            sequence_number: m.sequence_number.clone(),
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::json!({"a": self.attributes, "g": self.group_id, "s": self.sequence_number})
+            .to_string()
+            .into_bytes()
+    }
+
+    /// Decodes what [`Self::encode`] wrote (anything else reads as no attributes).
+    pub fn decode(bytes: &[u8]) -> SealedAttributes {
+        let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+        let text = |k: &str| v.get(k).and_then(serde_json::Value::as_str).map(str::to_string);
+        SealedAttributes {
+            attributes: v
+                .get("a")
+                .and_then(serde_json::Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| Some((p.get(0)?.as_str()?.to_string(), p.get(1)?.as_str()?.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            group_id: text("g"),
+            sequence_number: text("s"),
+        }
+    }
+}
+
 /// Dead letters of one batch, as column arrays.
 #[derive(Default)]
 pub struct DeadLetters {
@@ -162,6 +206,8 @@ pub struct DeadLetters {
     pub bodies: Vec<Vec<u8>>,
     pub body_bytes: Vec<i32>,
     pub digests: Vec<Option<Vec<u8>>>,
+    /// Sealed [`SealedAttributes`], when the message had any (stored for a pipeline's dead letters only).
+    pub attributes: Vec<Option<Vec<u8>>>,
 }
 
 impl DeadLetters {
@@ -175,6 +221,7 @@ impl DeadLetters {
             (body, None)
         };
         self.bodies.push(key.seal_blob(random_nonce(), kept));
+        self.attributes.push(SealedAttributes::of(&m).map(|a| key.seal_blob(random_nonce(), &a.encode())));
         self.digests.push(digest);
         self.body_bytes.push(body.len() as i32);
         self.message_ids.push(m.message_id);
@@ -196,9 +243,16 @@ pub fn store_dead_letters(
     if d.message_ids.is_empty() {
         return Ok(());
     }
+    let attributes = d.attributes;
     // Pipelines exist only in a 0.6.0 schema, which has the column; the login pipeline leaves it NULL.
+    let (attributes_array, attributes_alias) =
+        if pipeline.is_some() { (", $12::pg_catalog.bytea[]", ", a") } else { ("", "") };
     let (pipeline_column, pipeline_value, pipeline_update) = match pipeline {
-        Some(_) => (", pipeline", ", $11::pg_catalog.text", ", pipeline = EXCLUDED.pipeline"),
+        Some(_) => (
+            ", pipeline, attributes_encrypted",
+            ", $11::pg_catalog.text, a",
+            ", pipeline = EXCLUDED.pipeline, attributes_encrypted = EXCLUDED.attributes_encrypted",
+        ),
         None => ("", "", ""),
     };
     let (digest_column, digest_value, digest_update) = if schema.body_digest {
@@ -213,8 +267,8 @@ pub fn store_dead_letters(
                 c, rc, r, $2::pg_catalog.int4, b, n{digest_value}{pipeline_value}
            FROM unnest($3::pg_catalog.text[], $4::pg_catalog.int8[], $5::pg_catalog.int4[],
                                   $6::pg_catalog.text[], $7::pg_catalog.text[], $8::pg_catalog.bytea[],
-                                  $9::pg_catalog.int4[], $10::pg_catalog.bytea[])
-                AS u(m, s, c, rc, r, b, n, g)
+                                  $9::pg_catalog.int4[], $10::pg_catalog.bytea[]{attributes_array})
+                AS u(m, s, c, rc, r, b, n, g{attributes_alias})
          ON CONFLICT (queue_url, message_id) DO UPDATE
             SET reason_code = EXCLUDED.reason_code, reason = EXCLUDED.reason, key_id = EXCLUDED.key_id,
                 body_encrypted = EXCLUDED.body_encrypted, body_bytes = EXCLUDED.body_bytes{digest_update}{pipeline_update},
@@ -236,6 +290,7 @@ pub fn store_dead_letters(
         ]
         .into_iter()
         .chain(pipeline.map(|p| p.into()))
+        .chain(pipeline.map(|_| attributes.into()))
         .collect::<Vec<_>>(),
         |_| (),
     )

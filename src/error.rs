@@ -210,3 +210,19 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     parts.join(": ")
 }
+
+/// Whether an error of the target is worth retrying later rather than a fault of the batch: serialization
+/// failures and deadlocks (class 40), lock timeouts (55P03), lack of disk, memory or connections (class 53), and
+/// system errors such as I/O failures (class 58). A cancel or `statement_timeout` (57014) is not: its messages
+/// are released at once.
+pub fn transient(code: pgrx::PgSqlErrorCode) -> bool {
+    let state = crate::error::sqlstate_text(code);
+    state.starts_with("40") || state == "55P03" || state.starts_with("53") || state.starts_with("58")
+}
+
+/// Whether an error belongs to the whole statement, never to one row's values: transient ones, a cancel or
+/// shutdown (57), internal errors (XX), connection (08) and transaction-state (25) errors.
+pub fn batch_level(code: PgSqlErrorCode) -> bool {
+    let state = sqlstate_text(code);
+    transient(code) || ["57", "XX", "08", "25"].iter().any(|c| state.starts_with(c))
+}

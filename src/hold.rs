@@ -21,8 +21,8 @@ struct Entry {
     subxact: pg_sys::SubTransactionId,
     /// SQS ApproximateReceiveCount when received (1 if unknown).
     receive_count: i32,
-    /// Released (visibility 0) when the transaction ends, committed or not, instead of deleted at COMMIT.
-    release: bool,
+    /// Released (visible again after this many seconds) when the transaction commits, instead of deleted.
+    release_after: Option<i32>,
 }
 
 /// Visibility timeout (seconds) of a message released after a transient failure: 2^receive_count, at most 256.
@@ -86,14 +86,15 @@ pub fn hold(client: &sqs::Client, queue_url: &str, receipts: Vec<(String, i32)>,
             receipt,
             subxact,
             receive_count,
-            release: false,
+            release_after: None,
         }));
     });
 }
 
-/// Marks held messages to be released (visibility 0) when the transaction ends, whether it commits or not, instead
-/// of deleted at COMMIT: a pipeline's filter left them in the queue for another consumer.
-pub fn release_at_end(queue_url: &str, receipts: &std::collections::HashSet<String>) {
+/// Marks held messages to be released when the transaction commits, visible again after `delay_s` seconds,
+/// instead of deleted: a pipeline's filter left them in the queue for another consumer. (An abort releases them
+/// like every held message.) The delay keeps this consumer from taking them straight back.
+pub fn release_at_end(queue_url: &str, receipts: &std::collections::HashSet<String>, delay_s: i32) {
     if receipts.is_empty() {
         return;
     }
@@ -104,7 +105,7 @@ pub fn release_at_end(queue_url: &str, receipts: &std::collections::HashSet<Stri
                 s.entries
                     .iter_mut()
                     .filter(|e| e.queue == queue && receipts.contains(&e.receipt))
-                    .for_each(|e| e.release = true);
+                    .for_each(|e| e.release_after = Some(delay_s));
             }
         }
     });
@@ -163,15 +164,23 @@ fn take_entries() -> Option<Taken> {
     Some((queues, entries, hold.heartbeat))
 }
 
-/// The committed transaction's messages to delete, those to release, and the heartbeat task.
-fn take() -> Option<(Vec<Group>, Vec<Group>, tokio::task::JoinHandle<()>)> {
+/// The committed transaction's messages to delete, those to release (each group with its delay), and the
+/// heartbeat task.
+#[allow(clippy::type_complexity)]
+fn take() -> Option<(Vec<Group>, Vec<(Group, i32)>, tokio::task::JoinHandle<()>)> {
     let (queues, entries, heartbeat) = take_entries()?;
-    let (release, delete): (Vec<Entry>, Vec<Entry>) = entries.into_iter().partition(|e| e.release);
-    Some((
-        group(&queues, delete.into_iter().map(|e| (e.queue, e.receipt))),
-        group(&queues, release.into_iter().map(|e| (e.queue, e.receipt))),
-        heartbeat,
-    ))
+    let (release, delete): (Vec<Entry>, Vec<Entry>) = entries.into_iter().partition(|e| e.release_after.is_some());
+    let mut by_delay: std::collections::BTreeMap<i32, Vec<Entry>> = std::collections::BTreeMap::new();
+    for e in release {
+        by_delay.entry(e.release_after.unwrap_or(0)).or_default().push(e);
+    }
+    let released = by_delay
+        .into_iter()
+        .flat_map(|(delay, entries)| {
+            group(&queues, entries.into_iter().map(|e| (e.queue, e.receipt))).into_iter().map(move |g| (g, delay))
+        })
+        .collect();
+    Some((group(&queues, delete.into_iter().map(|e| (e.queue, e.receipt))), released, heartbeat))
 }
 
 /// DeleteMessageBatch calls in flight after a commit.
@@ -185,7 +194,7 @@ fn after_commit() {
     BACK_OFF.set(false);
     let Some((groups, released, heartbeat)) = take() else { return };
     heartbeat.abort();
-    release_after(released.into_iter().map(|g| (g, 0)).collect());
+    release_after(released);
     let deadline = std::time::Instant::now() + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
     let mut total = BatchOutcome::default();
     for (client, url, receipts) in groups {

@@ -41,9 +41,21 @@ enum Verdict {
     Filtered,
 }
 
-/// Evaluates a pipeline's filter on every message of a batch (one statement: `jsonb_path_match` over the
-/// messages' filter documents). A filter that errs on a message (a type mismatch in the path) does not match it.
-fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Received]) -> Result<Vec<bool>> {
+/// What a pipeline's filter said about one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FilterVerdict {
+    Match,
+    NoMatch,
+    /// It raised an error (its SQLSTATE).
+    Failed(String),
+}
+
+/// Evaluates a pipeline's filter on every message of a batch: one statement (`jsonb_path_match_tz` over the
+/// messages' filter documents); if it raises (a message the path cannot evaluate, e.g. a date/time comparison),
+/// each message alone, in a subtransaction, so the error is that message's.
+fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Received]) -> Result<Vec<FilterVerdict>> {
+    const ONE: &str = "SELECT pg_catalog.jsonb_path_match_tz($1::pg_catalog.jsonb, $2::pg_catalog.jsonpath,
+                              '{}'::pg_catalog.jsonb, true) IS TRUE";
     let docs: Vec<String> = batch
         .iter()
         .map(|m| {
@@ -59,19 +71,43 @@ fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Receive
         })
         .collect();
     let n = docs.len();
-    let matched = crate::plans::run(
-        "SELECT pg_catalog.array_agg(pg_catalog.jsonb_path_match(d::pg_catalog.jsonb, $2::pg_catalog.jsonpath,
-                    '{}'::pg_catalog.jsonb, true) IS TRUE ORDER BY i)
-           FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(d, i)",
-        &[docs.into(), filter.into()],
-        |rows| rows.first().get_one::<Vec<bool>>().ok().flatten(),
-    )
-    .map_err(|e| Error::Internal(format!("filter evaluation failed: {e}")))?
-    .unwrap_or_default();
-    if matched.len() != n {
-        return Err(Error::Internal("filter evaluation returned a wrong count".into()));
+    let all = crate::subxact::in_subtransaction(|| {
+        crate::plans::run(
+            "SELECT pg_catalog.array_agg(pg_catalog.jsonb_path_match_tz(d::pg_catalog.jsonb, $2::pg_catalog.jsonpath,
+                        '{}'::pg_catalog.jsonb, true) IS TRUE ORDER BY i)
+               FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(d, i)",
+            &[docs.clone().into(), filter.into()],
+            |rows| rows.first().get_one::<Vec<bool>>().ok().flatten(),
+        )
+    });
+    if let Ok(Ok(Some(matched))) = &all {
+        if matched.len() == n {
+            let verdict = |m: &bool| if *m { FilterVerdict::Match } else { FilterVerdict::NoMatch };
+            return Ok(matched.iter().map(verdict).collect());
+        }
     }
-    Ok(matched)
+    if let Err(report) = &all {
+        if crate::error::batch_level(report.sql_error_code()) {
+            return Err(Error::Postgres {
+                code: report.sql_error_code(),
+                message: format!("filter evaluation failed: {}", report.message()),
+                hint: None,
+            });
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for doc in docs {
+        let one = crate::subxact::in_subtransaction(|| {
+            crate::plans::run(ONE, &[doc.into(), filter.into()], |rows| rows.first().get_one::<bool>().ok().flatten())
+        });
+        out.push(match one {
+            Ok(Ok(Some(true))) => FilterVerdict::Match,
+            Ok(Ok(_)) => FilterVerdict::NoMatch,
+            Ok(Err(_)) => FilterVerdict::Failed("XX000".into()),
+            Err(report) => FilterVerdict::Failed(crate::error::sqlstate_text(report.sql_error_code())),
+        });
+    }
+    Ok(out)
 }
 
 impl Shape {
@@ -178,7 +214,7 @@ pub fn catching<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
     match catch_error(f) {
         Ok(result) => result,
         Err(report) => Err({
-            if transient(report.sql_error_code()) {
+            if crate::error::transient(report.sql_error_code()) {
                 // Wherever it was raised (the target, the ledger, a commit): the batch comes back after a backoff.
                 hold::back_off_on_abort();
             }
@@ -617,29 +653,42 @@ impl Run<'_> {
         let mut candidates = Vec::with_capacity(batch.len());
         let (mut ids, mut outcomes) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
         let mut no_receipt = HashSet::new();
-        // A pipeline's filter, evaluated first: a message it does not match is never a row, whatever it holds.
-        let (matched, fate) = match self.layout.and_then(|l| l.filter.as_ref().map(|f| (l, f))) {
-            Some((layout, (filter, fate))) => (filter_batch(&layout.mapping, filter, &batch)?, Some(*fate)),
-            None => (Vec::new(), None),
-        };
-        let unmatched = |i: usize| matched.get(i).is_some_and(|m| !m);
-        let mut released = HashSet::new();
+        let filter = self.layout.and_then(|l| l.filter.as_ref().map(|(f, fate)| (&l.mapping, f, *fate)));
+        // With a filter, each message's receipt is kept: those it releases are marked in the hold below.
+        let mut receipt_at: Vec<Option<String>> = Vec::new();
         for (i, m) in batch.iter_mut().enumerate() {
             let receipt = std::mem::take(&mut m.receipt_handle);
             if receipt.is_empty() {
                 no_receipt.insert(i);
             } else {
-                if unmatched(i) && fate == Some(pipeline::FilterFate::Release) {
-                    released.insert(receipt.clone());
+                if filter.is_some() {
+                    receipt_at.resize(i, None);
+                    receipt_at.push(Some(receipt.clone()));
                 }
                 receipts.push((receipt, m.receive_count.unwrap_or(1)));
             }
         }
         // Held by this transaction from now on: a COMMIT deletes them, an abort (even one that lands inside the
-        // inserts below) releases them; those a filter releases go back to the queue when the transaction ends.
-        self.summary.deleted += (receipts.len() - released.len()) as i64;
+        // inserts below) releases them.
+        let held = receipts.len() as i64;
         hold::hold(self.client, &self.queue.url, receipts, gucs::visibility_timeout_s());
-        hold::release_at_end(&self.queue.url, &released);
+        // A pipeline's filter, evaluated before the columns: a message it does not match is never a row. Those it
+        // releases go back to the queue at COMMIT, visible again after the visibility timeout.
+        let (verdicts, fate) = match filter {
+            Some((mapping, filter, fate)) => (filter_batch(mapping, filter, &batch)?, Some(fate)),
+            None => (Vec::new(), None),
+        };
+        let filtered = |i: usize| verdicts.get(i).cloned().unwrap_or(FilterVerdict::Match);
+        let mut released = HashSet::new();
+        if fate == Some(pipeline::FilterFate::Release) {
+            for (i, receipt) in receipt_at.iter().enumerate() {
+                if let (FilterVerdict::NoMatch, Some(r)) = (filtered(i), receipt) {
+                    released.insert(r.clone());
+                }
+            }
+            hold::release_at_end(&self.queue.url, &released, gucs::visibility_timeout_s());
+        }
+        self.summary.deleted += held - released.len() as i64;
         let max_receives = gucs::max_receive_count();
         for (i, mut m) in batch.into_iter().enumerate() {
             self.summary.received += 1;
@@ -663,7 +712,14 @@ impl Run<'_> {
                 continue;
             }
             let receive_count = m.receive_count.unwrap_or(1);
-            if anomaly.is_none() && unmatched(i) {
+            if let (None, FilterVerdict::Failed(sqlstate)) = (&anomaly, filtered(i)) {
+                // Kept as a dead letter whatever the fate: an error is neither a match nor a miss.
+                ids.push(m.message_id.clone());
+                outcomes.push("dead_letter".to_string());
+                candidates.push((m, Err(Rejection::FilterFailed { sqlstate })));
+                continue;
+            }
+            if anomaly.is_none() && filtered(i) == FilterVerdict::NoMatch {
                 match fate {
                     // Back to the queue at the end of the transaction; not in the ledger (it may come back).
                     Some(pipeline::FilterFate::Release) => {
@@ -759,13 +815,4 @@ impl Run<'_> {
         self.summary.dead_lettered += dead_count;
         Ok(())
     }
-}
-
-/// Whether an error of the target is worth retrying later rather than a fault of the batch: serialization
-/// failures and deadlocks (class 40), lock timeouts (55P03), lack of disk, memory or connections (class 53), and
-/// system errors such as I/O failures (class 58). A cancel or `statement_timeout` (57014) is not: its messages
-/// are released at once.
-fn transient(code: pgrx::PgSqlErrorCode) -> bool {
-    let state = crate::error::sqlstate_text(code);
-    state.starts_with("40") || state == "55P03" || state.starts_with("53") || state.starts_with("58")
 }

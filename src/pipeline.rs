@@ -48,6 +48,8 @@ pub struct Pipeline {
     pub queue_url: String,
     /// The target table's name, schema-qualified at declaration.
     pub target: String,
+    /// The role that owned the target at declaration.
+    pub target_owner: String,
     pub specs: Vec<ColumnSpec>,
     pub envelope: Envelope,
     /// An SQL/JSON path predicate over `{"body": …, "attributes": {…}, "sqs": {…}}`.
@@ -119,8 +121,19 @@ fn match_columns(specs: &[ColumnSpec], table: &str, columns: &[Column]) -> Resul
 }
 
 /// Lays a pipeline out against its (locked, inspected) target as the table is now: a column dropped or changed
-/// since the declaration is an ERROR before any message is taken.
+/// since the declaration, or a table of that name owned by another role than at declaration (one swapped in under
+/// the name, e.g. by renaming schemas), is an ERROR before any message is taken.
 pub fn layout(p: &Pipeline, t: &Target) -> Result<Layout> {
+    let owner = crate::privilege::role_name(t.owner);
+    if owner != p.target_owner {
+        return Err(Error::Pipeline {
+            code: PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            message: format!(
+                "the target of pipeline \"{}\", {}, is owned by role \"{owner}\", not by \"{}\" as when it was declared",
+                p.name, t.name, p.target_owner
+            ),
+        });
+    }
     let columns = target::columns(t.oid)?;
     let matched = match_columns(&p.specs, &t.name, &columns)?;
     let mut names = Vec::new();
@@ -164,7 +177,8 @@ pub fn load(name: &str) -> Result<Pipeline> {
     let row = as_owner(extension_owner(), || {
         Spi::connect(|c| {
             let rows = c.select(
-                "SELECT queue_url, target, columns::pg_catalog.text, envelope, filter::pg_catalog.text, filter_fate
+                "SELECT queue_url, target, columns::pg_catalog.text, envelope, filter::pg_catalog.text, filter_fate,
+                        target_owner
                    FROM sqs_ingest.pipelines WHERE name OPERATOR(pg_catalog.=) $1",
                 None,
                 &[name.into()],
@@ -177,12 +191,13 @@ pub fn load(name: &str) -> Result<Pipeline> {
                     r.get::<String>(4).ok().flatten().unwrap_or_default(),
                     r.get::<String>(5).ok().flatten(),
                     r.get::<String>(6).ok().flatten().unwrap_or_default(),
+                    r.get::<String>(7).ok().flatten().unwrap_or_default(),
                 )
             }))
         })
     })
     .map_err(|e| Error::Internal(format!("cannot read sqs_ingest.pipelines: {e}")))?;
-    let Some((queue_url, target, columns, envelope, filter, fate)) = row else {
+    let Some((queue_url, target, columns, envelope, filter, fate, target_owner)) = row else {
         return Err(Error::Pipeline {
             code: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             message: format!("pipeline \"{}\" does not exist", name.chars().take(64).collect::<String>()),
@@ -193,6 +208,7 @@ pub fn load(name: &str) -> Result<Pipeline> {
         name: name.to_string(),
         queue_url,
         target,
+        target_owner,
         specs: parse_columns(&columns)?,
         envelope: Envelope::parse(&envelope).map_err(invalid)?,
         filter,
@@ -234,6 +250,23 @@ pub fn declare(d: &Declaration<'_>) -> Result<()> {
     // The table is named with the caller's search_path (their choice), then every statement runs pinned.
     let t = target::resolve_existing(d.target)?;
     pinned(|| -> Result<()> {
+        // Stored by its schema-qualified name: never a temporary table (its name would resolve to another
+        // session's, or a permanent, table for whoever runs the pipeline) or one in a system schema.
+        let ordinary = Spi::get_one_with_args::<bool>(
+            "SELECT c.relpersistence OPERATOR(pg_catalog.<>) 't' AND n.nspname OPERATOR(pg_catalog.!~) '^pg_'
+                    AND n.nspname OPERATOR(pg_catalog.<>) 'information_schema'
+               FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+              WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            &[t.oid.into()],
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .unwrap_or(false);
+        if !ordinary {
+            return Err(invalid(format!(
+                "{} is a temporary table or in a system schema; a pipeline writes an ordinary table",
+                t.name
+            )));
+        }
         let columns = target::columns(t.oid)?;
         let matched = match_columns(&specs, &t.name, &columns)?;
         for c in columns.iter().filter(|c| c.needs_value) {
@@ -254,7 +287,13 @@ pub fn declare(d: &Declaration<'_>) -> Result<()> {
                 }
             } else if let Some(default) = &spec.default {
                 let sql = format!("SELECT CAST($1::pg_catalog.text AS {}) IS NULL", column.type_full);
-                let converted = in_subtransaction(|| Spi::get_one_with_args::<bool>(&sql, &[default.clone().into()]));
+                // As the table's writer (a domain's CHECK may call its owner's functions): never with more rights.
+                let writer = crate::privilege::writer_for(t.owner);
+                let converted = in_subtransaction(|| {
+                    crate::privilege::as_role(writer, || {
+                        Spi::get_one_with_args::<bool>(&sql, &[default.clone().into()])
+                    })
+                });
                 if !matches!(converted, Ok(Ok(_))) {
                     return Err(invalid(format!(
                         "column \"{}\": its default is not a valid {}",
@@ -264,35 +303,32 @@ pub fn declare(d: &Declaration<'_>) -> Result<()> {
             }
         }
         if let Some(filter) = d.filter {
-            let parsed = in_subtransaction(|| {
-                Spi::get_one_with_args::<bool>("SELECT $1::pg_catalog.jsonpath IS NULL", &[filter.into()])
+            // Evaluated (not silently) on an empty document: a path that does not parse, is not a predicate
+            // (`$.body.type` instead of `$.body.type == "x"`: it would match nothing, and with the default fate
+            // delete every message) or uses an undefined variable is refused here, not at every ingest.
+            let checked = in_subtransaction(|| {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT pg_catalog.jsonb_path_match_tz(
+                            '{\"body\": {}, \"attributes\": {}, \"sqs\": {}, \"envelope\": null}'::pg_catalog.jsonb,
+                            $1::pg_catalog.jsonpath, '{}'::pg_catalog.jsonb, false) IS NULL",
+                    &[filter.into()],
+                )
             });
-            if !matches!(parsed, Ok(Ok(_))) {
-                return Err(invalid("filter is not a valid SQL/JSON path (e.g. $.body.type == \"created\")".into()));
+            if !matches!(checked, Ok(Ok(_))) {
+                return Err(invalid(
+                    "filter must be an SQL/JSON path predicate without variables, e.g. $.body.type == \"created\""
+                        .into(),
+                ));
             }
         }
         Ok(())
     })?;
     let owner = extension_owner();
     let caller = caller();
+    let target_owner = crate::privilege::role_name(t.owner);
     as_owner(owner, || -> Result<()> {
-        let existing = declared_by(d.name)?;
-        if let Some(declared_by) = existing {
-            if !d.replace {
-                return Err(Error::Pipeline {
-                    code: PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-                    message: format!("pipeline \"{}\" already exists", d.name),
-                });
-            }
-            may_change(d.name, &declared_by, &caller)?;
-        }
-        Spi::run_with_args(
-            "INSERT INTO sqs_ingest.pipelines (name, queue_url, target, columns, envelope, filter, filter_fate, owner)
-             VALUES ($1, $2, $3, $4::pg_catalog.jsonb, $5, $6::pg_catalog.jsonpath, $7, $8)
-             ON CONFLICT (name) DO UPDATE SET queue_url = EXCLUDED.queue_url, target = EXCLUDED.target,
-                 columns = EXCLUDED.columns, envelope = EXCLUDED.envelope, filter = EXCLUDED.filter,
-                 filter_fate = EXCLUDED.filter_fate, declared_at = pg_catalog.now()",
-            &[
+        let args = || -> Vec<pgrx::datum::DatumWithOid<'_>> {
+            vec![
                 d.name.into(),
                 d.queue_url.into(),
                 t.name.clone().into(),
@@ -301,9 +337,50 @@ pub fn declare(d: &Declaration<'_>) -> Result<()> {
                 d.filter.map(str::to_string).into(),
                 d.filter_fate.into(),
                 caller.0.clone().into(),
-            ],
-        )
-        .map_err(|e| Error::Internal(format!("cannot store the pipeline: {e}")))
+                target_owner.clone().into(),
+            ]
+        };
+        let taken = || Error::Pipeline {
+            code: PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            message: format!("pipeline \"{}\" already exists", d.name),
+        };
+        match declared_by(d.name)? {
+            Some(declared_by) => {
+                if !d.replace {
+                    return Err(taken());
+                }
+                may_change(d.name, &declared_by, &caller)?;
+                Spi::run_with_args(
+                    "UPDATE sqs_ingest.pipelines SET queue_url = $2, target = $3, columns = $4::pg_catalog.jsonb,
+                            envelope = $5, filter = $6::pg_catalog.jsonpath, filter_fate = $7, target_owner = $9,
+                            declared_at = pg_catalog.now()
+                      WHERE name OPERATOR(pg_catalog.=) $1 AND $8::pg_catalog.text IS NOT NULL",
+                    &args(),
+                )
+                .map_err(|e| Error::Internal(format!("cannot store the pipeline: {e}")))
+            }
+            None => {
+                // A concurrent declaration of the same name that commits first wins; this one is then 42710
+                // (never an overwrite of a pipeline this caller was not allowed to replace).
+                let inserted = Spi::connect_mut(|c| {
+                    c.update(
+                        "INSERT INTO sqs_ingest.pipelines
+                                (name, queue_url, target, columns, envelope, filter, filter_fate, owner, target_owner)
+                         VALUES ($1, $2, $3, $4::pg_catalog.jsonb, $5, $6::pg_catalog.jsonpath, $7, $8, $9)
+                         ON CONFLICT (name) DO NOTHING RETURNING 1",
+                        None,
+                        &args(),
+                    )
+                    .map(|rows| rows.len())
+                })
+                .map_err(|e| Error::Internal(format!("cannot store the pipeline: {e}")))?;
+                if inserted == 1 {
+                    Ok(())
+                } else {
+                    Err(taken())
+                }
+            }
+        }
     })
 }
 

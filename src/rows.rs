@@ -21,10 +21,15 @@ pub trait Batch: Sized + Clone {
     fn insert(self, target: &Target) -> Result<()>;
     /// One batch per row, in order.
     fn into_single_rows(self) -> Vec<Self>;
-    /// Why the table refused this single row (called inside the transaction, after the row's subtransaction
-    /// rolled back): by default what Postgres' error names.
-    fn explain(&self, _target: &Target, sqlstate: &str, message: &str) -> Rejection {
-        Rejection::refused_by_table(sqlstate, message)
+    /// Whether an error of the multi-row INSERT may be one row's fault, so the rows are tried one by one: data
+    /// exceptions (22), integrity violations (23) and PL/pgSQL exceptions (P0) by default.
+    fn row_by_row(&self, code: pgrx::PgSqlErrorCode) -> bool {
+        refused_by_data(code)
+    }
+    /// This single row's fault, when it can be told (called inside the transaction, after the row's subtransaction
+    /// rolled back); None: the error is taken for what Postgres says.
+    fn explain(&self, _target: &Target) -> Option<Rejection> {
+        None
     }
 }
 
@@ -48,7 +53,7 @@ pub fn insert_isolated<B: Batch>(rows: B, target: &Target) -> Result<Vec<(usize,
     let copy = rows.clone();
     match in_subtransaction(|| rows.insert(target)) {
         Ok(stored) => return stored.map(|_| Vec::new()),
-        Err(report) if !refused_by_data(report.sql_error_code()) => raise_without_detail(&report, target),
+        Err(report) if !copy.row_by_row(report.sql_error_code()) => raise_without_detail(&report, target),
         Err(_) => {}
     }
     let mut refused = Vec::new();
@@ -56,11 +61,15 @@ pub fn insert_isolated<B: Batch>(rows: B, target: &Target) -> Result<Vec<(usize,
         let kept = row.clone();
         match in_subtransaction(|| row.insert(target)) {
             Ok(stored) => stored?,
-            Err(report) if refused_by_data(report.sql_error_code()) => {
-                let state = crate::error::sqlstate_text(report.sql_error_code());
-                refused.push((i, kept.explain(target, &state, report.message())));
+            Err(report) => {
+                let code = report.sql_error_code();
+                match kept.explain(target) {
+                    Some(rejection) => refused.push((i, rejection)),
+                    None if refused_by_data(code) => refused
+                        .push((i, Rejection::refused_by_table(&crate::error::sqlstate_text(code), report.message()))),
+                    None => raise_without_detail(&report, target),
+                }
             }
-            Err(report) => raise_without_detail(&report, target),
         }
     }
     Ok(refused)
@@ -257,9 +266,15 @@ impl Batch for TextRows {
             .collect()
     }
 
+    /// Any error but a transient one may come from a value: a type's input function raises whatever class it
+    /// likes (`tsvector` 42601, arrays 54000, …).
+    fn row_by_row(&self, code: pgrx::PgSqlErrorCode) -> bool {
+        !crate::error::batch_level(code)
+    }
+
     /// Names the column whose text its type refused (each converted alone, in a subtransaction, as the writer:
-    /// a domain's CHECK may call its owner's functions); otherwise what Postgres' error names.
-    fn explain(&self, target: &Target, sqlstate: &str, message: &str) -> Rejection {
+    /// a domain's CHECK may call its owner's functions); None when every value converts.
+    fn explain(&self, target: &Target) -> Option<Rejection> {
         for (i, ty) in self.layout.types.iter().enumerate() {
             let (Some(ty), Some(Some(value))) = (ty, self.columns[i].first()) else { continue };
             let sql = format!("SELECT CAST($1::pg_catalog.text AS {ty}) IS NULL");
@@ -268,16 +283,16 @@ impl Batch for TextRows {
                 as_role(writer_for(target.owner), || Spi::get_one_with_args::<bool>(&sql, &[value.into()]))
             });
             if let Err(report) = converted {
-                return Rejection::Column {
+                return Some(Rejection::Column {
                     column: self.layout.columns[i].clone(),
                     source: "its type".into(),
                     problem: Problem::NotConvertible {
                         sqlstate: crate::error::sqlstate_text(report.sql_error_code()),
                         type_name: ty.clone(),
                     },
-                };
+                });
             }
         }
-        Rejection::refused_by_table(sqlstate, message)
+        None
     }
 }

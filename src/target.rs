@@ -97,8 +97,9 @@ pub fn resolve_existing(name: &str) -> Result<Target> {
 #[derive(Debug, Clone)]
 pub struct Column {
     pub name: String,
-    /// The column's type without its modifier (`format_type(atttypid, NULL)`, qualified unless in pg_catalog):
-    /// values are cast to it, and the assignment to the column applies the modifier (and its length check).
+    /// The column's type without its modifier (`format_type(atttypid, -1)`, which spells `bpchar` and `"bit"`
+    /// rather than `character` and `bit`, i.e. length 1; qualified unless in pg_catalog): values are cast to it,
+    /// and the assignment to the column applies the modifier (and its length check).
     pub type_sql: String,
     /// The type with its modifier (`numeric(10,2)`): what a single value is checked against to name the column
     /// the table refused.
@@ -116,7 +117,7 @@ pub fn columns(oid: pg_sys::Oid) -> Result<Vec<Column>> {
     pinned(|| {
         Spi::connect(|client| {
             let rows = client.select(
-                "SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, NULL),
+                "SELECT a.attname::pg_catalog.text, pg_catalog.format_type(a.atttypid, -1),
                         b.oid::pg_catalog.int8,
                         CASE WHEN t.typtype OPERATOR(pg_catalog.=) 'd' THEN t.typtypmod ELSE a.atttypmod END,
                         b.typcategory::pg_catalog.text,

@@ -109,6 +109,11 @@ pub enum Rejection {
     NoReceiptHandle,
     /// A pipeline's filter did not match the message and its `filter_fate` is `dead_letter`.
     Filtered,
+    /// A pipeline's filter raised an error on the message (e.g. a date/time comparison it cannot make): kept, never
+    /// taken for a match or a miss.
+    FilterFailed {
+        sqlstate: String,
+    },
     /// A pipeline column's value cannot be stored: the column, where its value comes from, and why — never the
     /// value.
     Column {
@@ -135,6 +140,7 @@ impl Rejection {
             Rejection::NoReceiptHandle => "no_receipt_handle",
             Rejection::Column { problem, .. } => problem.code(),
             Rejection::Filtered => "filtered",
+            Rejection::FilterFailed { .. } => "filter_error",
         }
     }
 }
@@ -222,6 +228,9 @@ impl fmt::Display for Rejection {
                 f.write_str("SQS delivered the message without a receipt handle (it cannot be deleted)")
             }
             Rejection::Filtered => f.write_str("the pipeline's filter does not match the message (filter_fate is dead_letter)"),
+            Rejection::FilterFailed { sqlstate } => {
+                write!(f, "the pipeline's filter failed on the message (SQLSTATE {sqlstate})")
+            }
             Rejection::Column { column, source, problem } => write!(f, "column \"{column}\" (from {source}): {problem}"),
             Rejection::RefusedByTable { sqlstate, constraint, column } => {
                 write!(f, "the target table refused the row: SQLSTATE {sqlstate}")?;

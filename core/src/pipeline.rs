@@ -826,7 +826,7 @@ mod tests {
         m.extract(&view(body, &attrs), Some(&key), &mut out).unwrap();
         let s = |i: usize| out[i].clone();
         assert_eq!(s(0).as_deref(), Some("5b0a"));
-        assert_eq!(s(1).as_deref(), Some("12.5"));
+        assert_eq!(s(1).as_deref(), Some("12.50"), "numbers keep their exact text");
         assert_eq!(s(2).as_deref(), Some(r#"{"a","b\"c"}"#));
         assert_eq!(serde_json::from_str::<Value>(&s(3).unwrap()).unwrap()["id"], "5b0a");
         assert_eq!(s(4).as_deref(), Some("\"hi\""), "a string into jsonb keeps its quotes");
@@ -927,6 +927,24 @@ mod tests {
         assert_eq!(doc["envelope"]["TopicArn"], "arn:t");
         let raw: Value = serde_json::from_str(&m.filter_document(&view("not json", &[]))).unwrap();
         assert_eq!(raw["body"], "not json");
+    }
+
+    #[test]
+    fn numbers_keep_their_exact_text() {
+        let m = mapping(
+            Envelope::None,
+            &[
+                ("a", json!("$.amount"), ColumnKind::Other),
+                ("i", json!("$.id"), ColumnKind::Other),
+                ("b", json!("body"), ColumnKind::Json),
+            ],
+        );
+        let body = r#"{"amount":12345678901234567.89,"id":123456789012345678901}"#;
+        let mut out = Vec::new();
+        m.extract(&view(body, &[]), None, &mut out).unwrap();
+        assert_eq!(out[0].as_deref(), Some("12345678901234567.89"));
+        assert_eq!(out[1].as_deref(), Some("123456789012345678901"));
+        assert!(out[2].as_deref().unwrap().contains("12345678901234567.89"));
     }
 
     #[test]

@@ -84,6 +84,7 @@ fn a_declaration_is_checked_completely_before_it_is_stored() {
     let mut c = setup(&h, db, op);
     let url = format!("{}/000000000000/e2e-pipe-declare", h.endpoint);
     let mut o = h.connect_as(db, op);
+    o.batch_execute("CREATE TEMP TABLE scratch (id int)").unwrap();
     let declare = |o: &mut postgres::Client, name: &str, target: &str, cols: serde_json::Value, extra: &str| {
         o.execute(
             &format!("SELECT sqs_ingest.pipeline_create($1, $2, $3, $4::text::jsonb{extra})"),
@@ -134,6 +135,21 @@ fn a_declaration_is_checked_completely_before_it_is_stored() {
             "22023",
         ),
         ("empty", "orders", json!({}), "", "22023"),
+        (
+            "filter not a predicate",
+            "orders",
+            json!({"order_id": "$.id", "amount": "$.t"}),
+            ", filter => '$.body.type'",
+            "22023",
+        ),
+        (
+            "filter with a variable",
+            "orders",
+            json!({"order_id": "$.id", "amount": "$.t"}),
+            ", filter => '$.body.n > $min'",
+            "22023",
+        ),
+        ("temporary table", "pg_temp.scratch", json!({"id": "$.id"}), "", "22023"),
         ("bad name", "orders", json!({"order_id": "$.id", "amount": "$.t"}), "", "22023"),
     ];
     for (what, target, cols, extra, code) in cases {
@@ -195,9 +211,10 @@ fn a_pipeline_maps_converts_and_masks_any_shape_into_any_table_exactly_once() {
         "note": "secret-and-far-too-long"})
     .to_string();
     let duplicate_key = order(3);
-    for b in [&bad_uuid, &overflow, &missing_total, &bad_ip, &too_long_note, &duplicate_key] {
+    for b in [&bad_uuid, &overflow, &missing_total, &bad_ip, &duplicate_key] {
         messages.push((b.clone(), None));
     }
+    messages.push((too_long_note.clone(), Some("kiosk")));
     send_with_attributes(&h, &url, &messages);
 
     let r = o.query_one("SELECT received, inserted, duplicates, dead_lettered FROM sqs_ingest('orders')", &[]).unwrap();
@@ -259,6 +276,25 @@ fn a_pipeline_maps_converts_and_masks_any_shape_into_any_table_exactly_once() {
     eventually("queue empty", std::time::Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
     let again: i64 = o.query_one("SELECT received FROM sqs_ingest('orders')", &[]).unwrap().get(0);
     assert_eq!(again, 0);
+    // Once its cause is fixed, a pipeline's dead letter is redriven through the pipeline, attributes included.
+    c.batch_execute("ALTER TABLE orders ALTER COLUMN note TYPE varchar(64)").unwrap();
+    let id: String = c
+        .query_one("SELECT message_id FROM sqs_ingest.dead_letters WHERE reason LIKE '%column \"note\"%'", &[])
+        .unwrap()
+        .get(0);
+    let redriven: bool = o.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get(0);
+    assert!(redriven);
+    let r = c
+        .query_one("SELECT note, channel FROM orders WHERE order_id = '00000000-0000-4000-8000-000000000025'", &[])
+        .unwrap();
+    assert_eq!((r.get::<_, String>(0), r.get::<_, String>(1)), ("secret-and-far-too-long".into(), "kiosk".into()));
+    // One whose cause remains stays a dead letter, its reason refreshed.
+    let id: String = c
+        .query_one("SELECT message_id FROM sqs_ingest.dead_letters WHERE reason LIKE '%column \"client_ip\"%'", &[])
+        .unwrap()
+        .get(0);
+    let redriven: bool = o.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get(0);
+    assert!(!redriven);
     // The queue URL keeps meaning the login pipeline: a pipeline name never changes sqs_ingest(url).
     let e = o.query_one("SELECT * FROM sqs_ingest('orders', NULL, 'hmac')", &[]).unwrap_err();
     assert_eq!(sqlstate(&e), "22023", "a pipeline's masking is declared, not passed");
@@ -412,6 +448,7 @@ fn a_filter_deletes_releases_or_dead_letters_what_it_does_not_match_and_counts_i
     c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
     c.batch_execute(&format!("CREATE TABLE created (id text, fate text); ALTER TABLE created OWNER TO {op}")).unwrap();
     let mut o = h.connect_as(db, op);
+    o.batch_execute("SET sqs_ingest.visibility_timeout = 3").unwrap();
     for fate in ["delete", "release", "dead_letter"] {
         let url = h.fresh_queue(&mut c, &format!("e2e-filter-{fate}"), 30);
         let name = format!("filter-{}", fate.replace('_', "-"));
@@ -449,8 +486,12 @@ fn a_filter_deletes_releases_or_dead_letters_what_it_does_not_match_and_counts_i
             }
             "release" => {
                 assert_eq!((dead, filtered), (0, 4));
-                // Back in the queue for another consumer once the transaction ended; not in the ledger.
-                eventually("released", std::time::Duration::from_secs(10), || depth(&mut c, &url) == (4, 0));
+                // Back in the queue for another consumer after the visibility timeout (3 s here), so this consumer
+                // does not take them straight back: the next call finds nothing. Not in the ledger.
+                let again: i64 = o.query_one("SELECT received FROM sqs_ingest($1)", &[&name]).unwrap().get(0);
+                assert_eq!(again, 0, "released messages are not received again at once");
+                eventually("released", std::time::Duration::from_secs(15), || depth(&mut c, &url) == (4, 0));
+                assert_eq!(count(&mut c, "SELECT count(*) FROM sqs_ingest.ledger WHERE message_id IN (SELECT message_id FROM sqs_ingest.dead_letters)"), 0);
             }
             _ => {
                 assert_eq!((dead, filtered), (4, 0));
@@ -623,4 +664,57 @@ fn two_pipelines_ingest_side_by_side_under_workers_and_rekey_finds_every_masked_
     // rekey(table) on one pipeline target: nothing left to rewrite.
     let again: i64 = c.query_one("SELECT sqs_ingest.rekey('signups')", &[]).unwrap().get(0);
     assert_eq!(again, 0);
+}
+
+#[test]
+fn values_any_type_refuses_are_dead_letters_and_numbers_keep_their_precision() {
+    let h = harness();
+    let (db, op) = ("e2e_pipe_types", "e2e_pipe_op7");
+    let mut c = h.fresh_db(db);
+    h.login_role(&mut c, op, &["sqs_ingest_operator"]);
+    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE words (id int PRIMARY KEY, kw tsvector, tags text[], amount numeric, flags bit(8), codes char(5)[]);
+         ALTER TABLE words OWNER TO {op}"
+    ))
+    .unwrap();
+    let url = h.fresh_queue(&mut c, "e2e-pipe-types", 30);
+    let mut o = h.connect_as(db, op);
+    o.execute(
+        "SELECT sqs_ingest.pipeline_create('words', $1, 'words', '{\"id\": {\"from\": \"$.id\", \"required\": true},
+            \"kw\": \"$.kw\", \"tags\": \"$.tags\", \"amount\": \"$.amount\", \"flags\": \"$.flags\", \"codes\": \"$.codes\"}')",
+        &[&url],
+    )
+    .unwrap();
+    let mut bodies: Vec<String> = (1..=8)
+        .map(|i| {
+            json!({"id": i, "kw": "fat cat", "tags": ["a", "b"], "flags": "10101010", "codes": ["hello"]}).to_string()
+        })
+        .collect();
+    // A tsvector syntax error (SQLSTATE class 42) and too many array dimensions (54): each one message's fault.
+    bodies.push(json!({"id": 9, "kw": "secret@example.com 'x"}).to_string());
+    bodies.push(json!({"id": 10, "tags": [[[[[[["secret"]]]]]]]}).to_string());
+    bodies.push(r#"{"id": 11, "amount": 12345678901234567.89}"#.to_string());
+    h.send(&mut c, &url, &bodies);
+    let r = o.query_one("SELECT received, inserted, dead_lettered FROM sqs_ingest('words')", &[]).unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)), (11, 9, 2));
+    let reasons: Vec<String> = c
+        .query("SELECT reason FROM sqs_ingest.dead_letters ORDER BY reason", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(reasons[0].contains("column \"kw\"") && reasons[1].contains("column \"tags\""), "{reasons:?}");
+    assert!(reasons.iter().all(|r| !r.contains("secret")), "{reasons:?}");
+    let last_error: Option<String> = c.query_one("SELECT max(last_error) FROM sqs_ingest.stats", &[]).unwrap().get(0);
+    assert_eq!(last_error, None, "one message's value never fails the batch");
+    let amount: String = c.query_one("SELECT amount::text FROM words WHERE id = 11", &[]).unwrap().get(0);
+    assert_eq!(amount, "12345678901234567.89", "numbers keep their exact text");
+    let r = c.query_one("SELECT flags::text, codes::text FROM words WHERE id = 1", &[]).unwrap();
+    assert_eq!((r.get::<_, String>(0), r.get::<_, String>(1)), ("10101010".into(), "{hello}".into()));
+
+    // A table of the same name owned by another role than at declaration is refused before any message is taken.
+    c.batch_execute("ALTER TABLE words OWNER TO postgres; GRANT INSERT ON words TO PUBLIC").unwrap();
+    let e = o.query_one("SELECT * FROM sqs_ingest('words')", &[]).unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
 }
