@@ -95,6 +95,7 @@ CREATE TABLE sqs_ingest.dead_letters (
     body_digest    bytea,
     pipeline       text,
     attributes_encrypted bytea,
+    pipeline_id    bigint,
     UNIQUE (queue_url, message_id)
 );
 REVOKE ALL ON sqs_ingest.dead_letters FROM PUBLIC;
@@ -107,7 +108,7 @@ COMMENT ON COLUMN sqs_ingest.dead_letters.message_id IS 'SQS MessageId (argument
 COMMENT ON COLUMN sqs_ingest.dead_letters.received_at IS 'When it was dead-lettered';
 COMMENT ON COLUMN sqs_ingest.dead_letters.sent_at IS 'SQS SentTimestamp';
 COMMENT ON COLUMN sqs_ingest.dead_letters.receive_count IS 'SQS ApproximateReceiveCount when it was dead-lettered';
-COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large, refused_by_table (0.4.0), too_many_receives, no_message_id, no_receipt_handle (0.5.0), invalid_value, filtered (0.6.0, pipelines)';
+COMMENT ON COLUMN sqs_ingest.dead_letters.reason_code IS 'Stable reason slug: not_json, not_object, missing_field, wrong_type, nul_byte, value_too_long, invalid_app_version, body_too_large, refused_by_table (0.4.0), too_many_receives, no_message_id, no_receipt_handle (0.5.0), invalid_value, filtered, filter_error (0.6.0, pipelines)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.reason IS 'Precise reason, naming the field (never its value)';
 COMMENT ON COLUMN sqs_ingest.dead_letters.key_id IS 'Key the body is encrypted with';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_encrypted IS 'AES-256-GCM encrypted body (random nonce); readable only through sqs_ingest.dead_letter_body() by the owner';
@@ -115,6 +116,7 @@ COMMENT ON COLUMN sqs_ingest.dead_letters.body_bytes IS 'Size of the original bo
 COMMENT ON COLUMN sqs_ingest.dead_letters.redriven_at IS 'When sqs_ingest.redrive() stored it';
 COMMENT ON COLUMN sqs_ingest.dead_letters.body_digest IS 'For a body over 64 KiB (never redrivable): HMAC-SHA256 of the whole body under the key''s HMAC subkey; body_encrypted then holds only its first 4 KiB. NULL otherwise. Since 0.4.0';
 COMMENT ON COLUMN sqs_ingest.dead_letters.attributes_encrypted IS 'A pipeline''s dead letter: its message attributes and FIFO group and sequence, AES-256-GCM encrypted like the body, for redrive. Since 0.6.0';
+COMMENT ON COLUMN sqs_ingest.dead_letters.pipeline_id IS 'The declaration of that pipeline (sqs_ingest.pipelines.id). Since 0.6.0';
 COMMENT ON COLUMN sqs_ingest.dead_letters.pipeline IS 'The pipeline that dead-lettered it (NULL: the login pipeline, sqs_ingest(<queue url>)). Since 0.6.0';
 
 -- Unmask audit trail ---------------------------------------------------------------------------------------
@@ -238,11 +240,12 @@ CREATE TABLE sqs_ingest.pipelines (
     filter_fate text NOT NULL DEFAULT 'delete' CHECK (filter_fate IN ('delete', 'release', 'dead_letter')),
     owner       text NOT NULL,
     declared_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+    id          bigint GENERATED ALWAYS AS IDENTITY UNIQUE
 );
 REVOKE ALL ON sqs_ingest.pipelines FROM PUBLIC;
 GRANT SELECT ON sqs_ingest.pipelines TO sqs_ingest_operator;
 SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.pipelines', '');
+SELECT pg_catalog.pg_extension_config_dump('sqs_ingest.pipelines_id_seq', '');
 COMMENT ON TABLE sqs_ingest.pipelines IS 'Pipelines declared with sqs_ingest.pipeline_create(): which queue goes into which table, column by column; run one with sqs_ingest(''<name>''). Since 0.6.0';
 COMMENT ON COLUMN sqs_ingest.pipelines.target IS 'The target table, schema-qualified at declaration; it must exist (pipelines never create tables)';
 COMMENT ON COLUMN sqs_ingest.pipelines.target_owner IS 'The role that owned the target at declaration: ingest refuses a table of that name owned by another role (one swapped in under the name)';
@@ -251,5 +254,5 @@ COMMENT ON COLUMN sqs_ingest.pipelines.envelope IS 'none, sns (an SNS notificati
 COMMENT ON COLUMN sqs_ingest.pipelines.filter IS 'SQL/JSON path predicate over {"body": ..., "attributes": {...}, "sqs": {...}}; NULL: every message';
 COMMENT ON COLUMN sqs_ingest.pipelines.filter_fate IS 'What happens to a message the filter does not match: delete (after COMMIT), release (back to the queue) or dead_letter';
 COMMENT ON COLUMN sqs_ingest.pipelines.declared_at IS 'When it was last declared or replaced';
-COMMENT ON COLUMN sqs_ingest.pipelines.created_at IS 'When it was first declared (replace keeps it): redrive() takes only dead letters younger than this declaration of the name';
+COMMENT ON COLUMN sqs_ingest.pipelines.id IS 'This declaration of the name (replace keeps it; drop and declare again makes a new one): dead letters record it, and redrive() takes only those of the same declaration';
 COMMENT ON COLUMN sqs_ingest.pipelines.owner IS 'The role that declared it; only it (or a superuser) may replace or drop it';

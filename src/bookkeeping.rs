@@ -237,7 +237,7 @@ pub fn store_dead_letters(
     queue_url: &str,
     key_id: i32,
     schema: Schema,
-    pipeline: Option<&str>,
+    pipeline: Option<(&str, i64)>,
     d: DeadLetters,
 ) -> Result<()> {
     if d.message_ids.is_empty() {
@@ -249,9 +249,9 @@ pub fn store_dead_letters(
         if pipeline.is_some() { (", $12::pg_catalog.bytea[]", ", a") } else { ("", "") };
     let (pipeline_column, pipeline_value, pipeline_update) = match pipeline {
         Some(_) => (
-            ", pipeline, attributes_encrypted",
-            ", $11::pg_catalog.text, a",
-            ", pipeline = EXCLUDED.pipeline, attributes_encrypted = EXCLUDED.attributes_encrypted",
+            ", pipeline, attributes_encrypted, pipeline_id",
+            ", $11::pg_catalog.text, a, $13::pg_catalog.int8",
+            ", pipeline = EXCLUDED.pipeline, attributes_encrypted = EXCLUDED.attributes_encrypted, pipeline_id = EXCLUDED.pipeline_id",
         ),
         None => ("", "", ""),
     };
@@ -289,8 +289,9 @@ pub fn store_dead_letters(
             d.digests.into(),
         ]
         .into_iter()
-        .chain(pipeline.map(|p| p.into()))
+        .chain(pipeline.map(|(name, _)| name.into()))
         .chain(pipeline.map(|_| attributes.into()))
+        .chain(pipeline.map(|(_, id)| id.into()))
         .collect::<Vec<_>>(),
         |_| (),
     )

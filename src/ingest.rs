@@ -86,14 +86,22 @@ fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Receive
             return Ok(matched.iter().map(verdict).collect());
         }
     }
-    if let Err(report) = &all {
-        if crate::error::batch_level(report.sql_error_code()) {
-            return Err(Error::Postgres {
-                code: report.sql_error_code(),
-                message: format!("filter evaluation failed: {}", report.message()),
-                hint: None,
-            });
+    // An error of the whole statement (a cancel, a timeout, a serialization failure, …) is the call's, never a
+    // message's: raised (transient ones come back after a backoff, as everywhere in a call).
+    let statement_error = |report: &pgrx::pg_sys::panic::ErrorReportWithLevel| {
+        if crate::error::transient(report.sql_error_code()) {
+            hold::back_off_on_abort();
         }
+        Error::Postgres {
+            code: report.sql_error_code(),
+            message: format!("filter evaluation failed: {}", report.message()),
+            hint: None,
+        }
+    };
+    match &all {
+        Err(report) if crate::error::batch_level(report.sql_error_code()) => return Err(statement_error(report)),
+        Ok(Err(e)) => return Err(Error::Internal(format!("filter evaluation failed: {e}"))),
+        _ => {}
     }
     let mut out = Vec::with_capacity(n);
     for doc in docs {
@@ -103,7 +111,8 @@ fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Receive
         out.push(match one {
             Ok(Ok(Some(true))) => FilterVerdict::Match,
             Ok(Ok(_)) => FilterVerdict::NoMatch,
-            Ok(Err(_)) => FilterVerdict::Failed("XX000".into()),
+            Ok(Err(e)) => return Err(Error::Internal(format!("filter evaluation failed: {e}"))),
+            Err(report) if crate::error::batch_level(report.sql_error_code()) => return Err(statement_error(&report)),
             Err(report) => FilterVerdict::Failed(crate::error::sqlstate_text(report.sql_error_code())),
         });
     }
@@ -192,6 +201,7 @@ pub fn parse_args(
             ));
         }
         let p = pipeline::load(queue_or_pipeline)?;
+        pipeline::may_run(&p)?;
         (parse_queue_url(&p.queue_url)?, Shape::Pipeline(Rc::new(p)))
     } else {
         (parse_queue_url(queue_or_pipeline)?, Shape::Login)
@@ -522,6 +532,14 @@ impl Run<'_> {
         Some(self.opts.shape.pipeline_name()).filter(|n| !n.is_empty())
     }
 
+    /// The declaration this run serves (see `sqs_ingest.pipelines.id`).
+    fn pipeline_id(&self) -> Option<i64> {
+        match &self.opts.shape {
+            Shape::Pipeline(p) => Some(p.id),
+            Shape::Login => None,
+        }
+    }
+
     fn spawn(&self, n: i64, wait_s: i32) -> InFlight {
         spawn_receive(self.client, &self.queue.url, n, wait_s)
     }
@@ -809,7 +827,13 @@ impl Run<'_> {
         }
         let dead_count = dead.message_ids.len() as i64;
         as_owner(self.owner, || {
-            bookkeeping::store_dead_letters(&self.queue.url, self.key.id(), self.schema, self.pipeline_name(), dead)
+            bookkeeping::store_dead_letters(
+                &self.queue.url,
+                self.key.id(),
+                self.schema,
+                self.pipeline_name().zip(self.pipeline_id()),
+                dead,
+            )
         })?;
         self.summary.inserted += inserted;
         self.summary.dead_lettered += dead_count;

@@ -50,6 +50,10 @@ pub struct Pipeline {
     pub target: String,
     /// The role that owned the target at declaration.
     pub target_owner: String,
+    /// The role that declared it (runs and workers are its, its members' or a superuser's).
+    pub owner: String,
+    /// This declaration of the name (see `sqs_ingest.pipelines.id`).
+    pub id: i64,
     pub specs: Vec<ColumnSpec>,
     pub envelope: Envelope,
     /// An SQL/JSON path predicate over `{"body": …, "attributes": {…}, "sqs": {…}}`.
@@ -178,7 +182,7 @@ pub fn load(name: &str) -> Result<Pipeline> {
         Spi::connect(|c| {
             let rows = c.select(
                 "SELECT queue_url, target, columns::pg_catalog.text, envelope, filter::pg_catalog.text, filter_fate,
-                        target_owner
+                        target_owner, owner, id
                    FROM sqs_ingest.pipelines WHERE name OPERATOR(pg_catalog.=) $1",
                 None,
                 &[name.into()],
@@ -192,12 +196,14 @@ pub fn load(name: &str) -> Result<Pipeline> {
                     r.get::<String>(5).ok().flatten(),
                     r.get::<String>(6).ok().flatten().unwrap_or_default(),
                     r.get::<String>(7).ok().flatten().unwrap_or_default(),
+                    r.get::<String>(8).ok().flatten().unwrap_or_default(),
+                    r.get::<i64>(9).ok().flatten().unwrap_or_default(),
                 )
             }))
         })
     })
     .map_err(|e| Error::Internal(format!("cannot read sqs_ingest.pipelines: {e}")))?;
-    let Some((queue_url, target, columns, envelope, filter, fate, target_owner)) = row else {
+    let Some((queue_url, target, columns, envelope, filter, fate, target_owner, owner, id)) = row else {
         return Err(Error::Pipeline {
             code: PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             message: format!("pipeline \"{}\" does not exist", name.chars().take(64).collect::<String>()),
@@ -209,6 +215,8 @@ pub fn load(name: &str) -> Result<Pipeline> {
         queue_url,
         target,
         target_owner,
+        owner,
+        id,
         specs: parse_columns(&columns)?,
         envelope: Envelope::parse(&envelope).map_err(invalid)?,
         filter,
@@ -411,6 +419,30 @@ fn may_change(name: &str, declared_by: &str, (caller, superuser): &(String, bool
         Err(Error::Pipeline {
             code: PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             message: format!("pipeline \"{name}\" was declared by another role"),
+        })
+    }
+}
+
+/// Whether the calling role may run a pipeline (ingest, drain, start a worker): its declaring role, a member of
+/// it, or a superuser — so that a replace by its declarer never changes what another role's runs write.
+pub fn may_run(p: &Pipeline) -> Result<()> {
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_has_role(pg_catalog.current_user(), r.oid, 'MEMBER')
+           FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) $1",
+        &[p.owner.clone().into()],
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .unwrap_or(false);
+    // SAFETY: a catalog lookup of the current user on the main thread inside a transaction.
+    if allowed || unsafe { pg_sys::superuser() } {
+        Ok(())
+    } else {
+        Err(Error::Pipeline {
+            code: PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            message: format!(
+                "pipeline \"{}\" was declared by role \"{}\"; only it, its members and superusers run it",
+                p.name, p.owner
+            ),
         })
     }
 }

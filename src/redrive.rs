@@ -52,12 +52,13 @@ pub fn redrive(message_id: &str, queue_url: Option<&str>) -> Result<bool> {
         }
         Some(name) => {
             let p = pinned(|| pipeline::load(&name))?;
+            pinned(|| pipeline::may_run(&p))?;
             // Only a dead letter of this very declaration (not of a dropped pipeline whose name was declared again,
             // maybe by another role into another table) and of its queue.
             let ours = pinned(|| {
                 as_owner(owner, || {
                     Spi::get_one_with_args::<bool>(
-                        "SELECT p.created_at OPERATOR(pg_catalog.<=) d.received_at
+                        "SELECT p.id OPERATOR(pg_catalog.=) (pg_catalog.to_jsonb(d.*) ->> 'pipeline_id')::pg_catalog.int8
                                 AND sqs_ingest.queue_arn(p.queue_url) OPERATOR(pg_catalog.=) sqs_ingest.queue_arn(d.queue_url)
                            FROM sqs_ingest.pipelines p, sqs_ingest.dead_letters d
                           WHERE p.name OPERATOR(pg_catalog.=) $1 AND d.queue_url OPERATOR(pg_catalog.=) $2

@@ -74,13 +74,16 @@ pub fn rekey_all() -> Result<Vec<(String, i64)>> {
 fn token_columns(t: &target::Target) -> Result<Vec<String>> {
     let columns = target::columns(t.oid)?;
     let mut wanted: Vec<String> = ["masked_ip", "masked_device_id"].iter().map(|c| c.to_string()).collect();
+    // Only pipelines that were declared on this very table (owned by the role that owned it then).
+    let owner = crate::privilege::role_name(t.owner);
     let names: Vec<String> = as_owner(extension_owner(), || {
         Spi::connect(|c| {
             let rows = c.select(
                 "SELECT name FROM sqs_ingest.pipelines
-                  WHERE pg_catalog.to_regclass(target) OPERATOR(pg_catalog.=) $1::pg_catalog.regclass",
+                  WHERE pg_catalog.to_regclass(target) OPERATOR(pg_catalog.=) $1::pg_catalog.regclass
+                    AND target_owner OPERATOR(pg_catalog.=) $2",
                 None,
-                &[t.oid.into()],
+                &[t.oid.into(), owner.into()],
             )?;
             Ok::<_, pgrx::spi::SpiError>(rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
         })

@@ -8,6 +8,7 @@ use crate::privilege::{as_role, writer_for};
 use crate::subxact::{catch_error, in_subtransaction};
 use crate::target::Target;
 use pgrx::datum::Date;
+use pgrx::pg_sys::panic::ErrorReportWithLevel;
 use pgrx::prelude::*;
 use sqs_ingest_core::event::Problem;
 use sqs_ingest_core::event::{self, AppVersionColumn, AppVersionValue, Rejection};
@@ -27,9 +28,10 @@ pub trait Batch: Sized + Clone {
         refused_by_data(code)
     }
     /// This single row's fault, when it can be told (called inside the transaction, after the row's subtransaction
-    /// rolled back); None: the error is taken for what Postgres says.
-    fn explain(&self, _target: &Target) -> Option<Rejection> {
-        None
+    /// rolled back); None: the error is taken for what Postgres says. An error raised while telling (a cancel,
+    /// say) is the statement's.
+    fn explain(&self, _target: &Target) -> std::result::Result<Option<Rejection>, Box<ErrorReportWithLevel>> {
+        Ok(None)
     }
 }
 
@@ -64,10 +66,11 @@ pub fn insert_isolated<B: Batch>(rows: B, target: &Target) -> Result<Vec<(usize,
             Err(report) => {
                 let code = report.sql_error_code();
                 match kept.explain(target) {
-                    Some(rejection) => refused.push((i, rejection)),
-                    None if refused_by_data(code) => refused
+                    Ok(Some(rejection)) => refused.push((i, rejection)),
+                    Ok(None) if refused_by_data(code) => refused
                         .push((i, Rejection::refused_by_table(&crate::error::sqlstate_text(code), report.message()))),
-                    None => raise_without_detail(&report, target),
+                    Ok(None) => raise_without_detail(&report, target),
+                    Err(report) => raise_without_detail(&report, target),
                 }
             }
         }
@@ -274,7 +277,7 @@ impl Batch for TextRows {
 
     /// Names the column whose text its type refused (each converted alone, in a subtransaction, as the writer:
     /// a domain's CHECK may call its owner's functions); None when every value converts.
-    fn explain(&self, target: &Target) -> Option<Rejection> {
+    fn explain(&self, target: &Target) -> std::result::Result<Option<Rejection>, Box<ErrorReportWithLevel>> {
         for (i, ty) in self.layout.types.iter().enumerate() {
             let (Some(ty), Some(Some(value))) = (ty, self.columns[i].first()) else { continue };
             let sql = format!("SELECT CAST($1::pg_catalog.text AS {ty}) IS NULL");
@@ -283,16 +286,19 @@ impl Batch for TextRows {
                 as_role(writer_for(target.owner), || Spi::get_one_with_args::<bool>(&sql, &[value.into()]))
             });
             if let Err(report) = converted {
-                return Some(Rejection::Column {
+                if crate::error::batch_level(report.sql_error_code()) {
+                    return Err(report);
+                }
+                return Ok(Some(Rejection::Column {
                     column: self.layout.columns[i].clone(),
                     source: "its type".into(),
                     problem: Problem::NotConvertible {
                         sqlstate: crate::error::sqlstate_text(report.sql_error_code()),
                         type_name: ty.clone(),
                     },
-                });
+                }));
             }
         }
-        None
+        Ok(None)
     }
 }

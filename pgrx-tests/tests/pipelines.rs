@@ -174,6 +174,9 @@ fn a_declaration_is_checked_completely_before_it_is_stored() {
     assert_eq!(sqlstate(&e), "42501");
     let e = other.query_one("SELECT sqs_ingest.pipeline_drop('orders')", &[]).unwrap_err();
     assert_eq!(sqlstate(&e), "42501");
+    // Nor run it, nor start a worker on it: a replace by its declarer must never change what another role runs.
+    let e = other.query_one("SELECT * FROM sqs_ingest('orders')", &[]).unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e:?}");
     // A role outside sqs_ingest_operator cannot declare at all.
     h.login_role(&mut c, "e2e_pipe_plain", &[]);
     let mut plain = h.connect_as(db, "e2e_pipe_plain");
@@ -276,6 +279,11 @@ fn a_pipeline_maps_converts_and_masks_any_shape_into_any_table_exactly_once() {
     eventually("queue empty", std::time::Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
     let again: i64 = o.query_one("SELECT received FROM sqs_ingest('orders')", &[]).unwrap().get(0);
     assert_eq!(again, 0);
+    // The drain procedure runs a pipeline by name too, committing batch by batch.
+    let more: Vec<(String, Option<&str>)> = (30..42).map(|i| (order(i), None)).collect();
+    send_with_attributes(&h, &url, &more);
+    o.batch_execute("CALL sqs_ingest_drain('orders', batch_messages => 5)").unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM orders"), 32);
     // Once its cause is fixed, a pipeline's dead letter is redriven through the pipeline, attributes included.
     c.batch_execute("ALTER TABLE orders ALTER COLUMN note TYPE varchar(64)").unwrap();
     let id: String = c
@@ -295,6 +303,16 @@ fn a_pipeline_maps_converts_and_masks_any_shape_into_any_table_exactly_once() {
         .get(0);
     let redriven: bool = o.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get(0);
     assert!(!redriven);
+    // A pipeline dropped and declared again under its name is another declaration: it cannot redrive the old one's
+    // dead letters (they could be opened into any table its declarer chose).
+    o.batch_execute("SELECT sqs_ingest.pipeline_drop('orders')").unwrap();
+    o.execute(
+        "SELECT sqs_ingest.pipeline_create('orders', $1, 'orders', $2::text::jsonb)",
+        &[&url, &columns().to_string()],
+    )
+    .unwrap();
+    let e = o.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap_err();
+    assert_eq!(sqlstate(&e), "55000", "{e:?}");
     // The queue URL keeps meaning the login pipeline: a pipeline name never changes sqs_ingest(url).
     let e = o.query_one("SELECT * FROM sqs_ingest('orders', NULL, 'hmac')", &[]).unwrap_err();
     assert_eq!(sqlstate(&e), "22023", "a pipeline's masking is declared, not passed");
