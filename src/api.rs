@@ -102,7 +102,7 @@ pub mod sqs_ingest {
     /// Sends message bodies to a queue (batches of 10). Returns how many SQS accepted.
     #[pg_extern(volatile, parallel_unsafe)]
     fn queue_send(queue_url: &str, bodies: Vec<Option<String>>) -> std::result::Result<i64, ErrorReport> {
-        let queue = ingest::parse_queue_url(queue_url)?;
+        let queue = sqs::parse_queue_url(queue_url)?;
         let client = sqs::client(&queue)?;
         let bodies: Vec<String> = bodies.into_iter().flatten().collect();
         Ok(runtime::block_on(sqs::send(&client, &queue.url, &bodies, 8))?? as i64)
@@ -114,7 +114,7 @@ pub mod sqs_ingest {
         queue_url: &str,
         visibility_timeout: default!(i32, 30),
     ) -> std::result::Result<String, ErrorReport> {
-        let queue = ingest::parse_queue_url(queue_url)?;
+        let queue = sqs::parse_queue_url(queue_url)?;
         let client = sqs::client(&queue)?;
         Ok(runtime::block_on(sqs::create_queue(&client, &queue.name, visibility_timeout))??)
     }
@@ -127,7 +127,7 @@ pub mod sqs_ingest {
         TableIterator<'static, (name!(visible, i64), name!(in_flight, i64), name!(delayed, i64))>,
         ErrorReport,
     > {
-        let queue = ingest::parse_queue_url(queue_url)?;
+        let queue = sqs::parse_queue_url(queue_url)?;
         let client = sqs::client(&queue)?;
         let (visible, in_flight, delayed) = runtime::block_on(sqs::queue_counts(&client, &queue.url))??;
         Ok(TableIterator::once((visible, in_flight, delayed)))

@@ -175,17 +175,6 @@ thread_local! {
     static LAST_PRUNE: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
 }
 
-/// Parses a queue URL argument: an ERROR before any side effect when it is malformed, or when its host is not in
-/// `sqs_ingest.allowed_endpoints` (requests carry the server's AWS credentials; they go to trusted hosts only).
-pub fn parse_queue_url(queue_url: &str) -> Result<QueueUrl> {
-    let queue = QueueUrl::parse(queue_url)
-        .map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })?;
-    if !queue.host_allowed(&gucs::allowed_endpoints()) {
-        return Err(Error::EndpointNotAllowed(queue.host.chars().take(200).collect()));
-    }
-    Ok(queue)
-}
-
 /// Parses the arguments every entry point shares; raises before any side effect. The first names a queue (its
 /// URL: the login pipeline) or a declared pipeline (its name: read from `sqs_ingest.pipelines`, so this needs a
 /// transaction).
@@ -202,9 +191,9 @@ pub fn parse_args(
         }
         let p = pipeline::load(queue_or_pipeline)?;
         pipeline::may_run(&p)?;
-        (parse_queue_url(&p.queue_url)?, Shape::Pipeline(Rc::new(p)))
+        (sqs::parse_queue_url(&p.queue_url)?, Shape::Pipeline(Rc::new(p)))
     } else {
-        (parse_queue_url(queue_or_pipeline)?, Shape::Login)
+        (sqs::parse_queue_url(queue_or_pipeline)?, Shape::Login)
     };
     if let Some(n) = max_messages {
         if n < 1 {

@@ -251,7 +251,7 @@ pub struct Declaration<'a> {
 /// 42501 when the caller may not INSERT into the table, 42710 when the name is taken.
 pub fn declare(d: &Declaration<'_>) -> Result<()> {
     check_name(d.name)?;
-    crate::ingest::parse_queue_url(d.queue_url)?;
+    crate::sqs::parse_queue_url(d.queue_url)?;
     let envelope = Envelope::parse(d.envelope).map_err(invalid)?;
     FilterFate::parse(d.filter_fate)?;
     let specs = parse_columns(d.columns)?;

@@ -50,6 +50,17 @@ thread_local! {
     static CLIENTS: RefCell<HashMap<String, Client>> = RefCell::new(HashMap::new());
 }
 
+/// Parses a queue URL argument: an ERROR before any side effect when it is malformed, or when its host is not in
+/// `sqs_ingest.allowed_endpoints` (requests carry the server's AWS credentials; they go to trusted hosts only).
+pub fn parse_queue_url(queue_url: &str) -> Result<QueueUrl> {
+    let queue = QueueUrl::parse(queue_url)
+        .map_err(|source| Error::QueueUrl { url: queue_url.chars().take(200).collect(), source })?;
+    if !queue.host_allowed(&gucs::allowed_endpoints()) {
+        return Err(Error::EndpointNotAllowed(queue.host.chars().take(200).collect()));
+    }
+    Ok(queue)
+}
+
 /// The client for the queue's endpoint and region and the current credential settings.
 pub fn client(queue: &QueueUrl) -> Result<Client> {
     let mut both = clients(queue)?;
