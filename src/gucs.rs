@@ -78,13 +78,7 @@ pub fn masking_method() -> sqs_ingest_core::mask::Method {
 pub fn masking_method_or(
     name: Option<&str>,
 ) -> std::result::Result<sqs_ingest_core::mask::Method, sqs_ingest_core::mask::MaskError> {
-    use sqs_ingest_core::mask::Method;
-    match name {
-        Some("encrypt") => Ok(Method::Encrypt),
-        Some("hmac") => Ok(Method::Hmac),
-        Some(other) => Method::parse(other),
-        None => Ok(masking_method()),
-    }
+    name.map_or(Ok(masking_method()), sqs_ingest_core::mask::Method::parse)
 }
 pub fn target_table() -> String {
     string(&TARGET_TABLE).unwrap_or_else(|| "user_logins".into())

@@ -41,6 +41,19 @@ enum Verdict {
     Filtered,
 }
 
+/// A received message as a pipeline reads it.
+fn view(m: &Received) -> MessageView<'_> {
+    MessageView {
+        body: &m.body,
+        message_id: &m.message_id,
+        sent_timestamp_ms: m.sent_timestamp_ms,
+        receive_count: m.receive_count,
+        group_id: m.group_id.as_deref(),
+        sequence_number: m.sequence_number.as_deref(),
+        attributes: &m.attributes,
+    }
+}
+
 /// What a pipeline's filter said about one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum FilterVerdict {
@@ -56,27 +69,14 @@ enum FilterVerdict {
 fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Received]) -> Result<Vec<FilterVerdict>> {
     const ONE: &str = "SELECT pg_catalog.jsonb_path_match_tz($1::pg_catalog.jsonb, $2::pg_catalog.jsonpath,
                               '{}'::pg_catalog.jsonb, true) IS TRUE";
-    let docs: Vec<String> = batch
-        .iter()
-        .map(|m| {
-            mapping.filter_document(&MessageView {
-                body: &m.body,
-                message_id: &m.message_id,
-                sent_timestamp_ms: m.sent_timestamp_ms,
-                receive_count: m.receive_count,
-                group_id: m.group_id.as_deref(),
-                sequence_number: m.sequence_number.as_deref(),
-                attributes: &m.attributes,
-            })
-        })
-        .collect();
+    let docs: Vec<String> = batch.iter().map(|m| mapping.filter_document(&view(m))).collect();
     let n = docs.len();
     let all = crate::subxact::in_subtransaction(|| {
         crate::plans::run(
             "SELECT pg_catalog.array_agg(pg_catalog.jsonb_path_match_tz(d::pg_catalog.jsonb, $2::pg_catalog.jsonpath,
                         '{}'::pg_catalog.jsonb, true) IS TRUE ORDER BY i)
                FROM pg_catalog.unnest($1::pg_catalog.text[]) WITH ORDINALITY AS u(d, i)",
-            &[docs.clone().into(), filter.into()],
+            &[docs.into(), filter.into()],
             |rows| rows.first().get_one::<Vec<bool>>().ok().flatten(),
         )
     });
@@ -103,8 +103,9 @@ fn filter_batch(mapping: &pipeline_core::Mapping, filter: &str, batch: &[Receive
         Ok(Err(e)) => return Err(Error::Internal(format!("filter evaluation failed: {e}"))),
         _ => {}
     }
+    // Rare (a message the batch statement could not evaluate): the documents are made again, one at a time.
     let mut out = Vec::with_capacity(n);
-    for doc in docs {
+    for doc in batch.iter().map(|m| mapping.filter_document(&view(m))) {
         let one = crate::subxact::in_subtransaction(|| {
             crate::plans::run(ONE, &[doc.into(), filter.into()], |rows| rows.first().get_one::<bool>().ok().flatten())
         });
@@ -756,17 +757,8 @@ impl Run<'_> {
                         event::parse(&m.body).and_then(|e| event::validate(&e, &limits).map(|v| Verdict::Login(e, v)))
                     }
                     Some(layout) => {
-                        let view = MessageView {
-                            body: &m.body,
-                            message_id: &m.message_id,
-                            sent_timestamp_ms: m.sent_timestamp_ms,
-                            receive_count: m.receive_count,
-                            group_id: m.group_id.as_deref(),
-                            sequence_number: m.sequence_number.as_deref(),
-                            attributes: &m.attributes,
-                        };
                         let mut values = Vec::with_capacity(layout.mapping.columns.len());
-                        layout.mapping.extract(&view, Some(self.key), &mut values).map(|()| Verdict::Values(values))
+                        layout.mapping.extract(&view(&m), Some(self.key), &mut values).map(|()| Verdict::Values(values))
                     }
                 },
             };

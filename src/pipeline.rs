@@ -98,10 +98,6 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Checks every column declaration against the table's columns: each exists, is insertable and suits its
 /// transform. Returns them with their kinds, in the table's column order.
 fn match_columns(specs: &[ColumnSpec], table: &str, columns: &[Column]) -> Result<Vec<(ColumnSpec, Column)>> {
@@ -145,7 +141,7 @@ pub fn layout(p: &Pipeline, t: &Target) -> Result<Layout> {
     let mut arrays = Vec::new();
     let mut types = Vec::new();
     for (i, (_, c)) in matched.iter().enumerate() {
-        names.push(quote_ident(&c.name));
+        names.push(target::quote_ident(&c.name));
         let value = format!("u.x{i}");
         match c.kind {
             // Character types: the assignment applies the length (checked before, per column, for a precise

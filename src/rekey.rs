@@ -99,16 +99,12 @@ fn token_columns(t: &target::Target) -> Result<Vec<String>> {
     Ok(columns.into_iter().map(|c| c.name).filter(|n| wanted.contains(n)).collect())
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 fn rekey_rows(t: &target::Target, columns: &[String]) -> Result<i64> {
     let (ring, active) = keys::active_key()?;
     let key = ring.get(active).expect("active key");
     let active_prefix = format!("enc:{active}:");
     let current = format!("{active_prefix}%");
-    let quoted: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    let quoted: Vec<String> = columns.iter().map(|c| target::quote_ident(c)).collect();
     let stale: Vec<String> = quoted
         .iter()
         .map(|c| format!("({c}::pg_catalog.text LIKE 'enc:%' AND {c}::pg_catalog.text NOT LIKE $1)"))

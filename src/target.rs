@@ -93,6 +93,11 @@ pub fn resolve_existing(name: &str) -> Result<Target> {
     pinned(|| inspect_any(oid))
 }
 
+/// A column name as an SQL identifier, always double-quoted (so no name is read as a keyword).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// One insertable column of a table, as pipelines map it.
 #[derive(Debug, Clone)]
 pub struct Column {

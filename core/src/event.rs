@@ -266,7 +266,7 @@ impl Rejection {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "boolean",
@@ -298,7 +298,7 @@ fn take_optional_string(obj: &mut Map<String, Value>, field: &'static str) -> Re
 /// What went wrong in a body that is not JSON, by category and position only: serde_json's own texts are
 /// value-free today, but the reason is stored where operators read it, so it is built here from parts that cannot
 /// carry a value.
-fn json_error(e: &serde_json::Error) -> String {
+pub(crate) fn json_error(e: &serde_json::Error) -> String {
     use serde_json::error::Category;
     let what = match e.classify() {
         Category::Io => "read error",

@@ -10,7 +10,7 @@
 //! Declarations are JSON (what `sqs_ingest.pipeline_create()` takes as `jsonb`); [`ColumnSpec::parse`] checks one
 //! and reports what is wrong with it before anything is stored.
 
-use crate::event::{Problem, Rejection, MAX_BODY_BYTES};
+use crate::event::{json_error, kind, Problem, Rejection, MAX_BODY_BYTES};
 use crate::mask::{KeyMaterial, MaskError, Method, MAX_PLAINTEXT_BYTES};
 use crate::version;
 use serde_json::{Map, Value};
@@ -442,17 +442,6 @@ pub fn iso8601_utc(ms: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{min:02}:{s:02}.{milli:03}Z")
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
 /// A JSON array as a Postgres array literal (`{"a","b"}`, `{1,2}`, nested arrays as nested braces).
 fn array_literal(items: &[Value], out: &mut String) {
     out.push('{');
@@ -505,17 +494,6 @@ struct Unwrapped {
     envelope: Option<Value>,
     /// Why the event's text is not JSON (for sources that need it).
     not_json: Option<String>,
-}
-
-fn json_error(e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    let what = match e.classify() {
-        Category::Io => "read error",
-        Category::Syntax => "syntax error",
-        Category::Data => "invalid data",
-        Category::Eof => "unexpected end of input",
-    };
-    format!("{what} at line {}, column {}", e.line(), e.column())
 }
 
 impl Mapping {

@@ -94,6 +94,14 @@ CREATE FUNCTION public.trap_trigger() RETURNS trigger LANGUAGE plpgsql SET searc
     END $f$;
 CREATE TRIGGER promote BEFORE INSERT OR UPDATE ON public.user_logins FOR EACH ROW EXECUTE FUNCTION public.trap_trigger();
 GRANT ALL ON public.user_logins TO PUBLIC;
+-- A pipeline's target (0.6.0), with the same trigger and a domain whose CHECK calls a trap (run by the
+-- declaration's default check, every insert's cast and the probe that names a refused column).
+CREATE FUNCTION public.trap_check(v integer) RETURNS boolean LANGUAGE plpgsql SET search_path = pg_catalog
+    AS $f$ BEGIN PERFORM public.trap('domain check'); RETURN true; END $f$;
+CREATE DOMAIN public.n_t AS integer CHECK (public.trap_check(VALUE));
+CREATE TABLE public.events (id integer, email text, kind text, n public.n_t);
+CREATE TRIGGER promote BEFORE INSERT OR UPDATE ON public.events FOR EACH ROW EXECUTE FUNCTION public.trap_trigger();
+GRANT ALL ON public.events TO PUBLIC;
 ALTER DATABASE e2e_hostile SET search_path = public, pg_catalog;
 "#;
 
@@ -178,12 +186,51 @@ sqs_ingest.worker_queue_urls = '{worker_url}'"
         count(&mut checker, "SELECT count(*) FROM public.user_logins") >= 2 + 27 + 10 + 10
     });
     su.query("SELECT sqs_ingest.worker_stop()", &[]).unwrap();
+    // A pipeline (0.6.0), declared and run by the superuser into the hostile owner's table: declaration (its default
+    // checked against the trapped domain), a filter, sqs_ingest(), the drain procedure and a dynamic worker by name.
+    let pipe_url = h.fresh_queue(&mut shared, "e2e-hostile-pipe", 30);
+    let columns = serde_json::json!({"id": {"from": "$.id", "required": true},
+        "email": {"from": "$.email", "mask": "encrypt"}, "kind": "$.kind", "n": {"from": "$.n", "default": "0"}});
+    su.execute(
+        "SELECT sqs_ingest.pipeline_create('evil-events', $1, 'events', $2::text::jsonb,
+                filter => '$.body.kind != \"skip\"', filter_fate => 'dead_letter')",
+        &[&pipe_url, &columns.to_string()],
+    )
+    .unwrap();
+    let event =
+        |i: usize| serde_json::json!({"id": i, "email": format!("e{i}@example.com"), "kind": "sale"}).to_string();
+    let mut first: Vec<String> = (1..=6).map(event).collect();
+    first.push(r#"{"id": "x7", "kind": "sale"}"#.to_string());
+    first.push(r#"{"id": 8, "kind": "skip"}"#.to_string());
+    h.send(&mut shared, &pipe_url, &first);
+    su.query("SELECT * FROM sqs_ingest('evil-events')", &[]).unwrap();
+    h.send(&mut shared, &pipe_url, &(10..15).map(event).collect::<Vec<_>>());
+    su.query("CALL sqs_ingest_drain('evil-events', batch_messages => 2)", &[]).unwrap();
+    su.query("SELECT sqs_ingest.worker_start('evil-events')", &[]).unwrap();
+    h.send(&mut shared, &pipe_url, &(20..25).map(event).collect::<Vec<_>>());
+    eventually("the pipeline stored its messages", Duration::from_secs(60), || {
+        count(&mut checker, "SELECT count(*) FROM public.events") == 6 + 5 + 5
+    });
+    su.query("SELECT sqs_ingest.worker_stop()", &[]).unwrap();
+    assert_eq!(count(&mut checker, "SELECT count(*) FROM sqs_ingest.dead_letters WHERE pipeline = 'evil-events'"), 2);
     // Keys, rekey, redrive, purge, mask auditing and the audit worker.
     su.query("SELECT sqs_ingest.rotate_key()", &[]).unwrap();
     su.query("SELECT sqs_ingest.rekey()", &[]).unwrap();
+    su.query("SELECT * FROM sqs_ingest.rekey_all()", &[]).unwrap();
     evil.batch_execute("ALTER TABLE public.user_logins ALTER COLUMN device_type TYPE varchar(64)").unwrap();
-    let id: String = checker.query_one("SELECT message_id FROM sqs_ingest.dead_letters", &[]).unwrap().get(0);
+    let id: String =
+        checker.query_one("SELECT message_id FROM sqs_ingest.dead_letters WHERE pipeline IS NULL", &[]).unwrap().get(0);
     assert!(su.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get::<_, bool>(0));
+    evil.batch_execute("ALTER TABLE public.events ALTER COLUMN id TYPE text").unwrap();
+    let id: String = checker
+        .query_one("SELECT message_id FROM sqs_ingest.dead_letters WHERE reason_code = 'invalid_value'", &[])
+        .unwrap()
+        .get(0);
+    assert!(su.query_one("SELECT sqs_ingest.redrive($1)", &[&id]).unwrap().get::<_, bool>(0));
+    assert!(
+        fired(&mut checker, false).iter().any(|f| f == "e2e_evil: domain check"),
+        "the domain's CHECK ran, as the table's owner"
+    );
     su.query("SELECT sqs_ingest.purge_dead_letters('0 seconds', true)", &[]).unwrap();
     su.query("SELECT sqs_ingest.mask('198.51.100.1')", &[]).unwrap();
     su.batch_execute("BEGIN; SELECT sqs_ingest.mask('198.51.100.2'); ROLLBACK").unwrap();
