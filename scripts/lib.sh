@@ -80,7 +80,7 @@ localstack_start() {
     (
         cd "$dir"
         export OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$dir/state" GATEWAY_LISTEN="127.0.0.1:$port" \
-               LOCALSTACK_HOST="localhost:$port" SERVICES=sqs,sns EAGER_SERVICE_LOADING=1 SQS_ENDPOINT_STRATEGY=path \
+               LOCALSTACK_HOST="localhost:$port" SERVICES=sqs,sns,kms EAGER_SERVICE_LOADING=1 SQS_ENDPOINT_STRATEGY=path \
                DNS_ADDRESS=0 DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 LS_LOG="${LS_LOG:-warn}"
         exec setsid "$LOCALSTACK_VENV/bin/python" -m localstack.runtime.main >"$log" 2>&1
     ) &

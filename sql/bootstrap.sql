@@ -18,40 +18,50 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'sqs_ingest_operator') THEN
         CREATE ROLE sqs_ingest_operator NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'sqs_ingest_monitor') THEN
+        CREATE ROLE sqs_ingest_monitor NOLOGIN;
+    END IF;
 END
 $roles$;
 COMMENT ON ROLE sqs_ingest_unmasker IS 'May call sqs_ingest.unmask() (every call is audited) and sqs_ingest.mask()';
 COMMENT ON ROLE sqs_ingest_masker IS 'May call sqs_ingest.mask() to look rows up by a clear value';
 COMMENT ON ROLE sqs_ingest_operator IS 'May run ingest, read stats and dead-letter metadata, redrive, control workers';
-GRANT USAGE ON SCHEMA sqs_ingest TO sqs_ingest_unmasker, sqs_ingest_masker, sqs_ingest_operator;
+COMMENT ON ROLE sqs_ingest_monitor IS 'May read the sqs_ingest.metrics_* views (counts and ages only: no queue contents, no PII, no secret); for a Prometheus exporter. Since 0.7.0';
+GRANT USAGE ON SCHEMA sqs_ingest TO sqs_ingest_unmasker, sqs_ingest_masker, sqs_ingest_operator, sqs_ingest_monitor;
 
 -- Keys -----------------------------------------------------------------------------------------------------
 CREATE SEQUENCE sqs_ingest.key_id_seq AS integer;
 CREATE TABLE sqs_ingest.keys (
     key_id     integer PRIMARY KEY DEFAULT pg_catalog.nextval('sqs_ingest.key_id_seq'),
-    key_bytes  bytea NOT NULL CHECK (pg_catalog.length(key_bytes) = 32),
+    key_bytes  bytea CHECK (pg_catalog.length(key_bytes) = 32),
     active     boolean NOT NULL DEFAULT false,
-    created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    wrapped    bytea,
+    kms_key_arn text,
+    CONSTRAINT keys_clear_or_wrapped CHECK ((key_bytes IS NULL) <> (wrapped IS NULL)
+                                            AND (wrapped IS NULL) = (kms_key_arn IS NULL))
 );
 ALTER SEQUENCE sqs_ingest.key_id_seq OWNED BY sqs_ingest.keys.key_id;
 CREATE UNIQUE INDEX keys_one_active ON sqs_ingest.keys (active) WHERE active;
 REVOKE ALL ON sqs_ingest.keys, sqs_ingest.key_id_seq FROM PUBLIC;
 COMMENT ON TABLE sqs_ingest.keys IS 'Masking master keys (256-bit). Readable only by the extension owner. Back this table up: losing it loses the PII';
 COMMENT ON COLUMN sqs_ingest.keys.key_id IS 'Key id embedded in every token (enc:<key_id>:..., hmac:<key_id>:...)';
-COMMENT ON COLUMN sqs_ingest.keys.key_bytes IS 'The secret key; subkeys for SIV, HMAC and dead-letter encryption are derived from it';
+COMMENT ON COLUMN sqs_ingest.keys.key_bytes IS 'The secret key in the clear (NULL when wrapped by KMS); subkeys for SIV, HMAC and dead-letter encryption are derived from it';
 COMMENT ON COLUMN sqs_ingest.keys.active IS 'The one key new tokens are made with; older keys still unmask';
 COMMENT ON COLUMN sqs_ingest.keys.created_at IS 'When the key was generated';
+COMMENT ON COLUMN sqs_ingest.keys.wrapped IS 'The key wrapped by AWS KMS (its CiphertextBlob, bound to key_id by the encryption context sqs_ingest_key_id); NULL when in the clear. Since 0.7.0';
+COMMENT ON COLUMN sqs_ingest.keys.kms_key_arn IS 'ARN of the KMS key that wrapped it: a backend needs kms:Decrypt on it to use the key. Since 0.7.0';
 
 CREATE TABLE sqs_ingest.key_events (
     key_id   integer NOT NULL,
-    event    text NOT NULL CHECK (event IN ('generated', 'activated', 'retired')),
+    event    text NOT NULL CHECK (event IN ('generated', 'activated', 'retired', 'wrapped')),
     at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     by_role  text NOT NULL DEFAULT CURRENT_USER
 );
 REVOKE ALL ON sqs_ingest.key_events FROM PUBLIC;
 COMMENT ON TABLE sqs_ingest.key_events IS 'History of key generation and rotation (no key material); also tells a lost key table from a new install';
 COMMENT ON COLUMN sqs_ingest.key_events.key_id IS 'Key the event is about';
-COMMENT ON COLUMN sqs_ingest.key_events.event IS 'generated, activated or retired (no longer used for new tokens)';
+COMMENT ON COLUMN sqs_ingest.key_events.event IS 'generated, activated, retired (no longer used for new tokens) or wrapped (by KMS, with sqs_ingest.kms_wrap_keys())';
 COMMENT ON COLUMN sqs_ingest.key_events.at IS 'Transaction time';
 COMMENT ON COLUMN sqs_ingest.key_events.by_role IS 'Role that caused it';
 
@@ -184,6 +194,9 @@ CREATE TABLE sqs_ingest.counters (
     depth_at          timestamptz,
     filtered          bigint NOT NULL DEFAULT 0,
     pipeline          text NOT NULL DEFAULT '',
+    batches           bigint NOT NULL DEFAULT 0,
+    batch_seconds     double precision NOT NULL DEFAULT 0,
+    oldest_sent_at    timestamptz,
     PRIMARY KEY (queue_url, worker, backend_pid, hour, pipeline)
 );
 REVOKE ALL ON sqs_ingest.counters FROM PUBLIC;
@@ -191,6 +204,9 @@ COMMENT ON TABLE sqs_ingest.counters IS 'Per queue, worker, backend and hour cou
 COMMENT ON COLUMN sqs_ingest.counters.worker IS 'Empty for SQL sessions, "worker N" for background workers';
 COMMENT ON COLUMN sqs_ingest.counters.last_error IS 'Last error, scrubbed of secrets';
 COMMENT ON COLUMN sqs_ingest.counters.pipeline IS 'The declared pipeline counted ('''' for the login pipeline). Since 0.6.0';
+COMMENT ON COLUMN sqs_ingest.counters.batches IS 'Ingest calls (transactions) that received messages. Since 0.7.0';
+COMMENT ON COLUMN sqs_ingest.counters.batch_seconds IS 'Their wall-clock time in seconds, summed. Since 0.7.0';
+COMMENT ON COLUMN sqs_ingest.counters.oldest_sent_at IS 'The oldest SentTimestamp among the messages of the last such call. Since 0.7.0';
 
 -- The view sqs_ingest.stats is created in finalize.sql (it keys a queue by sqs_ingest.queue_arn()).
 

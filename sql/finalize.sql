@@ -122,7 +122,11 @@ SELECT (pg_catalog.array_agg(c.queue_url ORDER BY c.hour DESC))[1] AS queue_url,
        pg_catalog.max(d.approximate_depth)       AS approximate_depth,
        c.queue                                   AS queue_arn,
        pg_catalog.sum(c.filtered)::bigint        AS filtered,
-       c.pipeline                                AS pipeline
+       c.pipeline                                AS pipeline,
+       pg_catalog.sum(c.batches)::bigint         AS batches,
+       pg_catalog.sum(c.batch_seconds)           AS batch_seconds,
+       (pg_catalog.array_agg(c.oldest_sent_at ORDER BY c.last_success_at DESC NULLS LAST)
+            FILTER (WHERE c.oldest_sent_at IS NOT NULL))[1] AS oldest_sent_at
   FROM c LEFT JOIN depth d ON d.queue = c.queue
  GROUP BY c.queue, c.worker, c.pipeline;
 REVOKE ALL ON sqs_ingest.stats FROM PUBLIC;
@@ -134,6 +138,51 @@ COMMENT ON COLUMN sqs_ingest.stats.approximate_depth IS 'Messages SQS reported a
 COMMENT ON COLUMN sqs_ingest.stats.queue_arn IS 'The queue''s identity, sqs_ingest.queue_arn(queue_url). Since 0.5.0';
 COMMENT ON COLUMN sqs_ingest.stats.pipeline IS 'The declared pipeline ('''' for the login pipeline, sqs_ingest(<queue url>)): every pipeline of a queue has its row. Since 0.6.0';
 COMMENT ON COLUMN sqs_ingest.stats.filtered IS 'Messages a pipeline''s filter did not match and deleted or released (those it dead-letters count in dead_lettered). Since 0.6.0';
+COMMENT ON COLUMN sqs_ingest.stats.batches IS 'Ingest calls (transactions) that received messages. Since 0.7.0';
+COMMENT ON COLUMN sqs_ingest.stats.batch_seconds IS 'Their wall-clock seconds, summed (batch_seconds / batches: the mean batch duration). Since 0.7.0';
+COMMENT ON COLUMN sqs_ingest.stats.oldest_sent_at IS 'The oldest SentTimestamp among the messages of the latest batch (now() minus it: the lag). Since 0.7.0';
+
+-- Metrics (0.7.0): what a Prometheus exporter reads (prometheus/sqs_ingest_queries.yaml), per queue (by ARN) and
+-- pipeline: counts, durations, ages and depths only; no queue contents, no PII, no secret.
+CREATE VIEW sqs_ingest.metrics_queues AS
+SELECT s.queue_arn                                 AS queue,
+       s.pipeline,
+       pg_catalog.sum(s.received)::bigint          AS received,
+       pg_catalog.sum(s.inserted)::bigint          AS inserted,
+       pg_catalog.sum(s.duplicates)::bigint        AS duplicates,
+       pg_catalog.sum(s.dead_lettered)::bigint     AS dead_lettered,
+       pg_catalog.sum(s.filtered)::bigint          AS filtered,
+       pg_catalog.sum(s.deleted)::bigint           AS deleted,
+       pg_catalog.sum(s.delete_failures)::bigint   AS delete_failures,
+       pg_catalog.sum(s.batches)::bigint           AS batches,
+       pg_catalog.sum(s.batch_seconds)             AS batch_seconds,
+       pg_catalog.max(s.approximate_depth)         AS approximate_depth,
+       EXTRACT(EPOCH FROM pg_catalog.max(s.last_success_at))::float8 AS last_success_time,
+       EXTRACT(EPOCH FROM pg_catalog.now() OPERATOR(pg_catalog.-)
+               (pg_catalog.array_agg(s.oldest_sent_at ORDER BY s.last_success_at DESC NULLS LAST)
+                    FILTER (WHERE s.oldest_sent_at IS NOT NULL))[1])::float8 AS lag_seconds
+  FROM sqs_ingest.stats s
+ GROUP BY s.queue_arn, s.pipeline;
+COMMENT ON VIEW sqs_ingest.metrics_queues IS 'Per queue (ARN) and pipeline: message counters, batches (ingest calls that received messages) and their seconds, depth at the last ingest, last success (Unix time) and lag (seconds since the oldest SentTimestamp of the latest batch). For prometheus-postgres-exporter; readable by sqs_ingest_monitor. Since 0.7.0';
+
+CREATE VIEW sqs_ingest.metrics_unmask AS
+SELECT CASE WHEN a.succeeded THEN 'succeeded' ELSE 'refused' END AS result, pg_catalog.count(*) AS calls
+  FROM sqs_ingest.unmask_audit a
+ GROUP BY 1;
+COMMENT ON VIEW sqs_ingest.metrics_unmask IS 'unmask() calls by result (succeeded, refused), from sqs_ingest.unmask_audit; readable by sqs_ingest_monitor. Since 0.7.0';
+
+CREATE VIEW sqs_ingest.metrics_keys AS
+SELECT EXTRACT(EPOCH FROM pg_catalog.now() OPERATOR(pg_catalog.-)
+               pg_catalog.max(k.created_at) FILTER (WHERE k.active))::float8 AS active_key_age_seconds,
+       pg_catalog.count(*) AS keys,
+       pg_catalog.count(*) FILTER (WHERE k.wrapped IS NOT NULL) AS wrapped_keys
+  FROM sqs_ingest.keys k;
+COMMENT ON VIEW sqs_ingest.metrics_keys IS 'Age of the active masking key (seconds; NULL before the first key), how many keys exist and how many are wrapped by AWS KMS (no key material); readable by sqs_ingest_monitor. Since 0.7.0';
+
+REVOKE ALL ON sqs_ingest.metrics_queues, sqs_ingest.metrics_unmask, sqs_ingest.metrics_keys FROM PUBLIC;
+GRANT SELECT ON sqs_ingest.metrics_queues, sqs_ingest.metrics_unmask, sqs_ingest.metrics_keys
+   TO sqs_ingest_monitor, sqs_ingest_operator;
+
 
 -- Privileges: nothing but app_version_text, queue_key and queue_arn is PUBLIC.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA sqs_ingest FROM PUBLIC;
@@ -157,6 +206,7 @@ COMMENT ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigin
 COMMENT ON FUNCTION sqs_ingest.mask(text, text) IS 'Mask a value with the active key: encrypt (reversible, default from sqs_ingest.masking_method) or hmac';
 COMMENT ON FUNCTION sqs_ingest.unmask(text) IS 'Reveal the value of an enc: token; audited in sqs_ingest.unmask_audit; granted via role sqs_ingest_unmasker';
 COMMENT ON FUNCTION sqs_ingest.rotate_key() IS 'Generate a new active masking key; tokens of older keys still unmask';
+COMMENT ON FUNCTION sqs_ingest.kms_wrap_keys() IS 'Wrap every masking key stored in the clear with the AWS KMS key sqs_ingest.kms_key_id names (Encrypt; the clear bytes are removed); returns how many; tokens are unchanged. Errors: 22023 setting unset, 42501 no KMS access, 55000 KMS key disabled, 58000 KMS unreachable. Since 0.7.0';
 COMMENT ON FUNCTION sqs_ingest.rekey(regclass) IS 'Rewrite enc: tokens of older keys in the table to the active key (masked_ip and masked_device_id, and every column a pipeline into the table masks with encrypt, 0.6.0); returns how many tokens changed';
 COMMENT ON FUNCTION sqs_ingest.rekey_table(oid) IS 'Implementation of sqs_ingest.rekey';
 COMMENT ON FUNCTION sqs_ingest.rekey_all() IS 'Rekey every table that holds tokens: the login pipeline''s target and every pipeline''s target (each column a pipeline masks with encrypt); returns each table and its rewritten token count. Since 0.6.0';

@@ -24,6 +24,13 @@ pub mod sqs_ingest {
         Ok(keys::rotate()?)
     }
 
+    /// Wraps every masking key stored in the clear with the AWS KMS key `sqs_ingest.kms_key_id` names, and
+    /// removes the clear bytes. Returns how many keys it wrapped; tokens are unchanged.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn kms_wrap_keys() -> std::result::Result<i64, ErrorReport> {
+        Ok(keys::wrap_all()?)
+    }
+
     /// Rewrites the reversible tokens of `target` that use an older key to the active key. Returns the count.
     #[pg_extern(volatile, parallel_unsafe, name = "rekey_table")]
     fn rekey_table(target_oid: pg_sys::Oid) -> std::result::Result<i64, ErrorReport> {

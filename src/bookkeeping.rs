@@ -115,6 +115,10 @@ pub struct Schema {
     pub body_digest: bool,
     /// `counters.pipeline` (0.6.0).
     pub counters_pipeline: bool,
+    /// `keys.wrapped` and `keys.kms_key_arn`: keys wrapped by AWS KMS (0.7.0).
+    pub keys_wrapped: bool,
+    /// `counters.batches`, `batch_seconds` and `oldest_sent_at`, for the metrics (0.7.0).
+    pub counters_batches: bool,
 }
 
 thread_local! {
@@ -145,6 +149,8 @@ impl Schema {
         let schema = Schema {
             body_digest: has("sqs_ingest.dead_letters", "body_digest")?,
             counters_pipeline: has("sqs_ingest.counters", "pipeline")?,
+            keys_wrapped: has("sqs_ingest.keys", "wrapped")?,
+            counters_batches: has("sqs_ingest.counters", "batches")?,
         };
         SCHEMA.set(Some((lxid, schema)));
         Ok(schema)
@@ -309,6 +315,11 @@ pub struct Counters {
     pub filtered: i64,
     pub deleted: i64,
     pub delete_failures: i64,
+    /// Ingest calls (transactions) that received messages, and their wall-clock seconds (0.7.0).
+    pub batches: i64,
+    pub batch_seconds: f64,
+    /// The oldest SentTimestamp (ms since the epoch) among the messages counted (0.7.0).
+    pub oldest_sent_ms: Option<i64>,
 }
 
 /// Adds to this backend's counter row for the current hour. Rows are keyed by backend pid, so concurrent
@@ -322,8 +333,22 @@ pub fn add_counters(
     depth: Option<i64>,
     error: Option<&str>,
 ) -> Result<()> {
-    let by_pipeline = Schema::detect()?.counters_pipeline;
-    let (column, value, key) = if by_pipeline { (", pipeline", ", $11::text", ", pipeline") } else { ("", "", "") };
+    let schema = Schema::detect()?;
+    let by_pipeline = schema.counters_pipeline;
+    let (mut column, mut value, key) = if by_pipeline {
+        (", pipeline".to_string(), ", $11::text".to_string(), ", pipeline")
+    } else {
+        Default::default()
+    };
+    let mut metrics = "";
+    if schema.counters_batches {
+        column.push_str(", batches, batch_seconds, oldest_sent_at");
+        value.push_str(", $12, $13, pg_catalog.to_timestamp($14::pg_catalog.float8 OPERATOR(pg_catalog./) 1000)");
+        metrics = ",
+            batches = k.batches + EXCLUDED.batches,
+            batch_seconds = k.batch_seconds + EXCLUDED.batch_seconds,
+            oldest_sent_at = COALESCE(EXCLUDED.oldest_sent_at, k.oldest_sent_at)";
+    }
     let sql = format!(
         "INSERT INTO sqs_ingest.counters AS k
             (queue_url, worker, backend_pid, hour, received, inserted, duplicates, dead_lettered, deleted,
@@ -344,7 +369,7 @@ pub fn add_counters(
             last_error = COALESCE(EXCLUDED.last_error, k.last_error),
             last_error_at = COALESCE(EXCLUDED.last_error_at, k.last_error_at),
             approximate_depth = COALESCE(EXCLUDED.approximate_depth, k.approximate_depth),
-            depth_at = COALESCE(EXCLUDED.depth_at, k.depth_at)"
+            depth_at = COALESCE(EXCLUDED.depth_at, k.depth_at){metrics}"
     );
     let mut args: Vec<pgrx::datum::DatumWithOid> = vec![
         queue_url.into(),
@@ -360,6 +385,12 @@ pub fn add_counters(
     ];
     if by_pipeline {
         args.push(pipeline.into());
+    }
+    if schema.counters_batches {
+        // A schema with the metrics columns has the pipeline column too (0.6.0 < 0.7.0).
+        args.push(c.batches.into());
+        args.push(c.batch_seconds.into());
+        args.push(c.oldest_sent_ms.map(|ms| ms as f64).into());
     }
     crate::plans::run(&sql, &args, |_| ()).map_err(|e| Error::Internal(format!("counter update failed: {e}")))?;
     if c.filtered > 0 {

@@ -47,6 +47,11 @@ pub enum Error {
     /// (no such pipeline), 42710 (the name is taken), 42501 (not the pipeline's owner).
     #[error("{message}")]
     Pipeline { code: PgSqlErrorCode, message: String },
+    /// Something the call needs is not usable here, with its own SQLSTATE and hint: no masking key yet where
+    /// only ingest may make one, a Citus worker node, a Citus-distributed bookkeeping table (55000, 0A000), or
+    /// the AWS KMS key that wraps the masking keys: no access (42501), disabled (55000), unreachable (58000).
+    #[error("{message}")]
+    Unavailable { code: PgSqlErrorCode, message: String, hint: String },
 }
 
 /// The SQLSTATE of an SQS failure class: the one mapping, in `sqs_ingest_core::sqs_error` (its unit tests pin it).
@@ -85,12 +90,14 @@ impl Error {
             Error::Internal(_) => ERRCODE_INTERNAL_ERROR,
             Error::Postgres { code, .. } => *code,
             Error::Pipeline { code, .. } => *code,
+            Error::Unavailable { code, .. } => *code,
         }
     }
 
     pub fn hint(&self) -> Option<String> {
         let hint = match self {
             Error::Postgres { hint, .. } => return hint.clone(),
+            Error::Unavailable { hint, .. } => return Some(hint.clone()),
             Error::Pipeline { code, .. } => match code {
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT => "List the pipelines with SELECT name FROM sqs_ingest.pipelines; a queue URL (with ://) runs the built-in login pipeline.",
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT => "Pass replace => true to redeclare it (as its owner), or choose another name.",

@@ -159,6 +159,8 @@ pub struct Summary {
     /// Messages this call hands to the commit hook for deletion (every message it processed).
     pub deleted: i64,
     pub elapsed_ms: f64,
+    /// The oldest SentTimestamp (ms since the epoch) among the messages received, for the lag metric.
+    pub oldest_sent_ms: Option<i64>,
     /// Whether the queue may hold more for this caller (it was not confirmed empty; for a FIFO queue, this call
     /// received messages, whose groups go on only after its COMMIT deletes them).
     pub more: bool,
@@ -280,6 +282,8 @@ pub fn ingest_waited(queue: &QueueUrl, opts: &Options, waited: Waited) -> Result
 fn ingest_from(queue: &QueueUrl, opts: &Options, waited: Option<Waited>) -> Result<Summary> {
     let started = Instant::now();
     crate::xact::ensure_registered();
+    // On Citus: only on the coordinator, and only with local bookkeeping tables (see crate::citus).
+    pinned(|| crate::citus::require_key_home().and_then(|()| crate::citus::require_local_bookkeeping()))?;
     let client = sqs::client(queue)?;
     // Connectivity, existence and protocol are checked before anything is written.
     let info = probe(&client, queue, opts.reuse_probe_for)?;
@@ -312,7 +316,7 @@ fn ingest_into(
 ) -> Result<Summary> {
     let owner = extension_owner();
     as_owner(owner, || flush_unreported(&opts.worker))?;
-    let key = keys::active_material()?;
+    let key = keys::active_material(true)?;
     let ledger_queue = as_owner(owner, || LedgerQueue::of(&queue.url))?;
     let schema = as_owner(owner, bookkeeping::Schema::detect)?;
 
@@ -350,6 +354,9 @@ fn ingest_into(
         filtered: s.filtered,
         deleted: s.deleted,
         delete_failures: 0,
+        batches: i64::from(s.received > 0),
+        batch_seconds: if s.received > 0 { started.elapsed().as_secs_f64() } else { 0.0 },
+        oldest_sent_ms: s.oldest_sent_ms,
     };
     if opts.max_messages == Some(0) {
         // A worker's dry run (see worker::batch): it checked what it could and stored nothing; no stats.
@@ -656,6 +663,11 @@ impl Run<'_> {
 
     fn store(&mut self, mut batch: Vec<Received>) -> Result<()> {
         let limits = self.target.limits;
+        // For the lag metric; a SentTimestamp outside years 2000..9999 (a faulty endpoint) is ignored.
+        let plausible = |ms: &i64| (946_684_800_000..253_402_300_799_000).contains(ms);
+        if let Some(oldest) = batch.iter().filter_map(|m| m.sent_timestamp_ms).filter(plausible).min() {
+            self.summary.oldest_sent_ms = Some(self.summary.oldest_sent_ms.map_or(oldest, |o| o.min(oldest)));
+        }
         let mut seen = HashSet::with_capacity(batch.len());
         let mut receipts = Vec::with_capacity(batch.len());
         let mut candidates = Vec::with_capacity(batch.len());

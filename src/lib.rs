@@ -13,13 +13,16 @@ use pgrx::prelude::*;
 
 mod api;
 mod audit;
+mod aws;
 mod bench;
 mod bookkeeping;
+mod citus;
 mod error;
 mod gucs;
 mod hold;
 mod ingest;
 mod keys;
+mod kms;
 mod mask;
 mod pipeline;
 mod plans;

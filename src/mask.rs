@@ -43,7 +43,7 @@ pub unsafe extern "C-unwind" fn mask_wrapper(fcinfo: pg_sys::FunctionCallInfo) -
         };
         let method_name = text(1).map(|b| std::str::from_utf8(b).unwrap_or("\u{fffd}"));
         let method = crate::gucs::masking_method_or(method_name).unwrap_or_else(|e| Error::from(e).raise());
-        let key = crate::keys::active_material().unwrap_or_else(|e| e.raise());
+        let key = crate::keys::active_material(false).unwrap_or_else(|e| e.raise());
         TOKEN.with(|t| {
             let mut token = t.borrow_mut();
             key.mask_into(method, value, &mut token).unwrap_or_else(|e| Error::from(e).raise());

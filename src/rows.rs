@@ -204,6 +204,9 @@ fn raise_without_detail(report: &pgrx::pg_sys::panic::ErrorReportWithLevel, targ
 /// deferred out of the owner's security-restricted context (which Postgres refuses).
 fn as_writer(target: &Target, insert: impl FnOnce() -> pgrx::spi::SpiResult<()>) -> Result<()> {
     as_role(writer_for(target.owner), || -> pgrx::spi::SpiResult<()> {
+        if target.distributed {
+            crate::citus::sequential_modifications();
+        }
         let deferred = target.deferred_checks.as_ref();
         if let Some((immediate, _)) = deferred {
             Spi::run(immediate)?;

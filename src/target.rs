@@ -27,6 +27,8 @@ pub struct Target {
     /// COMMIT's, and nothing is deferred out of a security-restricted operation), and the `SET CONSTRAINTS …
     /// DEFERRED` that puts the initially deferred ones back afterwards.
     pub deferred_checks: Option<(String, Option<String>)>,
+    /// A Citus distributed or reference table: its inserts run with sequential multi-shard modification.
+    pub distributed: bool,
 }
 
 impl Target {
@@ -235,7 +237,11 @@ fn create(name: &str) -> Result<()> {
 }
 
 fn inspect(oid: pg_sys::Oid) -> Result<Target> {
-    pinned(|| inspect_pinned(oid))
+    pinned(|| {
+        let mut target = inspect_pinned(oid)?;
+        target.distributed = crate::citus::is_distributed(oid);
+        Ok(target)
+    })
 }
 
 /// What every target needs, without the login columns: a pipeline's rows are converted by each column's type,
@@ -264,6 +270,7 @@ fn inspect_any(oid: pg_sys::Oid) -> Result<Target> {
         limits: ColumnLimits::default(),
         can_refuse_rows: true,
         deferred_checks,
+        distributed: crate::citus::is_distributed(oid),
     })
 }
 
@@ -389,6 +396,7 @@ fn inspect_pinned(oid: pg_sys::Oid) -> Result<Target> {
             limits,
             can_refuse_rows: can_refuse_rows.unwrap_or(true),
             deferred_checks,
+            distributed: false,
         })
     })
 }

@@ -157,18 +157,7 @@ impl QueueUrl {
     /// example.com (not example.com itself), anything else one host exactly (case-insensitive; IPv6 with or
     /// without brackets).
     pub fn host_allowed(&self, patterns: &str) -> bool {
-        patterns.split(',').map(|p| p.trim().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()).any(
-            |p| match p.strip_prefix("*.") {
-                _ if p == "*" => true,
-                Some(suffix) => {
-                    !suffix.is_empty()
-                        && self.host.len() > suffix.len() + 1
-                        && self.host.ends_with(suffix)
-                        && self.host.as_bytes()[self.host.len() - suffix.len() - 1] == b'.'
-                }
-                None => !p.is_empty() && p == self.host,
-            },
-        )
+        host_allowed(&self.host, patterns)
     }
 
     pub fn is_aws(&self) -> bool {
@@ -195,6 +184,46 @@ impl QueueUrl {
         };
         format!("arn:{partition}:sqs:{region}:{}:{}", self.account, self.name)
     }
+}
+
+/// Whether `host` (lower-case, IPv6 without brackets) matches one of the comma-separated patterns of
+/// `sqs_ingest.allowed_endpoints` (see [`QueueUrl::host_allowed`]).
+pub fn host_allowed(host: &str, patterns: &str) -> bool {
+    patterns.split(',').map(|p| p.trim().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()).any(|p| {
+        match p.strip_prefix("*.") {
+            _ if p == "*" => true,
+            Some(suffix) => {
+                !suffix.is_empty()
+                    && host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+            None => !p.is_empty() && p == host,
+        }
+    })
+}
+
+/// The host of an endpoint URL (`http(s)://host[:port][/]`), lower-case, IPv6 without brackets; None when the
+/// text is not such a URL (no scheme, user info, a path, a query).
+pub fn endpoint_host(url: &str) -> Option<String> {
+    let rest = url.trim().strip_prefix("https://").or_else(|| url.trim().strip_prefix("http://"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, rest) = v6.split_once(']')?;
+        (host, if rest.is_empty() { None } else { Some(rest.strip_prefix(':')?) })
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) || p.len() > 5) {
+        return None;
+    }
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -331,5 +360,28 @@ mod tests {
     #[test]
     fn trailing_slash_is_tolerated() {
         assert_eq!(QueueUrl::parse("http://h:1/0/q/").unwrap().url, "http://h:1/0/q");
+    }
+
+    #[test]
+    fn endpoint_hosts_are_parsed_for_the_allow_list() {
+        assert_eq!(endpoint_host("http://localhost:4566").as_deref(), Some("localhost"));
+        assert_eq!(
+            endpoint_host("https://KMS.eu-west-1.amazonaws.com/").as_deref(),
+            Some("kms.eu-west-1.amazonaws.com")
+        );
+        assert_eq!(endpoint_host("http://[::1]:4566").as_deref(), Some("::1"));
+        for bad in [
+            "localhost:4566",
+            "http://user@evil.example",
+            "http://h/path",
+            "http://",
+            "ftp://h",
+            "http://localhost:4566.evil.com",
+            "http://[::1]x",
+        ] {
+            assert_eq!(endpoint_host(bad), None, "{bad}");
+        }
+        assert!(host_allowed("kms.eu-west-1.amazonaws.com", "*.amazonaws.com"));
+        assert!(!host_allowed("evil.example", "*.amazonaws.com,localhost"));
     }
 }

@@ -135,6 +135,18 @@ impl Harness {
 }
 
 /// The server log of the shared end-to-end cluster (scripts/test.sh starts it with `-l <dir>/postgres.log`).
+/// Runs a Postgres client tool (`pg_dump`, `pg_restore`, …) of the server's installation against the harness'
+/// cluster as `postgres`; panics with its stderr when it fails.
+pub fn pg_tool(h: &Harness, tool: &str, args: &[&str]) {
+    let bin = std::env::var("SQS_INGEST_PG_BIN").expect("SQS_INGEST_PG_BIN");
+    let out = std::process::Command::new(format!("{bin}/{tool}"))
+        .args(["-h", &h.host, "-p", &h.port.to_string(), "-U", "postgres"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn server_log() -> String {
     let data = std::env::var("SQS_INGEST_PGDATA").expect("SQS_INGEST_PGDATA");
     std::fs::read_to_string(format!("{data}/../postgres.log")).unwrap_or_default()
@@ -344,7 +356,7 @@ impl FreezingProxy {
 /// Commits the first masking key and `user_logins` up front: a first ingest creates both, and concurrent
 /// sessions wait for that transaction to commit before they can use them.
 pub fn create_user_logins(c: &mut Client) {
-    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     c.batch_execute(
         "CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),
            masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)",
@@ -463,14 +475,30 @@ impl FixedEndpoint {
 /// extension's own SQL helpers do not cover (FIFO queues: CreateQueue attributes, MessageGroupId). LocalStack does
 /// not check signatures; the Authorization header only names the region and service.
 pub fn sqs_call(endpoint: &str, action: &str, body: serde_json::Value) -> serde_json::Value {
+    aws_json_call(endpoint, "sqs", "application/x-amz-json-1.0", &format!("AmazonSQS.{action}"), body)
+}
+
+/// One AWS KMS API call (JSON 1.1 protocol) to LocalStack's KMS: keys for the tests (CreateKey, DisableKey, …).
+pub fn kms_call(endpoint: &str, action: &str, body: serde_json::Value) -> serde_json::Value {
+    aws_json_call(endpoint, "kms", "application/x-amz-json-1.1", &format!("TrentService.{action}"), body)
+}
+
+fn aws_json_call(
+    endpoint: &str,
+    service: &str,
+    content_type: &str,
+    target: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let action = target;
     use std::io::Read;
     let authority = endpoint.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = std::net::TcpStream::connect(authority).unwrap_or_else(|e| panic!("connect {authority}: {e}"));
     let payload = body.to_string();
     let request = format!(
-        "POST / HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/x-amz-json-1.0\r\n\
-         X-Amz-Target: AmazonSQS.{action}\r\nX-Amz-Date: 20260101T000000Z\r\n\
-         Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/sqs/aws4_request, SignedHeaders=host, Signature=00\r\n\
+        "POST / HTTP/1.1\r\nHost: {authority}\r\nContent-Type: {content_type}\r\n\
+         X-Amz-Target: {target}\r\nX-Amz-Date: 20260101T000000Z\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=00\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{payload}",
         payload.len()
     );

@@ -2,18 +2,7 @@
 //! unmask in the restored database, redelivered messages are still recognised, and new rows get fresh ids.
 
 use sqs_ingest_e2e::*;
-use std::process::Command;
 use std::time::Duration;
-
-fn pg_tool(h: &Harness, tool: &str, args: &[&str]) {
-    let bin = std::env::var("SQS_INGEST_PG_BIN").expect("SQS_INGEST_PG_BIN");
-    let out = Command::new(format!("{bin}/{tool}"))
-        .args(["-h", &h.host, "-p", &h.port.to_string(), "-U", "postgres"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 #[test]
 fn dump_and_restore_keeps_keys_ledger_and_audit() {

@@ -219,7 +219,7 @@ fn rekey_rewrites_each_token_in_its_own_row_of_a_partitioned_target() {
     let h = harness();
     let mut c = h.fresh_db("e2e_rekey_parts");
     let url = h.fresh_queue(&mut c, "e2e-rekey-parts", 30);
-    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     // Partitioned as the README recommends; two partitions, so row positions (ctids) repeat across them.
     c.batch_execute(
         "CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256),

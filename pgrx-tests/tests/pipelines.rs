@@ -7,7 +7,7 @@ use sqs_ingest_e2e::*;
 fn setup(h: &Harness, db: &str, op: &str) -> postgres::Client {
     let mut c = h.fresh_db(db);
     h.login_role(&mut c, op, &["sqs_ingest_operator"]);
-    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     c.batch_execute(&format!(
         "CREATE TABLE orders (
             order_id     uuid PRIMARY KEY,
@@ -358,7 +358,7 @@ fn an_sns_envelope_is_unwrapped_and_raw_delivery_stores_identical_rows() {
     let (db, op) = ("e2e_pipe_sns", "e2e_pipe_op3");
     let mut c = h.fresh_db(db);
     h.login_role(&mut c, op, &["sqs_ingest_operator"]);
-    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     for t in ["events_raw", "events_wrapped"] {
         c.batch_execute(&format!(
             "CREATE TABLE {t} (event_id uuid PRIMARY KEY, kind text, email text, amount numeric, topic text);
@@ -463,7 +463,7 @@ fn a_filter_deletes_releases_or_dead_letters_what_it_does_not_match_and_counts_i
     let (db, op) = ("e2e_pipe_filter", "e2e_pipe_op4");
     let mut c = h.fresh_db(db);
     h.login_role(&mut c, op, &["sqs_ingest_operator"]);
-    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     c.batch_execute(&format!("CREATE TABLE created (id text, fate text); ALTER TABLE created OWNER TO {op}")).unwrap();
     let mut o = h.connect_as(db, op);
     o.batch_execute("SET sqs_ingest.visibility_timeout = 3").unwrap();
@@ -605,7 +605,7 @@ fn two_pipelines_ingest_side_by_side_under_workers_and_rekey_finds_every_masked_
     let (db, op) = ("e2e_pipe_many", "e2e_pipe_op6");
     let mut c = h.fresh_db(db);
     h.login_role(&mut c, op, &["sqs_ingest_operator"]);
-    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     // A table partitioned by day with pg_partman (Debian's postgresql-15-partman), and a plain one.
     c.batch_execute("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman").unwrap();
     c.batch_execute(&format!(
@@ -698,7 +698,7 @@ fn values_any_type_refuses_are_dead_letters_and_numbers_keep_their_precision() {
     let (db, op) = ("e2e_pipe_types", "e2e_pipe_op7");
     let mut c = h.fresh_db(db);
     h.login_role(&mut c, op, &["sqs_ingest_operator"]);
-    c.batch_execute("SELECT sqs_ingest.mask('first key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     c.batch_execute(&format!(
         "CREATE TABLE words (id int PRIMARY KEY, kw tsvector, tags text[], amount numeric, flags bit(8), codes char(5)[]);
          ALTER TABLE words OWNER TO {op}"

@@ -19,6 +19,7 @@ fn only_granted_roles_unmask_and_every_call_is_audited() {
     let h = harness();
     let mut c = h.fresh_db("e2e_security");
     let (plain, granted) = roles(&mut c, "a");
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     let token: String = c.query_one("SELECT sqs_ingest.mask('203.0.113.9')", &[]).unwrap().get(0);
 
     // An ordinary role: 42501 on unmask, on mask (an equality oracle), on the keys, on the audit trail.
@@ -87,7 +88,7 @@ fn no_key_material_or_secret_is_visible_to_an_ordinary_role() {
     let h = harness();
     let mut c = h.fresh_db("e2e_no_leaks");
     let (plain, _) = roles(&mut c, "b");
-    c.batch_execute("SELECT sqs_ingest.mask('seed a key')").unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     let key_hex: String = c.query_one("SELECT encode(key_bytes, 'hex') FROM sqs_ingest.keys", &[]).unwrap().get(0);
     let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
     // Where a login role could read it, a secret is refused (55P02, with a hint to use ALTER SYSTEM) ...
@@ -208,6 +209,7 @@ fn a_revealed_value_stays_audited_when_the_caller_rolls_back() {
     let h = harness();
     let mut c = h.fresh_db("e2e_audit_rollback");
     let (_, granted) = roles(&mut c, "c");
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     let token: String = c.query_one("SELECT sqs_ingest.mask('198.51.100.4')", &[]).unwrap().get(0);
     c.batch_execute(&format!("SET ROLE {granted}")).unwrap();
     // Two calls in a transaction that rolls back, one in a savepoint that rolls back, one that commits.
@@ -245,6 +247,7 @@ fn an_unmask_in_a_prepared_transaction_is_audited_once() {
     let h = harness();
     let mut c = h.fresh_db("e2e_audit_2pc");
     let (_, granted) = roles(&mut c, "d");
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
     let token: String = c.query_one("SELECT sqs_ingest.mask('198.51.100.9')", &[]).unwrap().get(0);
     c.batch_execute(&format!("SET ROLE {granted}")).unwrap();
     c.batch_execute("BEGIN").unwrap();
@@ -268,14 +271,18 @@ fn an_unmask_in_a_prepared_transaction_is_audited_once() {
 fn a_key_created_or_rotated_in_a_rolled_back_savepoint_never_mints_a_token() {
     let h = harness();
     let mut c = h.fresh_db("e2e_key_savepoint");
-    // The first key, created inside a savepoint that rolls back: the token minted after it must use a key that
-    // exists when the transaction commits.
+    // The first key, created inside a savepoint that rolls back: no token may be minted with it afterwards (mask()
+    // never makes a key, so there is none).
     let mut tx = c.transaction().unwrap();
     tx.batch_execute("SAVEPOINT s").unwrap();
+    let _: i32 = tx.query_one("SELECT sqs_ingest.rotate_key()", &[]).unwrap().get(0);
     let _: String = tx.query_one("SELECT sqs_ingest.mask('198.51.100.7')", &[]).unwrap().get(0);
     tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
-    let first: String = tx.query_one("SELECT sqs_ingest.mask('198.51.100.7')", &[]).unwrap().get(0);
-    tx.commit().unwrap();
+    let e = tx.query_one("SELECT sqs_ingest.mask('198.51.100.7')", &[]).unwrap_err();
+    assert_eq!(sqlstate(&e), "55000", "no token from the rolled-back key: {e:?}");
+    tx.rollback().unwrap();
+    c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
+    let first: String = c.query_one("SELECT sqs_ingest.mask('198.51.100.7')", &[]).unwrap().get(0);
     let clear: String = c.query_one("SELECT sqs_ingest.unmask($1)", &[&first]).unwrap().get(0);
     assert_eq!(clear, "198.51.100.7");
 

@@ -26,14 +26,21 @@ fn members(c: &mut postgres::Client) -> Vec<String> {
 fn surface(c: &mut postgres::Client) -> Vec<String> {
     sorted(
         c,
-        "SELECT format('%s %s %s %s', p.oid::regprocedure, p.proconfig, p.proacl, obj_description(p.oid, 'pg_proc'))
+        "SELECT format('%s %s %s %s %s %s %s', p.oid::regprocedure, p.proconfig, p.proacl,
+                       obj_description(p.oid, 'pg_proc'), p.proisstrict, p.provolatile, p.proparallel)
            FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
             AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')
          UNION ALL
          SELECT format('%s.%s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
                        a.attcollation::regcollation)
            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-          WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped",
+          WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+         UNION ALL
+         SELECT format('%s %s %s', k.conrelid::regclass, k.conname, pg_get_constraintdef(k.oid))
+           FROM pg_constraint k WHERE k.connamespace = 'sqs_ingest'::regnamespace
+         UNION ALL
+         SELECT format('%s %s', c.oid::regclass, pg_get_viewdef(c.oid))
+           FROM pg_class c WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND c.relkind = 'v'",
     )
 }
 

@@ -9,7 +9,6 @@ mod sdk;
 use crate::error::{Error, Result};
 use crate::gucs;
 use crate::runtime::block_on_uninterruptible;
-use aws_sdk_sqs::config::Credentials;
 use direct::Direct;
 use futures_util::future::Either;
 use futures_util::stream::{self, StreamExt};
@@ -72,33 +71,14 @@ pub fn client(queue: &QueueUrl) -> Result<Client> {
 
 fn clients(queue: &QueueUrl) -> Result<Client> {
     let region = queue.region.clone().unwrap_or_else(gucs::region);
-    let static_creds = match (gucs::aws_access_key_id(), gucs::aws_secret_access_key()) {
-        (Some(id), Some(secret)) => {
-            Some(Credentials::new(id, secret, gucs::aws_session_token(), None, "sqs_ingest GUCs"))
-        }
-        (None, None) => None,
-        _ => {
-            return Err(Error::InvalidArgument(
-                "sqs_ingest.aws_access_key_id and sqs_ingest.aws_secret_access_key must be set together".into(),
-            ))
-        }
-    };
-    // Non-AWS endpoints (LocalStack, ElasticMQ) accept any signature: without configured credentials, sign
-    // with placeholders instead of waiting on instance-metadata lookups that cannot succeed.
-    let creds = static_creds.or_else(|| {
-        (!queue.is_aws() && std::env::var_os("AWS_ACCESS_KEY_ID").is_none())
-            .then(|| Credentials::new("test", "test", None, None, "sqs_ingest local endpoint"))
-    });
+    let creds = crate::aws::credentials(queue.is_aws())?;
     let timeout = gucs::request_timeout_ms();
     let cache_key = format!(
         "{}|{}|{}|{}",
         queue.endpoint.as_deref().unwrap_or("aws"),
         region,
         timeout,
-        creds
-            .as_ref()
-            .map(|c| format!("{:x}", credentials_fingerprint(c.access_key_id(), c.secret_access_key())))
-            .unwrap_or_default()
+        crate::aws::fingerprint(creds.as_ref())
     );
     if let Some(made) = CLIENTS.with(|m| m.borrow().get(&cache_key).cloned()) {
         return Ok(made);
@@ -107,15 +87,6 @@ fn clients(queue: &QueueUrl) -> Result<Client> {
     let made = Client { sdk: made.0, direct: made.1.transpose()?.map(Arc::new) };
     CLIENTS.with(|m| m.borrow_mut().insert(cache_key, made.clone()));
     Ok(made)
-}
-
-/// Distinguishes cached clients by credentials without keeping the secret in the cache key.
-fn credentials_fingerprint(a: &str, b: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    a.hash(&mut h);
-    b.hash(&mut h);
-    h.finish()
 }
 
 /// Reads depth and retention; doubles as the connectivity and existence check before any side effect.

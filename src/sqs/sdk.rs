@@ -1,11 +1,10 @@
-//! The AWS SDK side of the SQS transport: the SDK config (region, endpoint, credentials provider chain, timeouts,
-//! standard retries) and every call made through `aws-sdk-sqs`, its failures classified into [`Error`]. Reached
-//! only through [`super`]'s interface.
+//! The AWS SDK side of the SQS transport: the client (its config is [`crate::aws`]'s) and every call made through
+//! `aws-sdk-sqs`, its failures classified into [`Error`]. Reached only through [`super`]'s interface.
 
 use super::direct::Direct;
 use super::{QueueInfo, Received};
 use crate::error::{Error, Result};
-use aws_sdk_sqs::config::{Credentials, Region};
+use aws_sdk_sqs::config::Credentials;
 use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageSystemAttributeName,
@@ -15,16 +14,9 @@ use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use sqs_ingest_core::sqs_error::Observed;
 use std::time::Duration;
 
-fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
-    use aws_smithy_http_client::tls;
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
-        .build_https()
-}
-
-/// Loads the SDK config for an endpoint (None: the region's public one, or `AWS_ENDPOINT_URL`) and region, with
-/// static credentials or, without them, the SDK's default provider chain. Also makes the direct client for the same
-/// endpoint and credentials (None when the config has no credentials provider).
+/// Makes the SDK client for an endpoint (None: the region's public one, or `AWS_ENDPOINT_URL`) and region (see
+/// [`crate::aws::sdk_config`]), and the direct client for the same endpoint and credentials (None when the config
+/// has no credentials provider).
 pub async fn connect(
     endpoint: Option<String>,
     region: String,
@@ -32,23 +24,7 @@ pub async fn connect(
     timeout: u64,
 ) -> (aws_sdk_sqs::Client, Option<Result<Direct>>) {
     let region_name = region.clone();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(Region::new(region))
-        .http_client(http_client())
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .connect_timeout(Duration::from_millis(timeout.min(5_000)))
-                .operation_attempt_timeout(Duration::from_millis(timeout + 20_000))
-                .build(),
-        )
-        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(3));
-    if let Some(c) = creds {
-        loader = loader.credentials_provider(c);
-    }
-    if let Some(ep) = endpoint {
-        loader = loader.endpoint_url(ep);
-    }
-    let config = loader.load().await;
+    let config = crate::aws::sdk_config(endpoint, region, creds, timeout).await;
     // The direct client posts to the same endpoint the SDK would: the configured one (queue URL host,
     // AWS_ENDPOINT_URL) or the region's public SQS endpoint.
     let direct_endpoint = config.endpoint_url().map(str::to_string).unwrap_or_else(|| {
