@@ -29,7 +29,7 @@ synchronous_commit = on"
 EP="http://localhost:$LS_PORT"
 PSQL=(psql -X -q -A -t -h "$B/pg" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1)
 "${PSQL[@]}" -d postgres -c "CREATE DATABASE bench" >/dev/null
-"${PSQL[@]}" -d bench -c "CREATE EXTENSION sqs_ingest; CREATE EXTENSION pgcrypto; SELECT sqs_ingest.mask('warm up the key')" >/dev/null
+"${PSQL[@]}" -d bench -c "CREATE EXTENSION sqs_ingest; CREATE EXTENSION pgcrypto; SELECT sqs_ingest.rotate_key()" >/dev/null
 K="$("${PSQL[@]}" -d bench -c "SHOW sqs_ingest.receive_concurrency")"
 
 load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 7 \
@@ -185,3 +185,7 @@ SELECT format('%-44s %10s ms', 'worker send -> visible latency p50', round(perce
        format('%-44s %10s ms', 'worker send -> visible latency p99', round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1))
   FROM lat;
 SQL
+
+# Keys under AWS KMS: what the first use of a key in a backend costs (its own LocalStack and cluster).
+cleanup; trap - EXIT
+bash "$REPO_ROOT/scripts/bench_kms.sh"
