@@ -5,6 +5,9 @@
 use crate::error::{Error, Result};
 use crate::gucs;
 use aws_credential_types::Credentials;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use std::time::Duration;
 
 /// The credentials requests are signed with: the static settings when both are set; for a non-AWS endpoint
@@ -28,17 +31,27 @@ pub fn credentials(aws_endpoint: bool) -> Result<Option<Credentials>> {
     }))
 }
 
-/// Tells cached clients apart by credentials without keeping the secret in the cache key.
-pub fn fingerprint(creds: Option<&Credentials>) -> String {
+/// The key a client is cached under: its endpoint (None: the service's public one), region, timeout and a
+/// fingerprint of the credentials (never the secret itself). A change of any of them makes a new client.
+pub fn client_key(endpoint: Option<&str>, region: &str, timeout_ms: u64, creds: Option<&Credentials>) -> String {
     use std::hash::{Hash, Hasher};
-    creds
+    let fingerprint = creds
         .map(|c| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             c.access_key_id().hash(&mut h);
             c.secret_access_key().hash(&mut h);
             format!("{:x}", h.finish())
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    format!("{}|{region}|{timeout_ms}|{fingerprint}", endpoint.unwrap_or("aws"))
+}
+
+/// What an SDK call's failure says: the service's error code and message, else the transport error's chain.
+pub fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(err: &SdkError<E, HttpResponse>) -> String {
+    match (err, err.code()) {
+        (SdkError::ServiceError(_), Some(code)) => format!("{code}: {}", err.message().unwrap_or("no message")),
+        _ => crate::error::error_chain(err),
+    }
 }
 
 fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {

@@ -1,7 +1,8 @@
 //! Citus awareness: where the masking keys live, which tables must stay local, and how ingest writes to a
 //! distributed target. Citus is not a dependency: every check reads Citus's catalogs only when they exist
 //! (`pg_catalog.pg_dist_local_group`, `pg_catalog.pg_dist_partition`), so on a plain server each costs one
-//! `to_regclass`.
+//! `to_regclass`. Every lookup runs under the pinned `search_path` ([`crate::privilege::pinned`]), as every
+//! statement of the extension does.
 //!
 //! The rules, from Citus's documented behaviour: the coordinator is group 0 of `pg_dist_local_group`, every worker
 //! node another group; Citus runs a function call inside a query on the worker nodes that hold the shards
@@ -31,7 +32,7 @@ fn local_group() -> Option<i32> {
 /// ERROR (55000) unless the masking keys can be here: on a Citus worker node they cannot (they live with the
 /// coordinator's `sqs_ingest.keys`), and a key made there would be unrelated to every stored token.
 pub fn require_key_home() -> Result<()> {
-    match local_group() {
+    match crate::privilege::pinned(local_group) {
         Some(group) if group != 0 => Err(Error::Unavailable {
             code: PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             message: format!(
@@ -48,6 +49,10 @@ pub fn require_key_home() -> Result<()> {
 
 /// Whether `table` is a Citus distributed or reference table (false without Citus).
 pub fn is_distributed(table: pg_sys::Oid) -> bool {
+    crate::privilege::pinned(|| distributed(table))
+}
+
+fn distributed(table: pg_sys::Oid) -> bool {
     catalog_exists("pg_catalog.pg_dist_partition")
         && Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition
@@ -63,6 +68,10 @@ pub fn is_distributed(table: pg_sys::Oid) -> bool {
 /// Citus distributed or reference table: they must stay local to the coordinator, where ingest's transaction
 /// writes them.
 pub fn require_local_bookkeeping() -> Result<()> {
+    crate::privilege::pinned(bookkeeping_local)
+}
+
+fn bookkeeping_local() -> Result<()> {
     if !catalog_exists("pg_catalog.pg_dist_partition") {
         return Ok(());
     }

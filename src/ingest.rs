@@ -283,7 +283,8 @@ fn ingest_from(queue: &QueueUrl, opts: &Options, waited: Option<Waited>) -> Resu
     let started = Instant::now();
     crate::xact::ensure_registered();
     // On Citus: only on the coordinator, and only with local bookkeeping tables (see crate::citus).
-    pinned(|| crate::citus::require_key_home().and_then(|()| crate::citus::require_local_bookkeeping()))?;
+    crate::citus::require_key_home()?;
+    crate::citus::require_local_bookkeeping()?;
     let client = sqs::client(queue)?;
     // Connectivity, existence and protocol are checked before anything is written.
     let info = probe(&client, queue, opts.reuse_probe_for)?;

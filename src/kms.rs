@@ -52,9 +52,8 @@ fn client(kms_key: &str) -> Result<aws_sdk_kms::Client> {
                     url.chars().take(200).collect::<String>()
                 ))
             })?;
-            let loopback = host == "localhost" || host == "::1" || host.starts_with("127.");
             if !sqs_ingest_core::queue_url::host_allowed(&host, &gucs::allowed_endpoints())
-                || !(loopback || url.starts_with("https://"))
+                || !(sqs_ingest_core::queue_url::is_loopback(&host) || url.starts_with("https://"))
             {
                 return Err(Error::Unavailable {
                     code: PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -73,11 +72,7 @@ fn client(kms_key: &str) -> Result<aws_sdk_kms::Client> {
     let region = region_of(kms_key);
     let creds = crate::aws::credentials(aws_endpoint)?;
     let timeout = gucs::request_timeout_ms();
-    let cache_key = format!(
-        "{}|{region}|{timeout}|{}",
-        endpoint.as_deref().unwrap_or("aws"),
-        crate::aws::fingerprint(creds.as_ref())
-    );
+    let cache_key = crate::aws::client_key(endpoint.as_deref(), &region, timeout, creds.as_ref());
     if let Some(made) = CLIENTS.with(|m| m.borrow().get(&cache_key).cloned()) {
         return Ok(made);
     }
@@ -193,12 +188,9 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     err: SdkError<E, aws_smithy_runtime_api::client::orchestrator::HttpResponse>,
 ) -> Error {
     let code = err.code().map(str::to_string);
-    let what = match (&err, code.as_deref()) {
-        (SdkError::ServiceError(_), Some(code)) => format!("{code}: {}", err.message().unwrap_or("no message")),
-        _ => crate::error::error_chain(&err),
-    };
     // The endpoint's text goes into errors and log lines: one line, bounded.
-    let what: String = what.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect();
+    let what: String =
+        crate::aws::describe(&err).chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect();
     let message = format!("AWS KMS {operation} with key {kms_key} for masking key {key_id} failed: {what}");
     let (code, hint) = match code.as_deref() {
         Some("DisabledException" | "KMSInvalidStateException" | "KeyUnavailableException") => (

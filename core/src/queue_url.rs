@@ -203,6 +203,11 @@ pub fn host_allowed(host: &str, patterns: &str) -> bool {
     })
 }
 
+/// Whether a host (as [`endpoint_host`] gives it) names this machine: `localhost`, 127.0.0.0/8 or `::1`.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost" || host == "::1" || host.parse::<std::net::Ipv4Addr>().is_ok_and(|a| a.is_loopback())
+}
+
 /// The host of an endpoint URL (`http(s)://host[:port][/]`), lower-case, IPv6 without brackets; None when the
 /// text is not such a URL (no scheme, user info, a path, a query).
 pub fn endpoint_host(url: &str) -> Option<String> {
@@ -382,6 +387,8 @@ mod tests {
             assert_eq!(endpoint_host(bad), None, "{bad}");
         }
         assert!(host_allowed("kms.eu-west-1.amazonaws.com", "*.amazonaws.com"));
+        assert!(is_loopback("127.0.0.2") && is_loopback("localhost") && is_loopback("::1"));
+        assert!(!is_loopback("127.evil.example") && !is_loopback("10.0.0.1"));
         assert!(!host_allowed("evil.example", "*.amazonaws.com,localhost"));
     }
 }

@@ -490,7 +490,6 @@ fn aws_json_call(
     target: &str,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    let action = target;
     use std::io::Read;
     let authority = endpoint.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = std::net::TcpStream::connect(authority).unwrap_or_else(|e| panic!("connect {authority}: {e}"));
@@ -522,7 +521,7 @@ fn aws_json_call(
     } else {
         rest.to_string()
     };
-    assert!(head.starts_with("HTTP/1.1 200"), "{action} failed: {head}\n{body}");
+    assert!(head.starts_with("HTTP/1.1 200"), "{target} failed: {head}\n{body}");
     serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
 }
 

@@ -73,13 +73,7 @@ fn clients(queue: &QueueUrl) -> Result<Client> {
     let region = queue.region.clone().unwrap_or_else(gucs::region);
     let creds = crate::aws::credentials(queue.is_aws())?;
     let timeout = gucs::request_timeout_ms();
-    let cache_key = format!(
-        "{}|{}|{}|{}",
-        queue.endpoint.as_deref().unwrap_or("aws"),
-        region,
-        timeout,
-        crate::aws::fingerprint(creds.as_ref())
-    );
+    let cache_key = crate::aws::client_key(queue.endpoint.as_deref(), &region, timeout, creds.as_ref());
     if let Some(made) = CLIENTS.with(|m| m.borrow().get(&cache_key).cloned()) {
         return Ok(made);
     }

@@ -55,10 +55,7 @@ pub fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
         body_start: body.as_deref(),
         no_response,
     };
-    let what = match (&err, code.as_deref()) {
-        (SdkError::ServiceError(_), Some(code)) => format!("{code}: {}", err.message().unwrap_or("no message")),
-        _ => crate::error::error_chain(&err),
-    };
+    let what = crate::aws::describe(&err);
     crate::error::sqs_failure(operation, &seen, what)
 }
 
