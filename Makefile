@@ -10,6 +10,7 @@ test:
 
 setup:
 	@bash scripts/setup.sh
+	@bash scripts/setup_postgres_majors.sh
 
 install:
 	@bash scripts/install.sh

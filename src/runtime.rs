@@ -146,9 +146,23 @@ pub fn install_worker_signal_handlers() {
     IN_WORKER.store(true, Ordering::Relaxed);
     // SAFETY: installs Postgres' exported handlers on the worker's main thread before it does anything else.
     unsafe {
-        pg_sys::pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(SignalHandlerForShutdownRequest));
+        pqsignal(pg_sys::SIGHUP as i32, Some(SignalHandlerForConfigReload));
+        pqsignal(pg_sys::SIGTERM as i32, Some(SignalHandlerForShutdownRequest));
         pg_sys::BackgroundWorkerUnblockSignals();
+    }
+}
+
+/// Postgres' `pqsignal()`: from 18 the backend's variant is exported as `pqsignal_be` (port.h maps the name).
+///
+/// # Safety
+/// As `pqsignal()`: main thread, a handler that is async-signal-safe.
+unsafe fn pqsignal(signo: std::ffi::c_int, func: pg_sys::pqsigfunc) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        pg_sys::pqsignal(signo, func);
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(signo, func);
     }
 }
 

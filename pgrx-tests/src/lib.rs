@@ -29,6 +29,20 @@ pub fn harness() -> Harness {
     }
 }
 
+/// Whether the shared cluster's installation has an optional extension: `pg_cron` (preloaded) and `pg_partman`
+/// are Debian packages for Postgres 15 only, so scripts/test.sh sets SQS_INGEST_HAS_PG_CRON and
+/// SQS_INGEST_HAS_PG_PARTMAN to 0 for the Postgres 18 tier (unset means present). Tests that need one skip on a
+/// server without it; its summary says which tier ran them.
+pub fn server_has(extension: &str) -> bool {
+    let var = format!("SQS_INGEST_HAS_{}", extension.to_uppercase());
+    std::env::var(var).map_or(true, |v| v != "0")
+}
+
+/// The major version of the shared cluster's Postgres (scripts/test.sh sets SQS_INGEST_PG_MAJOR; unset means 15).
+pub fn server_major() -> u32 {
+    std::env::var("SQS_INGEST_PG_MAJOR").map_or(15, |v| v.parse().expect("SQS_INGEST_PG_MAJOR"))
+}
+
 /// The real 100 messages of the original take-home queue, if the shared data file is present.
 pub fn real_messages() -> Option<Vec<String>> {
     let path = std::env::var("SQS_INGEST_SAMPLE_DATA").ok()?;

@@ -29,20 +29,24 @@ fn installing_on_a_running_cluster_keeps_it_running_and_ingesting() {
         .get(0)
     };
     let pid_before = worker_pid(&mut c).expect("the worker runs");
-    let lib = "/usr/lib/postgresql/15/lib/sqs_ingest.so";
-    let inode_before = std::fs::metadata(lib).unwrap().ino();
+    // The installation the shared cluster runs (scripts/test.sh passes its pg_config).
+    let pg_config = std::env::var("SQS_INGEST_PG_CONFIG").unwrap_or_else(|_| "/usr/bin/pg_config".into());
+    let out = std::process::Command::new(&pg_config).arg("--pkglibdir").output().unwrap();
+    let libdir = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let lib = format!("{libdir}/sqs_ingest.so");
+    let inode_before = std::fs::metadata(&lib).unwrap().ino();
 
     let repo = std::env::var("SQS_INGEST_REPO").expect("SQS_INGEST_REPO");
     let out = std::process::Command::new("bash")
         .arg(format!("{repo}/scripts/install.sh"))
-        .arg("--no-build")
+        .args(["--pg-config", &pg_config, "--no-build"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Replaced by a rename: a new inode, no temporary file left, and nothing that had the old one mapped noticed.
-    assert_ne!(std::fs::metadata(lib).unwrap().ino(), inode_before, "installed by rename, not rewritten in place");
-    let leftovers = std::fs::read_dir("/usr/lib/postgresql/15/lib")
+    assert_ne!(std::fs::metadata(&lib).unwrap().ino(), inode_before, "installed by rename, not rewritten in place");
+    let leftovers = std::fs::read_dir(&libdir)
         .unwrap()
         .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().contains(".new.")))
         .count();

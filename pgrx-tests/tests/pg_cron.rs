@@ -6,6 +6,10 @@ use std::time::Duration;
 
 #[test]
 fn pg_cron_schedules_ingest() {
+    if !server_has("pg_cron") {
+        eprintln!("SKIPPED pg_cron_schedules_ingest: pg_cron is not packaged for Postgres {}", server_major());
+        return;
+    }
     let h = harness();
     let mut c = h.fresh_db("e2e_cron");
     let url = h.fresh_queue(&mut c, "e2e-cron", 30);

@@ -606,11 +606,20 @@ fn two_pipelines_ingest_side_by_side_under_workers_and_rekey_finds_every_masked_
     let mut c = h.fresh_db(db);
     h.login_role(&mut c, op, &["sqs_ingest_operator"]);
     c.batch_execute("SELECT sqs_ingest.rotate_key()").unwrap();
-    // A table partitioned by day with pg_partman (Debian's postgresql-15-partman), and a plain one.
-    c.batch_execute("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman").unwrap();
+    // A table partitioned by day (by pg_partman where it is packaged, Debian's postgresql-15-partman; by hand
+    // elsewhere), and a plain one.
+    let partitions = if server_has("pg_partman") {
+        c.batch_execute("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman").unwrap();
+        "SELECT partman.create_parent('public.clicks', 'day', 'native', 'daily');"
+    } else {
+        // `day` is SentTimestamp's UTC date: a few days around it, whatever the session's time zone.
+        "CREATE TABLE clicks_p_near PARTITION OF clicks
+             FOR VALUES FROM ((now() AT TIME ZONE 'UTC')::date - 2) TO ((now() AT TIME ZONE 'UTC')::date + 3);
+         CREATE TABLE clicks_default PARTITION OF clicks DEFAULT;"
+    };
     c.batch_execute(&format!(
         "CREATE TABLE clicks (click_id uuid NOT NULL, email text, day date NOT NULL, page text) PARTITION BY RANGE (day);
-         SELECT partman.create_parent('public.clicks', 'day', 'native', 'daily');
+         {partitions}
          CREATE TABLE signups (signup_id uuid PRIMARY KEY, email varchar(256), plan text);
          ALTER TABLE clicks OWNER TO {op}; ALTER TABLE signups OWNER TO {op};"
     ))

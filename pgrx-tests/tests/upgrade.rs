@@ -31,12 +31,15 @@ fn surface(c: &mut postgres::Client) -> Vec<String> {
            FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
             AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sqs_ingest')
          UNION ALL
-         SELECT format('%s.%s %s %s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
-                       a.attcollation::regcollation)
+         SELECT format('%s.%s %s %s%s', c.relname, a.attname, format_type(a.atttypid, a.atttypmod),
+                       a.attcollation::regcollation, CASE WHEN a.attnotnull THEN ' not null' END)
            FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
           WHERE c.relnamespace = 'sqs_ingest'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
          UNION ALL
-         SELECT format('%s %s %s', k.conrelid::regclass, k.conname, pg_get_constraintdef(k.oid))
+         -- Postgres 18 catalogs NOT NULL constraints under generated names that keep a renamed column's old
+         -- name (ledger.queue_url became queue_key in 0.5.0): compared by their definition, not their name.
+         SELECT format('%s %s %s', k.conrelid::regclass, CASE WHEN k.contype = 'n' THEN '-' ELSE k.conname END,
+                       pg_get_constraintdef(k.oid))
            FROM pg_constraint k WHERE k.connamespace = 'sqs_ingest'::regnamespace
          UNION ALL
          SELECT format('%s %s', c.oid::regclass, pg_get_viewdef(c.oid))
