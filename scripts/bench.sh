@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench: throughput against LocalStack's raw drain, backend CPU per message, masking speed beside
-# pgcrypto, and the background worker's send -> visible latency. Numbers, not pass/fail.
+# pgcrypto, the background worker's send -> visible latency, KMS first use (scripts/bench_kms.sh), and the
+# user's path at loopback and at 10/30 ms round trips (scripts/bench_user_path.sh). Numbers, not pass/fail.
 #   BENCH_N (default 10000) messages per throughput round, BENCH_ROUNDS (default 3) rounds; BENCH_MASK_N (default
 #   1000000) values for masking.
 source "$(dirname "$0")/lib.sh"
@@ -189,3 +190,5 @@ SQL
 # Keys under AWS KMS: what the first use of a key in a backend costs (its own LocalStack and cluster).
 cleanup; trap - EXIT
 bash "$REPO_ROOT/scripts/bench_kms.sh"
+# The user's path (fresh session, no max_messages, table created by the call) and real-network round trips.
+bash "$REPO_ROOT/scripts/bench_user_path.sh"

@@ -40,26 +40,27 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Pass NULL to drain the whole queue.';
     END IF;
     received := 0; inserted := 0; duplicates := 0; dead_lettered := 0; deleted := 0; delete_failures := 0;
+    -- Collect the delete outcomes of this procedure's commits (0.8.0: a batch's deletes run on while the next
+    -- batch is received and stored).
+    PERFORM sqs_ingest.drain_deletes(true);
     LOOP
         want := CASE WHEN max_messages IS NULL THEN batch_messages::pg_catalog.int8
                      ELSE pg_catalog.int8smaller(batch_messages::pg_catalog.int8,
                                                  max_messages OPERATOR(pg_catalog.-) received) END;
         EXIT WHEN want OPERATOR(pg_catalog.<=) 0::pg_catalog.int8;
         SELECT * INTO r FROM sqs_ingest.drain_batch(queue_url, want, method);
-        COMMIT;  -- the commit hook deletes this batch's messages from SQS now
-        SELECT * INTO d FROM sqs_ingest.last_commit_deletes();
+        COMMIT;  -- the commit hook starts deleting this batch's messages from SQS
         received := received OPERATOR(pg_catalog.+) r.received;
         inserted := inserted OPERATOR(pg_catalog.+) r.inserted;
         duplicates := duplicates OPERATOR(pg_catalog.+) r.duplicates;
         dead_lettered := dead_lettered OPERATOR(pg_catalog.+) r.dead_lettered;
-        IF r.received OPERATOR(pg_catalog.>) 0::pg_catalog.int8 THEN
-            deleted := deleted OPERATOR(pg_catalog.+) d.deleted;
-            delete_failures := delete_failures OPERATOR(pg_catalog.+) d.failed;
-        END IF;
         -- Until the queue was confirmed empty (a FIFO queue: until a batch receives nothing, since each COMMIT
         -- lets the next messages of the groups it held through).
         EXIT WHEN NOT r.more;
     END LOOP;
+    SELECT * INTO d FROM sqs_ingest.drain_deletes(false);  -- waits for the deletes still running
+    deleted := d.deleted;
+    delete_failures := d.failed;
     PERFORM sqs_ingest.flush_stats();
     elapsed_ms := pg_catalog.date_part('epoch'::pg_catalog.text,
                       pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) started)
@@ -196,6 +197,7 @@ GRANT EXECUTE ON FUNCTION sqs_ingest.mask(text, text) TO sqs_ingest_unmasker, sq
 GRANT EXECUTE ON FUNCTION sqs_ingest(text, bigint, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.last_commit_deletes() TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.drain_deletes(boolean) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.drain_batch(text, bigint, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.flush_stats() TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.redrive(text, text) TO sqs_ingest_operator;
@@ -214,6 +216,7 @@ COMMENT ON FUNCTION sqs_ingest.queue_arn(text) IS 'The queue''s ARN (arn:aws:sqs
 COMMENT ON FUNCTION sqs_ingest.app_version_text(integer) IS 'Print a packed app_version (M*10000+m*100+p) as M.m.p';
 COMMENT ON FUNCTION sqs_ingest.redrive(text, text) IS 'Re-process one dead letter by message id (after fixing its cause); true if it is now stored';
 COMMENT ON FUNCTION sqs_ingest.drain_batch(text, bigint, text) IS 'One batch of sqs_ingest_drain: as sqs_ingest(), plus whether the queue may hold more (a FIFO queue goes on while batches receive messages). Since 0.5.0';
+COMMENT ON FUNCTION sqs_ingest.drain_deletes(boolean) IS 'Used by sqs_ingest_drain: start (true) collecting the delete outcomes of its commits, or (false) wait for the deletes still running and return the total (deleted, failed). Since 0.8.0';
 COMMENT ON FUNCTION sqs_ingest.last_commit_deletes() IS 'Messages deleted from SQS (and failures) after this session''s last committing ingest';
 COMMENT ON FUNCTION sqs_ingest.flush_stats() IS 'Write this session''s post-commit delete outcomes and remembered errors to sqs_ingest.stats';
 COMMENT ON FUNCTION sqs_ingest.queue_send(text, text[]) IS 'Send message bodies to a queue (operations and tests); superuser only by default';

@@ -106,6 +106,15 @@ pub mod sqs_ingest {
         TableIterator::once((o.succeeded as i64, o.failed as i64))
     }
 
+    /// Used by `sqs_ingest_drain` before its first batch (`start` true: collect the delete outcomes of its commits
+    /// from now on) and after its last (false: wait for the deletes still running, each within its commit's
+    /// `sqs_ingest.post_commit_timeout`, and return the total: (deleted, failed)). Since 0.8.0.
+    #[pg_extern(volatile, parallel_unsafe, strict)]
+    fn drain_deletes(start: bool) -> TableIterator<'static, (name!(deleted, i64), name!(failed, i64))> {
+        let o = hold::drain_deletes(start);
+        TableIterator::once((o.succeeded as i64, o.failed as i64))
+    }
+
     /// Sends message bodies to a queue (batches of 10). Returns how many SQS accepted.
     #[pg_extern(volatile, parallel_unsafe)]
     fn queue_send(queue_url: &str, bodies: Vec<Option<String>>) -> std::result::Result<i64, ErrorReport> {

@@ -18,6 +18,7 @@ static AWS_SECRET_ACCESS_KEY: GucSetting<Option<CString>> = GucSetting::<Option<
 static AWS_SESSION_TOKEN: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// ReceiveMessage calls kept in flight at once (each returns up to 10 messages).
 static RECEIVE_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(4);
+static MAX_RECEIVE_CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
 /// Visibility timeout requested on receive; held messages are extended before it runs out.
 static VISIBILITY_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 /// Extend the visibility of messages held by an open transaction (off: rely on visibility_timeout alone).
@@ -110,8 +111,18 @@ pub fn kms_endpoint() -> Option<String> {
 pub fn kms_key_cache_lifetime() -> std::time::Duration {
     std::time::Duration::from_secs(KMS_KEY_CACHE_LIFETIME_S.get() as u64)
 }
+/// ReceiveMessage calls in flight when a backend starts on a queue (core::concurrency adapts it from there).
 pub fn receive_concurrency() -> usize {
     RECEIVE_CONCURRENCY.get() as usize
+}
+/// The most ReceiveMessage calls one backend keeps in flight: `sqs_ingest.max_receive_concurrency`, or
+/// `receive_concurrency` if that is set higher (a 0.7.0 setting of 32 stays 32).
+pub fn receive_cap() -> usize {
+    MAX_RECEIVE_CONCURRENCY.get().max(RECEIVE_CONCURRENCY.get()) as usize
+}
+/// DeleteMessageBatch calls in flight after a commit: twice the receive cap, at least 8 (0.7.0's number).
+pub fn delete_concurrency() -> usize {
+    (2 * receive_cap()).max(8)
 }
 pub fn visibility_timeout_s() -> i32 {
     VISIBILITY_TIMEOUT_S.get()
@@ -362,9 +373,19 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"sqs_ingest.receive_concurrency",
-        c"ReceiveMessage calls kept in flight at once (each returns up to 10 messages).",
-        c"Default 4.",
+        c"ReceiveMessage calls kept in flight when a backend starts on a queue (each returns up to 10 messages).",
+        c"Default 4. From there the number adapts: it grows while throughput grows, up to sqs_ingest.max_receive_concurrency, and shrinks on empty receives, throttling, or a database slower than the receives.",
         &RECEIVE_CONCURRENCY,
+        1,
+        64,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.max_receive_concurrency",
+        c"Most ReceiveMessage calls one backend keeps in flight; twice as many DeleteMessageBatch calls run after a commit.",
+        c"Default 16. One backend receives at most this many times 10 messages per round trip.",
+        &MAX_RECEIVE_CONCURRENCY,
         1,
         64,
         GucContext::Userset,

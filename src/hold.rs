@@ -54,6 +54,121 @@ thread_local! {
     static UNREPORTED: RefCell<Vec<PostCommit>> = const { RefCell::new(Vec::new()) };
     /// The current transaction is failing for a transient reason: its messages are released with a backoff.
     static BACK_OFF: Cell<bool> = const { Cell::new(false) };
+    /// The next commit may leave its deletes running while the caller goes on (see [`overlap_next_commit`]).
+    static OVERLAP_NEXT: Cell<bool> = const { Cell::new(false) };
+    /// Deletes a commit left running, finished (or stopped) by [`finish_pending`].
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
+    /// While `sqs_ingest_drain` runs (see [`drain_deletes`]): the delete outcomes of its commits so far.
+    static DRAIN: Cell<Option<BatchOutcome>> = const { Cell::new(None) };
+}
+
+/// `sqs_ingest.drain_deletes(start)`, called by `sqs_ingest_drain` before its first batch (`start`) and after its
+/// last (0.8.0). Starting collects the delete outcomes of the procedure's commits from now on (and lets its batches
+/// overlap their deletes with the next batch, [`draining`]); ending waits for the deletes still running and
+/// returns the total, and stops collecting. An abort stops the collection too.
+pub fn drain_deletes(start: bool) -> BatchOutcome {
+    // An abort must be able to stop the collection (the hooks may not be registered yet in a fresh backend).
+    crate::xact::ensure_registered();
+    finish_pending(); // adds what finishes to a running collection
+    if start {
+        DRAIN.set(Some(BatchOutcome::default()));
+        return BatchOutcome::default();
+    }
+    DRAIN.take().unwrap_or_default()
+}
+
+/// Whether `sqs_ingest_drain` is collecting delete outcomes (its batches may overlap their deletes).
+pub fn draining() -> bool {
+    DRAIN.get().is_some()
+}
+
+fn add_to_drain(outcome: BatchOutcome) {
+    if let Some(mut total) = DRAIN.get() {
+        total.succeeded += outcome.succeeded;
+        total.failed += outcome.failed;
+        DRAIN.set(Some(total));
+    }
+}
+
+/// Deletes of a committed transaction still running on the network thread.
+struct Pending {
+    url: String,
+    n: u64,
+    task: tokio::task::JoinHandle<BatchOutcome>,
+    /// Its commit's `sqs_ingest.post_commit_timeout`.
+    deadline: std::time::Instant,
+}
+
+/// Lets the next commit of this backend leave its deletes running on the network thread while the caller receives
+/// and stores its next batch (a background worker with a full batch: more is likely waiting). The deletes still
+/// start only after the commit; they are waited for — within their own `sqs_ingest.post_commit_timeout` — by the
+/// next commit (so at most one batch's deletes run on), by [`finish_pending`], or at the worker's exit. Their
+/// outcome reaches the counters then. An abort clears it.
+pub fn overlap_next_commit() {
+    crate::xact::ensure_registered();
+    OVERLAP_NEXT.set(true);
+}
+
+/// Waits for the deletes an earlier commit left running (each until its own deadline, or until the backend is
+/// told to terminate); their outcomes are recorded for the counters. Returns their total.
+pub fn finish_pending() -> BatchOutcome {
+    finish_pending_with(true)
+}
+
+/// [`finish_pending`] for a background worker that is stopping: its deletes get their deadline although the
+/// worker was asked to stop (they are bounded by it, and otherwise come back as duplicates).
+pub fn finish_pending_at_exit() -> BatchOutcome {
+    finish_pending_with(false)
+}
+
+fn finish_pending_with(honour_terminate: bool) -> BatchOutcome {
+    let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    let mut total = BatchOutcome::default();
+    for Pending { url, n, task, deadline } in pending {
+        let outcome = wait_for_deletes(task, n, &url, deadline, honour_terminate);
+        total.succeeded += outcome.succeeded;
+        total.failed += outcome.failed;
+        UNREPORTED.with(|u| u.borrow_mut().push(PostCommit { queue_url: url, outcome }));
+    }
+    add_to_drain(total);
+    total
+}
+
+/// Waits for one queue's delete task until `deadline` (or, with `honour_terminate`, until the backend is told to
+/// terminate); warns (never raises) about what was not deleted.
+fn wait_for_deletes(
+    task: tokio::task::JoinHandle<BatchOutcome>,
+    n: u64,
+    url: &str,
+    deadline: std::time::Instant,
+    honour_terminate: bool,
+) -> BatchOutcome {
+    let abort = task.abort_handle();
+    let waited = if honour_terminate {
+        crate::runtime::block_on_until(task, deadline)
+    } else {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        crate::runtime::block_on_uninterruptible(async { tokio::time::timeout(left, task).await.ok() })
+    };
+    let outcome = match waited {
+        Some(Ok(outcome)) => outcome,
+        Some(Err(_)) => BatchOutcome { succeeded: 0, failed: n },
+        None => {
+            abort.abort();
+            pgrx::warning!(
+                "sqs_ingest: deletes after COMMIT stopped (sqs_ingest.post_commit_timeout passed, or the backend is terminating); {n} messages from {url} may be redelivered and will be recognised as duplicates"
+            );
+            BatchOutcome { succeeded: 0, failed: n }
+        }
+    };
+    if outcome.failed > 0 {
+        pgrx::warning!(
+            "sqs_ingest: {} of {} messages stored by the committed transaction could not be deleted from {url}; they will be redelivered and recognised as duplicates",
+            outcome.failed,
+            n
+        );
+    }
+    outcome
 }
 
 /// Marks the current transaction as failing for a transient reason (the caller is about to raise): when it aborts,
@@ -183,49 +298,48 @@ fn take() -> Option<(Vec<Group>, Vec<(Group, i32)>, tokio::task::JoinHandle<()>)
     Some((group(&queues, delete.into_iter().map(|e| (e.queue, e.receipt))), released, heartbeat))
 }
 
-/// DeleteMessageBatch calls in flight after a commit.
-const DELETE_CONCURRENCY: usize = 8;
-
 /// Deletes the committed transaction's messages. The transaction still holds its locks until this returns, so the
 /// whole phase is bounded by `sqs_ingest.post_commit_timeout` whatever the batch size, and ends early when the
 /// backend is told to terminate (pg_terminate_backend, fast shutdown). Messages not deleted then are redelivered
 /// after their visibility timeout and recognised as duplicates by the ledger.
 fn after_commit() {
     BACK_OFF.set(false);
+    let overlap = OVERLAP_NEXT.replace(false);
     let Some((groups, released, heartbeat)) = take() else { return };
     heartbeat.abort();
     release_after(released);
     let deadline = std::time::Instant::now() + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
+    // DeleteMessageBatch calls in flight: twice as many as receives may be (at a real round trip the deletes of a
+    // large transaction are a phase of their own, 1,000 calls per 10,000 messages, and the transaction holds its
+    // locks while they run).
+    let concurrency = crate::gucs::delete_concurrency();
+    // This commit's deletes start first; then those an earlier commit left running are waited for (each until
+    // its own, earlier, deadline), so the whole hook stays within this commit's post_commit_timeout.
+    let started: Vec<Pending> = groups
+        .into_iter()
+        .map(|(client, url, receipts)| {
+            // On the network thread, beside the connections: the main thread only waits for the total.
+            let n = receipts.len() as u64;
+            let task_url = url.clone();
+            let task = crate::runtime::runtime()
+                .spawn(async move { sqs::delete(&client, &task_url, &receipts, concurrency).await });
+            Pending { url, n, task, deadline }
+        })
+        .collect();
+    finish_pending();
+    if overlap {
+        PENDING.with(|p| p.borrow_mut().extend(started));
+        LAST_COMMIT.set(BatchOutcome::default());
+        return;
+    }
     let mut total = BatchOutcome::default();
-    for (client, url, receipts) in groups {
-        // On the network thread, beside the connections: the main thread only waits for the total.
-        let n = receipts.len() as u64;
-        let task_url = url.clone();
-        let task = crate::runtime::runtime()
-            .spawn(async move { sqs::delete(&client, &task_url, &receipts, DELETE_CONCURRENCY).await });
-        let abort = task.abort_handle();
-        let outcome = match crate::runtime::block_on_until(task, deadline) {
-            Some(Ok(outcome)) => outcome,
-            Some(Err(_)) => BatchOutcome { succeeded: 0, failed: n },
-            None => {
-                abort.abort();
-                pgrx::warning!(
-                    "sqs_ingest: deletes after COMMIT stopped (sqs_ingest.post_commit_timeout passed, or the backend is terminating); {n} messages from {url} may be redelivered and will be recognised as duplicates"
-                );
-                BatchOutcome { succeeded: 0, failed: n }
-            }
-        };
+    for Pending { url, n, task, deadline } in started {
+        let outcome = wait_for_deletes(task, n, &url, deadline, true);
         total.succeeded += outcome.succeeded;
         total.failed += outcome.failed;
-        if outcome.failed > 0 {
-            pgrx::warning!(
-                "sqs_ingest: {} of {} messages stored by the committed transaction could not be deleted from {url}; they will be redelivered and recognised as duplicates",
-                outcome.failed,
-                n
-            );
-        }
         UNREPORTED.with(|u| u.borrow_mut().push(PostCommit { queue_url: url, outcome }));
     }
+    add_to_drain(total);
     LAST_COMMIT.set(total);
 }
 
@@ -244,6 +358,8 @@ fn release_after(groups: Vec<(Group, i32)>) {
 }
 
 fn after_abort() {
+    OVERLAP_NEXT.set(false);
+    DRAIN.set(None);
     let back_off = BACK_OFF.replace(false);
     let Some((queues, entries, heartbeat)) = take_entries() else { return };
     heartbeat.abort();
@@ -299,6 +415,9 @@ fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransac
 /// Refuses PREPARE TRANSACTION while the transaction holds messages: they are deleted from SQS by the session
 /// that commits, and a prepared transaction is committed (or not) later, maybe by another session.
 fn before_prepare() {
+    // A prepared transaction is committed later, maybe by another session: nothing of this one carries over.
+    OVERLAP_NEXT.set(false);
+    DRAIN.set(None);
     if held_count() > 0 {
         pgrx::pg_sys::panic::ErrorReport::new(
             pgrx::PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

@@ -15,10 +15,12 @@ use crate::subxact::catch_error;
 use crate::target::{self, Target};
 use crate::{gucs, hold, keys};
 use pgrx::prelude::*;
+use sqs_ingest_core::concurrency::ReceiveConcurrency;
 use sqs_ingest_core::event::{self, Rejection};
 use sqs_ingest_core::mask::{KeyMaterial, Method};
 use sqs_ingest_core::pipeline::{self as pipeline_core, MessageView};
 use sqs_ingest_core::queue_url::QueueUrl;
+use sqs_ingest_core::sqs_error::FailureClass;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::rc::Rc;
@@ -176,6 +178,20 @@ thread_local! {
     static LAST_PROBE: RefCell<HashMap<String, (Instant, sqs::QueueInfo)>> = RefCell::new(HashMap::new());
     /// When this backend last pruned each queue's ledger.
     static LAST_PRUNE: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
+    /// Receives in flight per queue as this backend last adapted them (see core::concurrency): a drain's or a
+    /// worker's next batch starts where the last one ended.
+    static RECEIVE_LIMIT: RefCell<HashMap<String, ReceiveConcurrency>> = RefCell::new(HashMap::new());
+}
+
+/// The receive-concurrency controller for a queue: where this backend left it (its number, its last measured
+/// rate and probing state), but never below `sqs_ingest.receive_concurrency` (a drained queue halved it; new
+/// traffic starts from the setting again) nor above the cap, [`gucs::receive_cap`].
+fn receive_controller(url: &str, now_s: f64) -> ReceiveConcurrency {
+    let (start, cap) = (gucs::receive_concurrency(), gucs::receive_cap());
+    match RECEIVE_LIMIT.with(|m| m.borrow_mut().remove(url)) {
+        Some(last) => last.resume(start, cap, now_s),
+        None => ReceiveConcurrency::new(start, cap, now_s),
+    }
 }
 
 /// Parses the arguments every entry point shares; raises before any side effect. The first names a queue (its
@@ -553,7 +569,27 @@ impl Run<'_> {
 
     /// Returns whether it stopped because the queue looked empty (rather than at `max_messages` or a stop).
     fn pipeline(&mut self, started: Instant, waited: Option<Waited>) -> Result<bool> {
-        let concurrency = gucs::receive_concurrency();
+        let clock = Instant::now();
+        let now = || clock.elapsed().as_secs_f64();
+        let mut control = receive_controller(&self.queue.url, 0.0);
+        let start = control.limit();
+        let result = self.pipeline_with(started, waited, &mut control, &now);
+        pgrx::debug1!(
+            "sqs_ingest: receive concurrency: started at {start}, peak {}, ended at {}",
+            control.peak(),
+            control.limit()
+        );
+        RECEIVE_LIMIT.with(|m| m.borrow_mut().insert(self.queue.url.clone(), control));
+        result
+    }
+
+    fn pipeline_with(
+        &mut self,
+        started: Instant,
+        waited: Option<Waited>,
+        control: &mut ReceiveConcurrency,
+        now: &dyn Fn() -> f64,
+    ) -> Result<bool> {
         let mut pending = Unstored { client: self.client.clone(), url: self.queue.url.clone(), messages: Vec::new() };
         if let Some(Waited(mut first)) = waited {
             pending.messages = std::mem::take(&mut first.messages);
@@ -566,7 +602,7 @@ impl Run<'_> {
         let progress_every = Duration::from_secs(gucs::progress_interval_s());
         let mut next_progress = started + progress_every;
         loop {
-            self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
+            self.top_up(&mut in_flight, &mut unrequested, saw_empty, control.limit());
             if in_flight.is_empty() {
                 if !pending.messages.is_empty() {
                     self.store(std::mem::take(&mut pending.messages))?;
@@ -601,8 +637,9 @@ impl Run<'_> {
             for mut f in done {
                 let abort = f.handle.abort_handle();
                 let rx = f.rx.take().expect("an in-flight receive is taken once");
-                let got = match crate::runtime::block_on(rx) {
-                    Ok(received) => received.map_err(|e| Error::Internal(format!("receive task failed: {e}")))??,
+                let wait = Instant::now();
+                let answer = match crate::runtime::block_on(rx) {
+                    Ok(received) => received.map_err(|e| Error::Internal(format!("receive task failed: {e}")))?,
                     Err(Error::Interrupted) => {
                         // A worker asked to stop or reload: abandon the pending polls, store what we have.
                         abort.abort();
@@ -614,6 +651,24 @@ impl Run<'_> {
                     }
                     Err(e) => return Err(e),
                 };
+                let got = match answer {
+                    Ok(got) => got,
+                    // SQS throttled this receive after the client's own retries: fewer receives in flight, and the
+                    // call goes on while others may still answer. Alone and throttled, the call fails (53400).
+                    Err(Error::Sqs { class: FailureClass::Throttled, .. })
+                        if control.limit() > 1 || !in_flight.is_empty() =>
+                    {
+                        control.throttled(now());
+                        unrequested += f.requested;
+                        // A throttled confirming poll confirmed nothing: it is tried again.
+                        confirming = false;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if !confirming {
+                    control.received(got.len(), wait.elapsed().as_secs_f64(), now());
+                }
                 unrequested += f.requested - got.len() as i64;
                 if got.is_empty() {
                     saw_empty = true;
@@ -623,6 +678,8 @@ impl Run<'_> {
                     saw_empty = false;
                     confirmed_once = self.opts.return_after_wake;
                     woke = true;
+                    // The long poll's wait was not receiving: the next window starts now.
+                    control.skip_window(now());
                 }
                 pending.messages.extend(got);
             }
@@ -636,7 +693,7 @@ impl Run<'_> {
             if woke && self.opts.return_after_wake {
                 unrequested = 0;
             } else {
-                self.top_up(&mut in_flight, &mut unrequested, saw_empty, concurrency);
+                self.top_up(&mut in_flight, &mut unrequested, saw_empty, control.limit());
             }
             // While more receives are on their way, gather them into larger batches: fewer statements, and fewer
             // waits on the network thread, per message.

@@ -13,7 +13,7 @@
 use crate::error::{Error, Result};
 use crate::privilege::{as_owner, extension_owner, pinned};
 use crate::runtime::{install_worker_signal_handlers, reload_if_requested, sleep, stop_requested};
-use crate::{gucs, ingest};
+use crate::{gucs, hold, ingest};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
 use pgrx::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -313,6 +313,7 @@ fn run(source: Source, label: String, connection: Connection) {
             break;
         }
     }
+    hold::finish_pending_at_exit();
     log!("sqs_ingest {label} stopped");
 }
 
@@ -344,11 +345,26 @@ fn batch(url: &str, label: &str, plan: &Plan, checked: &mut std::collections::Ha
         in_transaction(|| ingest::catching(|| ingest::ingest(&queue, &dry)))?;
         checked.insert(url.to_string());
     }
-    let waited = ingest::wait_for_messages(&queue, plan.batch, gucs::worker_wait_s())?;
+    let waited = ingest::wait_for_messages(&queue, plan.batch, gucs::worker_wait_s());
+    if !matches!(&waited, Ok(w) if !w.is_empty()) {
+        // Idle (or failing): the deletes the last batch left running have had the whole wait; they are waited
+        // for now (their failures are written with the next batch's counters) rather than at the next commit.
+        hold::finish_pending();
+    }
+    let waited = waited?;
     if waited.is_empty() {
         return Ok(0);
     }
-    let summary = in_transaction(|| ingest::catching(|| ingest::ingest_waited(&queue, &opts, waited)));
+    // A full batch means more is likely waiting: its deletes may run on while the next batch is received and
+    // stored (never for a FIFO queue, whose next messages SQS holds back until these are deleted).
+    let fifo = queue.name.ends_with(".fifo");
+    let summary = in_transaction(|| {
+        let summary = ingest::catching(|| ingest::ingest_waited(&queue, &opts, waited))?;
+        if !fifo && max.is_some_and(|m| summary.received >= m) {
+            hold::overlap_next_commit();
+        }
+        Ok(summary)
+    });
     if summary.is_err() {
         checked.remove(url);
     }

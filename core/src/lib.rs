@@ -4,6 +4,7 @@
 //! message validation, masking tokens, version packing, queue URLs and secret scrubbing is unit-tested with
 //! plain `cargo test -p sqs_ingest_core`.
 
+pub mod concurrency;
 pub mod event;
 pub mod mask;
 pub mod pipeline;

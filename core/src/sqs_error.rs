@@ -113,7 +113,7 @@ impl FailureClass {
             FailureClass::LegacyProtocol => {
                 "Use LocalStack 3 or later (or real AWS SQS); LocalStack 0.x/1.x/2.x images such as localstack/localstack:0.14 only speak the XML protocol."
             }
-            FailureClass::Throttled => "Retry later, lower sqs_ingest.receive_concurrency, or raise the account's SQS limits.",
+            FailureClass::Throttled => "Retry later, lower sqs_ingest.max_receive_concurrency, or raise the account's SQS limits.",
             FailureClass::Service => "See the detail for the service's message.",
         }
     }

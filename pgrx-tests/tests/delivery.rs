@@ -246,3 +246,61 @@ fn a_cancelled_call_releases_everything_it_received() {
     assert_eq!(ingest(&mut c, &url).inserted, 8000);
     eventually("queue empty", Duration::from_secs(10), || depth(&mut c, &url) == (0, 0));
 }
+
+/// A worker's full batches leave their deletes running while it receives the next batch (0.8.0): every message is
+/// still stored once and deleted after its commit — nothing stays in flight until its visibility timeout (30 s
+/// here) to come back as a duplicate — and no delete fails.
+#[test]
+fn a_worker_overlapping_its_deletes_deletes_every_message_once() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_overlap");
+    create_user_logins(&mut c);
+    let url = h.fresh_queue(&mut c, "e2e-overlap", 30);
+    let id: i32 = c.query_one("SELECT sqs_ingest.worker_start($1, 10)", &[&url]).unwrap().get(0);
+    h.send(&mut c, &url, &(0..50).map(login).collect::<Vec<_>>());
+    eventually("the worker stored every message", Duration::from_secs(60), || {
+        count(&mut c, "SELECT count(*) FROM user_logins") == 50
+    });
+    // Well inside the visibility timeout: a message whose delete never ran would still be in flight.
+    eventually("every message was deleted", Duration::from_secs(15), || depth(&mut c, &url) == (0, 0));
+    assert_eq!(count(&mut c, "SELECT count(DISTINCT user_id) FROM user_logins"), 50);
+    let label = format!("dynamic worker {id}");
+    let r = c
+        .query_one(
+            "SELECT sum(received)::int8, sum(duplicates)::int8, sum(delete_failures)::int8 FROM sqs_ingest.stats WHERE worker = $1",
+            &[&label],
+        )
+        .unwrap();
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)), (50, 0, 0));
+    let stopped: i64 = c.query_one("SELECT sqs_ingest.worker_stop($1)", &[&url]).unwrap().get(0);
+    assert_eq!(stopped, 1);
+}
+
+/// `sqs_ingest_drain` lets each batch's deletes run on while the next batch is received and stored (0.8.0): its
+/// `deleted` still counts every message (the last batch's too, also when it stops at `max_messages` with more
+/// waiting), and every message is gone from the queue well inside its visibility timeout.
+#[test]
+fn the_drain_procedure_overlapping_its_deletes_deletes_and_counts_every_message() {
+    let h = harness();
+    let mut c = h.fresh_db("e2e_drain_overlap");
+    create_user_logins(&mut c);
+    let url = h.fresh_queue(&mut c, "e2e-drain-overlap", 30);
+    let totals = |r: &postgres::Row| {
+        (
+            r.get::<_, i64>("received"),
+            r.get::<_, i64>("inserted"),
+            r.get::<_, i64>("deleted"),
+            r.get::<_, i64>("delete_failures"),
+        )
+    };
+    h.send(&mut c, &url, &(0..35).map(login).collect::<Vec<_>>());
+    let r = c.query_one("CALL sqs_ingest_drain($1, batch_messages => 10)", &[&url]).unwrap();
+    assert_eq!(totals(&r), (35, 35, 35, 0));
+    eventually("every message was deleted", Duration::from_secs(15), || depth(&mut c, &url) == (0, 0));
+    // Stopped by max_messages with more in the queue: the last batch's deletes were still running at its COMMIT.
+    h.send(&mut c, &url, &(35..60).map(login).collect::<Vec<_>>());
+    let r = c.query_one("CALL sqs_ingest_drain($1, max_messages => 20, batch_messages => 10)", &[&url]).unwrap();
+    assert_eq!(totals(&r), (20, 20, 20, 0));
+    eventually("the 20 were deleted, 5 wait", Duration::from_secs(15), || depth(&mut c, &url) == (5, 0));
+    assert_eq!(count(&mut c, "SELECT count(DISTINCT user_id) FROM user_logins"), 55);
+}

@@ -1,0 +1,316 @@
+//! How many ReceiveMessage calls a backend keeps in flight: adapted to what the endpoint and the database sustain.
+//!
+//! One backend's receive rate is bounded by `in flight × 10 / round trip` (each ReceiveMessage returns at most 10
+//! messages), so a fixed number that saturates a loopback endpoint (~3 ms round trips) caps a backend at real SQS
+//! latencies (5–30 ms). The limit therefore starts at `sqs_ingest.receive_concurrency` and moves by additive
+//! increase, multiplicative decrease, the rule TCP congestion control uses for the same problem (an unknown
+//! capacity that must be found without being overrun):
+//!
+//! * **grow** after a window of receives in which the main thread spent at least [`NETWORK_BOUND`] of the time
+//!   waiting for answers (receives were the bottleneck): doubling at first (TCP's slow start), by one after the
+//!   first grow that did not pay, up to the cap (`sqs_ingest.max_receive_concurrency`);
+//! * **step back** to where it was when a grow did not pay (the rate did not rise by [`GAIN`] of what the extra
+//!   receives could add), and stop probing for [`REST`] windows;
+//! * **step back by one** when the database is the bottleneck: the main thread hardly waited for the network
+//!   (receives were answered while it stored; more in flight would only wait in memory, invisible on the queue);
+//! * **halve** on throttling (SQS says it is overrun) and on an empty receive (the queue is drained: polls beyond
+//!   one only cost requests).
+//!
+//! Pure: the caller passes each finished receive and elapsed seconds, so every rule is unit-tested without a clock.
+
+/// Share of the most a grow from `k` to `m` receives in flight can add (`(m - k) / k` of the rate) that counts as
+/// "the grow paid": half of it. Less is within a window's noise, and not worth the requests.
+pub const GAIN: f64 = 0.5;
+/// Windows without probing after a grow that did not pay.
+pub const REST: u32 = 4;
+/// Share of a window's time the main thread must spend waiting for receives for the network to count as the
+/// bottleneck.
+pub const NETWORK_BOUND: f64 = 0.2;
+/// A window ends after this many finished receives per receive in flight (so each window sees every slot
+/// answer a few times), and lasts at least [`MIN_WINDOW_S`] (several batches stored: a window with one more store
+/// than the last would otherwise look slower).
+const RECEIVES_PER_SLOT: u32 = 4;
+const MIN_WINDOW_S: f64 = 0.25;
+
+#[derive(Debug, Clone)]
+pub struct ReceiveConcurrency {
+    limit: usize,
+    cap: usize,
+    /// The highest limit so far (for the benchmark's report).
+    peak: usize,
+    /// Window: messages, finished receives, seconds the main thread waited for them, start time (seconds).
+    messages: u64,
+    receives: u32,
+    waited_s: f64,
+    started_s: f64,
+    /// Rate of the previous window (messages/s); the limit before the grow at its end, if it grew.
+    last_rate: Option<f64>,
+    grew_from: Option<usize>,
+    limit_before_grow: usize,
+    resting: u32,
+    /// Doubling (TCP's slow start) until the first grow that does not pay; one at a time after that.
+    slow_start: bool,
+    /// Start and cap equal: the number stays where it is, except that throttling still halves it.
+    fixed: bool,
+}
+
+impl ReceiveConcurrency {
+    /// Starts at `start` receives in flight, never above `cap` (both at least 1); `now_s` is the caller's clock.
+    pub fn new(start: usize, cap: usize, now_s: f64) -> Self {
+        let cap = cap.max(1);
+        let limit = start.clamp(1, cap);
+        ReceiveConcurrency {
+            limit,
+            cap,
+            peak: limit,
+            messages: 0,
+            receives: 0,
+            waited_s: 0.0,
+            started_s: now_s,
+            last_rate: None,
+            grew_from: None,
+            limit_before_grow: limit,
+            resting: 0,
+            slow_start: true,
+            fixed: start >= cap,
+        }
+    }
+
+    /// Goes on where an earlier call left off (its rate, its last grow, its probing state) with a fresh window
+    /// starting at `now_s`, within a possibly changed `start` (never below it) and `cap`. A window a call did not
+    /// complete is discarded, so an unmeasured grow is never kept: it is measured in this call's first window.
+    pub fn resume(mut self, start: usize, cap: usize, now_s: f64) -> Self {
+        let cap = cap.max(1);
+        let start = start.clamp(1, cap);
+        if self.cap != cap || start >= cap {
+            return Self::new(start, cap, now_s);
+        }
+        self.fixed = false;
+        self.limit = self.limit.clamp(start, cap);
+        self.limit_before_grow = self.limit_before_grow.clamp(1, self.limit);
+        self.peak = self.limit;
+        self.restart(now_s);
+        self
+    }
+
+    /// Receives to keep in flight now.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The highest limit since [`ReceiveConcurrency::new`].
+    pub fn peak(&self) -> usize {
+        self.peak
+    }
+
+    /// One receive finished with `messages` messages; the main thread blocked `waited_s` seconds for it (0 if it
+    /// was answered before the main thread came for it). Returns the new limit.
+    pub fn received(&mut self, messages: usize, waited_s: f64, now_s: f64) -> usize {
+        if messages == 0 {
+            return self.empty(now_s);
+        }
+        if self.fixed {
+            return self.limit;
+        }
+        self.messages += messages as u64;
+        self.receives += 1;
+        self.waited_s += waited_s.max(0.0);
+        let elapsed = now_s - self.started_s;
+        if self.receives < RECEIVES_PER_SLOT * self.limit as u32 || elapsed < MIN_WINDOW_S {
+            return self.limit;
+        }
+        let rate = self.messages as f64 / elapsed;
+        let network_bound = self.waited_s >= NETWORK_BOUND * elapsed;
+        // A grow from `from` to `limit` could raise the rate by at most (limit - from) / from.
+        let paid = match (self.grew_from.take(), self.last_rate) {
+            (Some(from), Some(last)) => {
+                let possible = (self.limit - from) as f64 / from as f64;
+                rate > last * (1.0 + GAIN * possible)
+            }
+            _ => true,
+        };
+        if !paid {
+            // The last grow did not raise the rate: back to where it was, one at a time from now on, and rest.
+            self.limit = self.limit_before_grow;
+            self.slow_start = false;
+            self.resting = REST;
+        } else if !network_bound {
+            // The database is the bottleneck: receives wait in memory for it. One fewer in flight.
+            self.limit = (self.limit - 1).max(1);
+            self.slow_start = false;
+        } else if self.resting > 0 {
+            self.resting -= 1;
+        } else if self.limit < self.cap {
+            let from = self.limit;
+            self.limit = if self.slow_start { (from * 2).min(self.cap) } else { from + 1 };
+            self.peak = self.peak.max(self.limit);
+            self.grew_from = Some(from);
+            self.limit_before_grow = from;
+        }
+        self.last_rate = Some(rate);
+        self.restart(now_s);
+        self.limit
+    }
+
+    /// A receive came back empty: the queue looks drained. Halves the limit.
+    pub fn empty(&mut self, now_s: f64) -> usize {
+        if self.fixed {
+            return self.limit;
+        }
+        self.halve(now_s)
+    }
+
+    /// Starts a new window at `now_s` (the time since the last receive was not spent receiving, e.g. a long poll
+    /// that confirmed an empty queue).
+    pub fn skip_window(&mut self, now_s: f64) {
+        self.restart(now_s);
+    }
+
+    /// SQS throttled a receive. Halves the limit.
+    pub fn throttled(&mut self, now_s: f64) -> usize {
+        self.halve(now_s)
+    }
+
+    fn halve(&mut self, now_s: f64) -> usize {
+        self.limit = (self.limit / 2).max(1);
+        self.grew_from = None;
+        self.slow_start = false;
+        self.last_rate = None;
+        self.restart(now_s);
+        self.limit
+    }
+
+    fn restart(&mut self, now_s: f64) {
+        self.messages = 0;
+        self.receives = 0;
+        self.waited_s = 0.0;
+        self.started_s = now_s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives the controller against a simulated endpoint: `rate(limit)` messages/s, full receives of 10, the
+    /// main thread waiting when `network_bound(limit)`. Returns the limits after each window.
+    fn simulate(
+        c: &mut ReceiveConcurrency,
+        windows: usize,
+        rate: impl Fn(usize) -> f64,
+        network_bound: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        let mut now = 0.0;
+        let mut seen = Vec::new();
+        for _ in 0..windows {
+            let limit = c.limit();
+            let per_receive = 10.0 / rate(limit);
+            loop {
+                now += per_receive;
+                let before = c.limit();
+                let waited = if network_bound(limit) { per_receive / 2.0 } else { 0.0 };
+                let after = c.received(10, waited, now);
+                if after != before || c.receives == 0 {
+                    break;
+                }
+            }
+            seen.push(c.limit());
+        }
+        seen
+    }
+
+    #[test]
+    fn grows_while_throughput_grows_and_stops_at_the_knee() {
+        // An endpoint whose rate rises linearly with concurrency up to 10 in flight, then stays flat.
+        let mut c = ReceiveConcurrency::new(4, 32, 0.0);
+        let limits = simulate(&mut c, 40, |l| 300.0 * l.min(10) as f64, |_| true);
+        // Slow start doubles (4, 8, 16); 16 does not pay and it goes back to 8, then one at a time to the knee.
+        assert_eq!(&limits[..3], &[8, 16, 8], "{limits:?}");
+        assert!(limits[3..].iter().all(|&l| l <= 11), "never beyond the knee again: {limits:?}");
+        // After the knee it settles there (a probe above, a step back, a rest), never runs away or sinks.
+        assert!(limits[12..].iter().all(|&l| (10..=11).contains(&l)), "{limits:?}");
+    }
+
+    #[test]
+    fn never_exceeds_the_cap() {
+        let mut c = ReceiveConcurrency::new(4, 6, 0.0);
+        let limits = simulate(&mut c, 30, |l| 300.0 * l as f64, |_| true);
+        assert_eq!(*limits.iter().max().unwrap(), 6);
+        assert_eq!((c.limit(), c.peak()), (6, 6));
+    }
+
+    #[test]
+    fn shrinks_when_the_database_is_the_bottleneck() {
+        // Receives always answered before the main thread comes back: the database is slower than the network.
+        let mut c = ReceiveConcurrency::new(8, 32, 0.0);
+        let limits = simulate(&mut c, 20, |_| 2000.0, |_| false);
+        assert_eq!(*limits.last().unwrap(), 1, "{limits:?}");
+        assert!(limits.windows(2).all(|w| w[1] <= w[0]), "never grows: {limits:?}");
+    }
+
+    #[test]
+    fn halves_on_throttling_and_on_empty_receives() {
+        let mut c = ReceiveConcurrency::new(16, 32, 0.0);
+        assert_eq!(c.throttled(1.0), 8);
+        assert_eq!(c.throttled(1.1), 4);
+        assert_eq!(c.received(0, 0.01, 1.2), 2, "an empty receive halves");
+        assert_eq!(c.empty(1.3), 1);
+        assert_eq!(c.empty(1.4), 1, "never below one");
+    }
+
+    #[test]
+    fn a_grow_that_does_not_pay_is_undone() {
+        // Flat rate whatever the concurrency: each grow is measured, does not pay, and is taken back.
+        let mut c = ReceiveConcurrency::new(4, 32, 0.0);
+        let limits = simulate(&mut c, 16, |_| 1000.0, |_| true);
+        assert_eq!(&limits[..2], &[8, 4], "the slow-start doubling is undone: {limits:?}");
+        assert!(limits[2..].iter().all(|&l| (4..=5).contains(&l)), "then single probes, undone: {limits:?}");
+        assert!(limits.iter().filter(|&&l| l == 4).count() > limits.len() / 2, "mostly at 4: {limits:?}");
+    }
+
+    #[test]
+    fn a_resumed_controller_keeps_measuring_across_calls() {
+        // Calls too short to finish a window: an unmeasured grow is never carried into the next call.
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        for call in 0..10 {
+            let t = call as f64 * 10.0;
+            c = c.resume(4, 16, t);
+            for i in 1..=3 {
+                c.received(10, 0.01, t + i as f64 * 0.01);
+            }
+        }
+        assert_eq!(c.limit(), 4, "no window completed, so no grow");
+        // A flat endpoint across calls of one window each: the doubling is measured and undone.
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let mut limits = Vec::new();
+        for call in 0..8 {
+            let mut t = call as f64 * 10.0;
+            c = c.resume(4, 16, t);
+            let per = 10.0 / 1000.0;
+            let before = c.limit();
+            while c.limit() == before && t < call as f64 * 10.0 + 5.0 {
+                t += per;
+                c.received(10, per / 2.0, t);
+            }
+            limits.push(c.limit());
+        }
+        assert_eq!(&limits[..2], &[8, 4], "{limits:?}");
+        assert!(limits.iter().all(|&l| l <= 8) && c.limit() <= 5, "{limits:?}");
+    }
+
+    #[test]
+    fn equal_start_and_cap_is_a_fixed_number_except_under_throttling() {
+        let mut c = ReceiveConcurrency::new(4, 4, 0.0);
+        let limits = simulate(&mut c, 10, |_| 1000.0, |_| false);
+        assert!(limits.iter().all(|&l| l == 4), "{limits:?}");
+        assert_eq!(c.empty(1.0), 4);
+        assert_eq!(c.throttled(1.1), 2, "throttling still halves");
+    }
+
+    #[test]
+    fn start_and_cap_are_clamped() {
+        assert_eq!(ReceiveConcurrency::new(0, 8, 0.0).limit(), 1);
+        assert_eq!(ReceiveConcurrency::new(20, 8, 0.0).limit(), 8);
+        assert_eq!(ReceiveConcurrency::new(4, 0, 0.0).limit(), 1);
+    }
+}

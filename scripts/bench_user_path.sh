@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Throughput as a user sees it (issue "throughput on the user's path"): a fresh session, no max_messages, the
+# table created by the call, default settings; beside LocalStack's raw drain with 4 and 8 pollers (the bar is the
+# better of the two), and beside the same call with the receive concurrency fixed at 4 (no adaptation). Then one
+# backend through a proxy adding 10 ms and 30 ms round trips (scripts/delay_proxy.py), printed against the bound
+# in-flight x 10 / RTT. The confirming long poll (sqs_ingest.wait_time, 1 s) is subtracted from the call's wall
+# clock. Called by scripts/bench.sh; runs alone too.
+#   BENCH_USER_N (default 10000) messages per round, BENCH_USER_ROUNDS (default 3), BENCH_DELAY_N (default 5000).
+source "$(dirname "$0")/lib.sh"
+N="${BENCH_USER_N:-10000}"
+ROUNDS="${BENCH_USER_ROUNDS:-3}"
+DN="${BENCH_DELAY_N:-5000}"
+U="$(run_root)/bench-user"
+rm -rf "$U"; mkdir -p "$U"; chmod 755 "$U"
+PROXY_PIDS=()
+cleanup() {
+    local p
+    for p in "${PROXY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    pg_stop "$U/pg"; localstack_stop "$U/localstack"
+}
+trap cleanup EXIT
+LS_PORT="$(free_port 24866)"; PG_PORT="$(free_port 35732)"
+localstack_start "$U/localstack" "$LS_PORT"
+pg_start "$U/pg" "$PG_PORT" "sqs_ingest" "shared_buffers = 256MB
+log_min_messages = warning"
+EP="http://localhost:$LS_PORT"
+PSQL=(psql -X -q -A -t -h "$U/pg" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1)
+load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 11 \
+           | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$3" --queue "$1" >/dev/null 2>&1; }
+"${PSQL[@]}" -d postgres -c "CREATE EXTENSION sqs_ingest" >/dev/null  # for bench_raw_drain
+WAIT_S="$("${PSQL[@]}" -d postgres -c "SELECT setting FROM pg_settings WHERE name = 'sqs_ingest.wait_time'")"  # seconds
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+# raw_drain QUEUE_URL POLLERS N: msg/s of the receive+delete drain (no database work).
+raw_drain() {
+    "${PSQL[@]}" -d postgres -c "SET sqs_ingest.receive_concurrency = $2" \
+        -c "SELECT round(received / (elapsed_ms / 1000.0)) FROM sqs_ingest.bench_raw_drain('$1', $3)"
+}
+# user_call DB QUEUE_URL [SETTINGS]: a fresh database and session, sqs_ingest('<url>') with no max_messages;
+# prints "<msg/s> <peak in flight> <final in flight>", the wall clock less the confirming long poll.
+user_call() {
+    local db="$1" url="$2" settings="${3:-}"
+    "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+    "${PSQL[@]}" -d "$db" -c "CREATE EXTENSION sqs_ingest" >/dev/null
+    local out
+    out="$(psql -X -A -t -h "$U/pg" -p "$PG_PORT" -U postgres -d "$db" -v ON_ERROR_STOP=1 2>&1 <<SQL
+$settings
+SET client_min_messages = debug1;
+\\timing on
+SELECT received FROM sqs_ingest('$url');
+SQL
+)"
+    local ms received conc
+    ms="$(sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' <<<"$out" | tail -1)"
+    received="$(grep -E '^[0-9]+$' <<<"$out" | tail -1)"
+    conc="$(sed -n 's/.*receive concurrency: started at [0-9]*, peak \([0-9]*\), ended at \([0-9]*\).*/\1 \2/p' <<<"$out" | tail -1)"
+    [[ -n "$received" && -n "$ms" ]] || { echo "the call failed: $out" >&2; echo "0 ? ?"; return; }
+    awk -v n="$received" -v ms="$ms" -v w="$WAIT_S" -v c="${conc:-? ?}" \
+        'BEGIN { s = ms / 1000 - w; if (s <= 0) s = ms / 1000; printf "%.0f %s\n", n / s, c }'
+}
+
+echo "== user's path: $ROUNDS rounds of $N messages, LocalStack $LOCALSTACK_VERSION on loopback, $(nproc) cores"
+: >"$U/raw4"; : >"$U/raw8"; : >"$U/user"; : >"$U/fixed"
+for r in $(seq "$ROUNDS"); do
+    load "raw4-$r" "$N" "$EP"; raw_drain "$EP/000000000000/raw4-$r" 4 "$N" >>"$U/raw4"
+    load "raw8-$r" "$N" "$EP"; raw_drain "$EP/000000000000/raw8-$r" 8 "$N" >>"$U/raw8"
+    load "user-$r" "$N" "$EP"; user_call "user_$r" "$EP/000000000000/user-$r" >>"$U/user"
+    load "fixed-$r" "$N" "$EP"
+    user_call "fixed_$r" "$EP/000000000000/fixed-$r" "SET sqs_ingest.max_receive_concurrency = 4;" >>"$U/fixed"
+    printf 'round %s: raw drain 4 pollers %s, 8 pollers %s msg/s; sqs_ingest() %s msg/s (in flight peak %s, end %s); fixed at 4: %s msg/s\n' \
+        "$r" "$(tail -1 "$U/raw4")" "$(tail -1 "$U/raw8")" $(tail -1 "$U/user") "$(tail -1 "$U/fixed" | cut -d' ' -f1)"
+done
+R4="$(median <"$U/raw4")"; R8="$(median <"$U/raw8")"
+BAR="$(awk -v a="$R4" -v b="$R8" 'BEGIN { print (a > b ? a : b) }')"
+USER="$(cut -d' ' -f1 "$U/user" | median)"; FIXED="$(cut -d' ' -f1 "$U/fixed" | median)"
+printf '%-52s %8s msg/s (4 pollers %s, 8 pollers %s; medians)\n' "raw drain, the better of 4 and 8 pollers" "$BAR" "$R4" "$R8"
+printf '%-52s %8s msg/s = %s of the raw drain\n' "sqs_ingest(), user's path, default settings" "$USER" "$(awk -v a="$USER" -v b="$BAR" 'BEGIN { printf "%.2f", a / b }')"
+printf '%-52s %8s msg/s = %s of the raw drain\n' "the same, receive concurrency fixed at 4" "$FIXED" "$(awk -v a="$FIXED" -v b="$BAR" 'BEGIN { printf "%.2f", a / b }')"
+
+# One backend at real-network round trips. The proxy's loopback RTT (~1-3 ms) adds to the delay.
+for rtt in 10 30; do
+    port="$(free_port $((24900 + rtt)))"
+    "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/delay_proxy.py" "$port" "$LS_PORT" "$rtt" >"$U/proxy$rtt.log" 2>&1 &
+    PROXY_PIDS+=($!)
+    for _ in $(seq 50); do grep -q ready "$U/proxy$rtt.log" 2>/dev/null && break; sleep 0.1; done
+    DEP="http://localhost:$port"
+    load "delay$rtt" "$DN" "$EP"
+    read -r rate peak end < <(user_call "delay_$rtt" "$DEP/000000000000/delay$rtt")
+    load "delay$rtt-fixed" "$DN" "$EP"
+    read -r frate _ _ < <(user_call "delay_${rtt}_fixed" "$DEP/000000000000/delay$rtt-fixed" "SET sqs_ingest.max_receive_concurrency = 4;")
+    load "delay$rtt-raw" "$DN" "$EP"
+    raw="$(raw_drain "$DEP/000000000000/delay$rtt-raw" 16 "$DN")"
+    printf 'RTT +%2s ms: sqs_ingest() %5s msg/s, in flight peak %s (bound %s x 10 / %s ms = %s msg/s); fixed at 4: %5s msg/s (bound %s); raw drain, 16 pollers: %s msg/s\n' \
+        "$rtt" "$rate" "$peak" "$peak" "$rtt" "$(awk -v k="$peak" -v r="$rtt" 'BEGIN { printf "%.0f", k * 10000 / r }')" \
+        "$frate" "$(awk -v r="$rtt" 'BEGIN { printf "%.0f", 40000 / r }')" "$raw"
+done
