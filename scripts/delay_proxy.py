@@ -12,32 +12,41 @@ import sys
 
 
 async def pipe(reader, writer, delay_s):
+    """Forwards reader -> writer, each chunk delay_s after it arrived; passes a half-close on (write_eof) and stops
+    reading when the other side is gone. At most 256 chunks wait, so a slow reader slows the sender."""
     loop = asyncio.get_running_loop()
-    queue = asyncio.Queue()
+    queue = asyncio.Queue(maxsize=256)
+    gone = asyncio.Event()
 
     async def forward():
-        while True:
-            due, data = await queue.get()
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if data is None:
-                break
-            writer.write(data)
-            await writer.drain()
-        writer.close()
+        try:
+            while True:
+                due, data = await queue.get()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if data is None:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            writer.close()
+        finally:
+            gone.set()
 
     sender = asyncio.create_task(forward())
     try:
-        while data := await reader.read(65536):
-            queue.put_nowait((loop.time() + delay_s, data))
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    queue.put_nowait((loop.time() + delay_s, None))
-    try:
-        await sender
-    except ConnectionError:
-        pass
+        while not gone.is_set():
+            data = await reader.read(65536)
+            await queue.put((loop.time() + delay_s, data or None))
+            if not data:
+                break
+    except (ConnectionError, OSError, asyncio.CancelledError):
+        sender.cancel()
+        writer.close()
+    await asyncio.gather(sender, return_exceptions=True)
 
 
 async def main(listen_port, target_port, rtt_ms):
@@ -54,6 +63,8 @@ async def main(listen_port, target_port, rtt_ms):
             pipe(upstream_reader, client_writer, half),
             return_exceptions=True,
         )
+        for w in (upstream_writer, client_writer):
+            w.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen_port, backlog=256)
     print("ready", flush=True)
