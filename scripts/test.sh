@@ -48,28 +48,37 @@ run_step "cargo pgrx test pg15" cargo pgrx test pg15 --runas postgres --pgdata "
 
 # End-to-end: install the release build (pgrx test left its test build installed), start the services.
 run_step "install release build" bash "$REPO_ROOT/scripts/install.sh"
-E2E="$(run_root)/e2e"
-rm -rf "$E2E"; mkdir -p "$E2E"; chmod 755 "$E2E"
-LS_PORT="$(free_port 14566)"
-PG_PORT="$(free_port 25432)"
-say "starting LocalStack on $LS_PORT and Postgres on $PG_PORT for the end-to-end tests"
-localstack_start "$E2E/localstack" "$LS_PORT"
-pg_start "$E2E/pg" "$PG_PORT" "sqs_ingest,pg_cron" "sqs_ingest.worker_database = 'e2e_worker'
+# e2e_tier DIR MAJOR BIN PRELOAD HAS_EXTRAS: starts LocalStack and a cluster of that major (library preloaded, two
+# static workers) under DIR, then runs the end-to-end suite against them. HAS_EXTRAS (1/0): pg_cron is preloaded
+# and pg_partman installed, so the tests that need them run.
+e2e_tier() {
+    local dir="$1" major="$2" bin="$3" preload="$4" extras="$5" ls_port pg_port
+    rm -rf "$dir"; mkdir -p "$dir"; chmod 755 "$dir"
+    ls_port="$(free_port 14566)"
+    pg_port="$(free_port 25432)"
+    say "starting LocalStack on $ls_port and Postgres $major on $pg_port for the end-to-end tests"
+    localstack_start "$dir/localstack" "$ls_port"
+    PG_BIN="$bin" pg_start "$dir/pg" "$pg_port" "$preload" "sqs_ingest.worker_database = 'e2e_worker'
 sqs_ingest.worker_role = 'e2e_worker_role'
 sqs_ingest.worker_count = 2
 sqs_ingest.worker_restart_delay = 1
 max_prepared_transactions = 4"
-# The static workers connect as a non-superuser role (they wait, restarting, until it exists).
-psql -X -q -h "$E2E/pg" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
-    -c "CREATE ROLE e2e_worker_role LOGIN" -c "CREATE DATABASE e2e_worker" -c "\\c e2e_worker" \
-    -c "CREATE EXTENSION sqs_ingest" -c "GRANT sqs_ingest_operator TO e2e_worker_role" \
-    -c "GRANT CREATE ON SCHEMA public TO e2e_worker_role" >/dev/null
-export SQS_INGEST_PGHOST="$E2E/pg" SQS_INGEST_PGPORT="$PG_PORT" SQS_INGEST_SQS_ENDPOINT="http://localhost:$LS_PORT"
-export SQS_INGEST_PGDATA="$E2E/pg/data" SQS_INGEST_PG_BIN="$PG_BIN" SQS_INGEST_REPO="$REPO_ROOT"
-export SQS_INGEST_PG_CONFIG=/usr/bin/pg_config SQS_INGEST_PG_MAJOR=15 SQS_INGEST_HAS_PG_CRON=1 SQS_INGEST_HAS_PG_PARTMAN=1
+    # The static workers connect as a non-superuser role (they wait, restarting, until it exists).
+    "$bin/psql" -X -q -h "$dir/pg" -p "$pg_port" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+        -c "CREATE ROLE e2e_worker_role LOGIN" -c "CREATE DATABASE e2e_worker" -c "\\c e2e_worker" \
+        -c "CREATE EXTENSION sqs_ingest" -c "GRANT sqs_ingest_operator TO e2e_worker_role" \
+        -c "GRANT CREATE ON SCHEMA public TO e2e_worker_role" >/dev/null
+    export SQS_INGEST_PGHOST="$dir/pg" SQS_INGEST_PGPORT="$pg_port" SQS_INGEST_SQS_ENDPOINT="http://localhost:$ls_port"
+    export SQS_INGEST_PGDATA="$dir/pg/data" SQS_INGEST_PG_BIN="$bin" SQS_INGEST_PG_CONFIG="$bin/pg_config"
+    export SQS_INGEST_REPO="$REPO_ROOT" SQS_INGEST_PG_MAJOR="$major"
+    export SQS_INGEST_HAS_PG_CRON="$extras" SQS_INGEST_HAS_PG_PARTMAN="$extras"
+    run_step "end-to-end tests (PG $major + SQS)" cargo test -p sqs_ingest_e2e --quiet --no-fail-fast -- --test-threads="${E2E_THREADS:-4}"
+}
+
 export SQS_INGEST_SAMPLE_DATA="${SQS_INGEST_SAMPLE_DATA:-$REPO_ROOT/../shared/data/fetch_login_queue.jsonl}"
 [[ -f "$SQS_INGEST_SAMPLE_DATA" ]] || warn "$SQS_INGEST_SAMPLE_DATA is absent: the real-data test will say SKIPPED"
-run_step "end-to-end tests (PG 15 + SQS)" cargo test -p sqs_ingest_e2e --quiet --no-fail-fast -- --test-threads="${E2E_THREADS:-4}"
+E2E="$(run_root)/e2e"
+e2e_tier "$E2E" 15 "$PG_BIN" "sqs_ingest,pg_cron" 1
 pg_stop "$E2E/pg"; localstack_stop "$E2E/localstack"
 
 # Postgres 16 and 17: release builds (headers and pg_config only; make setup says where they come from).
@@ -84,22 +93,5 @@ mkdir -p "$PGRX18_DIR"; chown postgres:postgres "$PGRX18_DIR"; chmod 755 "$PGRX1
 run_step "cargo pgrx test pg18" cargo pgrx test pg18 --runas postgres --pgdata "$PGRX18_DIR/data"
 run_step "install release build (pg18)" bash "$REPO_ROOT/scripts/install.sh" --pg-config "$PG18_BIN/pg_config"
 E2E18="$(run_root)/e2e18"
-rm -rf "$E2E18"; mkdir -p "$E2E18"; chmod 755 "$E2E18"
-LS_PORT="$(free_port 14566)"
-PG_PORT="$(free_port 25432)"
-say "starting LocalStack on $LS_PORT and Postgres 18 on $PG_PORT for the end-to-end tests"
-localstack_start "$E2E18/localstack" "$LS_PORT"
-PG_BIN="$PG18_BIN" pg_start "$E2E18/pg" "$PG_PORT" "sqs_ingest" "sqs_ingest.worker_database = 'e2e_worker'
-sqs_ingest.worker_role = 'e2e_worker_role'
-sqs_ingest.worker_count = 2
-sqs_ingest.worker_restart_delay = 1
-max_prepared_transactions = 4"
-"$PG18_BIN/psql" -X -q -h "$E2E18/pg" -p "$PG_PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 \
-    -c "CREATE ROLE e2e_worker_role LOGIN" -c "CREATE DATABASE e2e_worker" -c "\\c e2e_worker" \
-    -c "CREATE EXTENSION sqs_ingest" -c "GRANT sqs_ingest_operator TO e2e_worker_role" \
-    -c "GRANT CREATE ON SCHEMA public TO e2e_worker_role" >/dev/null
-export SQS_INGEST_PGHOST="$E2E18/pg" SQS_INGEST_PGPORT="$PG_PORT" SQS_INGEST_SQS_ENDPOINT="http://localhost:$LS_PORT"
-export SQS_INGEST_PGDATA="$E2E18/pg/data" SQS_INGEST_PG_BIN="$PG18_BIN" SQS_INGEST_PG_CONFIG="$PG18_BIN/pg_config"
-export SQS_INGEST_PG_MAJOR=18 SQS_INGEST_HAS_PG_CRON=0 SQS_INGEST_HAS_PG_PARTMAN=0
-run_step "end-to-end tests (PG 18 + SQS)" cargo test -p sqs_ingest_e2e --quiet --no-fail-fast -- --test-threads="${E2E_THREADS:-4}"
+e2e_tier "$E2E18" 18 "$PG18_BIN" "sqs_ingest" 0
 SUMMARY+=("pg_cron, pg_partman parts: run on PG 15 only, skipped on 18 (not packaged); PG 16, 17: built, not run")

@@ -350,7 +350,7 @@ fn ingest_into(
         summary: Summary::default(),
     };
     let drained = run.pipeline(started, waited)?;
-    let fifo = queue.name.ends_with(".fifo");
+    let fifo = queue.is_fifo();
     run.summary.more = !drained || (fifo && run.summary.received > 0);
     if fifo && run.summary.received > 0 {
         // Within one transaction SQS delivers no further message of a group this call holds, so "looked empty"
@@ -611,7 +611,7 @@ impl Run<'_> {
                 // the same transaction (its rows would stay invisible, and its messages undeleted, for the wait).
                 // So does any call holding messages of a FIFO queue: SQS delivers none of those groups' later
                 // messages until this transaction's COMMIT deletes the earlier ones, so the wait would be idle.
-                let fifo = self.queue.name.ends_with(".fifo");
+                let fifo = self.queue.is_fifo();
                 let holding = (self.opts.return_after_wake || fifo) && self.summary.received > 0;
                 if saw_empty
                     && !confirming

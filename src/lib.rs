@@ -143,7 +143,7 @@ fn drain_batch(
     let (queue, s) = session_ingest(queue_url, Some(max_messages), method)?;
     // Another batch follows: inside sqs_ingest_drain (0.8.0) this batch's deletes may run on while the next one
     // is received and stored — never for a FIFO queue, whose next messages SQS holds back until these are deleted.
-    if s.more && !queue.name.ends_with(".fifo") && hold::draining() {
+    if s.more && !queue.is_fifo() && hold::draining() {
         hold::overlap_next_commit();
     }
     Ok(TableIterator::once((s.received, s.inserted, s.duplicates, s.dead_lettered, s.more)))

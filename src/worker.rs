@@ -357,7 +357,7 @@ fn batch(url: &str, label: &str, plan: &Plan, checked: &mut std::collections::Ha
     }
     // A full batch means more is likely waiting: its deletes may run on while the next batch is received and
     // stored (never for a FIFO queue, whose next messages SQS holds back until these are deleted).
-    let fifo = queue.name.ends_with(".fifo");
+    let fifo = queue.is_fifo();
     let summary = in_transaction(|| {
         let summary = ingest::catching(|| ingest::ingest_waited(&queue, &opts, waited))?;
         if !fifo && max.is_some_and(|m| summary.received >= m) {

@@ -94,6 +94,11 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl QueueUrl {
+    /// Whether the queue is a FIFO queue: SQS requires their names to end in `.fifo`.
+    pub fn is_fifo(&self) -> bool {
+        self.name.ends_with(".fifo")
+    }
+
     pub fn parse(text: &str) -> Result<QueueUrl, QueueUrlError> {
         let text = text.trim();
         let (scheme, rest) = if let Some(r) = text.strip_prefix("https://") {
