@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make bench: throughput against LocalStack's raw drain, backend CPU per message, masking speed beside
 # pgcrypto, the background worker's send -> visible latency, KMS first use (scripts/bench_kms.sh), and the
-# user's path at loopback and at 10/30 ms round trips (scripts/bench_user_path.sh). Numbers, not pass/fail.
+# user's path at loopback and at 10/30 ms round trips (scripts/bench_user_path.sh), and where the CPU per message
+# goes with the floor under it (scripts/bench_profile.sh). Numbers, not pass/fail.
 #   BENCH_N (default 10000) messages per throughput round, BENCH_ROUNDS (default 3) rounds; BENCH_MASK_N (default
 #   1000000) values for masking.
 source "$(dirname "$0")/lib.sh"
@@ -192,3 +193,5 @@ cleanup; trap - EXIT
 bash "$REPO_ROOT/scripts/bench_kms.sh"
 # The user's path (fresh session, no max_messages, table created by the call) and real-network round trips.
 bash "$REPO_ROOT/scripts/bench_user_path.sh"
+# Where the backend's CPU per message goes (perf), and the floor under it.
+bash "$REPO_ROOT/scripts/bench_profile.sh"

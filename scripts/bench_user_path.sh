@@ -40,7 +40,7 @@ raw_drain() {
 # prints "<msg/s> <peak in flight> <final in flight>", the wall clock less the confirming long poll.
 user_call() {
     local db="$1" url="$2" settings="${3:-}"
-    "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+    PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
     "${PSQL[@]}" -d "$db" -c "CREATE EXTENSION sqs_ingest" >/dev/null
     local out
     out="$(psql -X -A -t -h "$U/pg" -p "$PG_PORT" -U postgres -d "$db" -v ON_ERROR_STOP=1 2>&1 <<SQL

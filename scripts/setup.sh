@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 
 # 1. Debian packages.
 need=()
-for pkg in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib libclang-dev postgresql-$PG_MAJOR-cron postgresql-$PG_MAJOR-partman prometheus-postgres-exporter sudo curl; do
+for pkg in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib libclang-dev postgresql-$PG_MAJOR-cron postgresql-$PG_MAJOR-partman prometheus-postgres-exporter linux-perf sudo curl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if (( ${#need[@]} )); then

@@ -16,6 +16,9 @@
 //! * **halve** on throttling (SQS says it is overrun) and on an empty receive (the queue is drained: polls beyond
 //!   one only cost requests).
 //!
+//! The first window of a new controller only measures: it pays for new connections, plans and the call's first
+//! statements, so a grow judged against it would look paid on an endpoint that more receives do not speed up.
+//!
 //! Pure: the caller passes each finished receive and elapsed seconds, so every rule is unit-tested without a clock.
 
 /// Share of the most a grow from `k` to `m` receives in flight can add (`(m - k) / k` of the rate) that counts as
@@ -52,6 +55,9 @@ pub struct ReceiveConcurrency {
     slow_start: bool,
     /// Start and cap equal: the number stays where it is, except that throttling still halves it.
     fixed: bool,
+    /// The first window of a new controller only measures: it pays for new connections, plans and the call's
+    /// first statements, so a grow compared against it would look paid when it was not.
+    warming: bool,
 }
 
 impl ReceiveConcurrency {
@@ -73,6 +79,7 @@ impl ReceiveConcurrency {
             resting: 0,
             slow_start: true,
             fixed: start >= cap,
+            warming: true,
         }
     }
 
@@ -120,6 +127,11 @@ impl ReceiveConcurrency {
             return self.limit;
         }
         let rate = self.messages as f64 / elapsed;
+        if std::mem::take(&mut self.warming) {
+            self.last_rate = Some(rate);
+            self.restart(now_s);
+            return self.limit;
+        }
         let network_bound = self.waited_s >= NETWORK_BOUND * elapsed;
         // A grow from `from` to `limit` could raise the rate by at most (limit - from) / from.
         let paid = match (self.grew_from.take(), self.last_rate) {
@@ -224,9 +236,10 @@ mod tests {
         // An endpoint whose rate rises linearly with concurrency up to 10 in flight, then stays flat.
         let mut c = ReceiveConcurrency::new(4, 32, 0.0);
         let limits = simulate(&mut c, 40, |l| 300.0 * l.min(10) as f64, |_| true);
-        // Slow start doubles (4, 8, 16); 16 does not pay and it goes back to 8, then one at a time to the knee.
-        assert_eq!(&limits[..3], &[8, 16, 8], "{limits:?}");
-        assert!(limits[3..].iter().all(|&l| l <= 11), "never beyond the knee again: {limits:?}");
+        // A window that only measures, then slow start doubles (4, 8, 16); 16 does not pay and it goes back to 8,
+        // then one at a time to the knee.
+        assert_eq!(&limits[..4], &[4, 8, 16, 8], "{limits:?}");
+        assert!(limits[4..].iter().all(|&l| l <= 11), "never beyond the knee again: {limits:?}");
         // After the knee it settles there (a probe above, a step back, a rest), never runs away or sinks.
         assert!(limits[12..].iter().all(|&l| (10..=11).contains(&l)), "{limits:?}");
     }
@@ -263,8 +276,8 @@ mod tests {
         // Flat rate whatever the concurrency: each grow is measured, does not pay, and is taken back.
         let mut c = ReceiveConcurrency::new(4, 32, 0.0);
         let limits = simulate(&mut c, 16, |_| 1000.0, |_| true);
-        assert_eq!(&limits[..2], &[8, 4], "the slow-start doubling is undone: {limits:?}");
-        assert!(limits[2..].iter().all(|&l| (4..=5).contains(&l)), "then single probes, undone: {limits:?}");
+        assert_eq!(&limits[..3], &[4, 8, 4], "the slow-start doubling is undone: {limits:?}");
+        assert!(limits[3..].iter().all(|&l| (4..=5).contains(&l)), "then single probes, undone: {limits:?}");
         assert!(limits.iter().filter(|&&l| l == 4).count() > limits.len() / 2, "mostly at 4: {limits:?}");
     }
 
@@ -294,8 +307,32 @@ mod tests {
             }
             limits.push(c.limit());
         }
+        // (The first call measures a window, then doubles: each call runs until its limit moves.)
         assert_eq!(&limits[..2], &[8, 4], "{limits:?}");
         assert!(limits.iter().all(|&l| l <= 8) && c.limit() <= 5, "{limits:?}");
+    }
+
+    #[test]
+    fn a_slow_first_window_does_not_make_a_grow_look_paid() {
+        // Loopback: more receives in flight do not raise the rate, but the first window is slow (new connections,
+        // the call's first statements). Judged against it, the doubling to 8 would have "paid" and stayed.
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let mut now = 0.0;
+        let mut limits = Vec::new();
+        for window in 0..8 {
+            let before = c.limit();
+            let per_receive = 10.0 / if window == 0 { 400.0 } else { 1000.0 };
+            loop {
+                now += per_receive;
+                c.received(10, per_receive / 2.0, now);
+                if c.limit() != before || c.receives == 0 {
+                    break;
+                }
+            }
+            limits.push(c.limit());
+        }
+        assert_eq!(&limits[..3], &[4, 8, 4], "measured, doubled, undone: {limits:?}");
+        assert!(limits[3..].iter().all(|&l| l <= 5), "{limits:?}");
     }
 
     #[test]

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Where a backend's CPU goes per message, and the floor under it (issue "throughput", point 4). In one warm
+# session: sqs_ingest(url, N) measured from /proc (main thread: SQL, masking, ledger; network thread
+# sqs_ingest-net: HTTP to SQS), the same call again under `perf record` grouped by scripts/profile_summary.py
+# (its microseconds scaled to the unprofiled call: perf's unwinding slows what it samples), then the two floors
+# of this design measured on their own: the network client with no database (sqs_ingest.bench_raw_drain: the
+# same ReceiveMessage and DeleteMessageBatch calls) and the two writes that make a message stored exactly once
+# (the ledger insert and the target insert, the same statements in a PL/pgSQL loop, no network).
+# Needs `perf` (Debian: linux-perf) for the profile; without it the figures from /proc are still printed.
+# Called by scripts/bench.sh; runs alone too.
+#   BENCH_PROFILE_N (default 10000) messages per call; BENCH_FLOOR_ROWS (default 50000) rows per SQL loop;
+#   PROFILE_KEEP=1 keeps perf.data under .run/bench-profile.
+source "$(dirname "$0")/lib.sh"
+N="${BENCH_PROFILE_N:-10000}"
+ROWS="${BENCH_FLOOR_ROWS:-50000}"
+P="$(run_root)/bench-profile"
+rm -rf "$P"; mkdir -p "$P"; chmod 755 "$P"
+PSQL_PID=""; PERF_PID=""
+cleanup() {
+    [[ -n "$PERF_PID" ]] && kill -INT "$PERF_PID" 2>/dev/null
+    [[ -n "$PSQL_PID" ]] && kill "$PSQL_PID" 2>/dev/null
+    pg_stop "$P/pg"; localstack_stop "$P/localstack"
+    [[ -n "${PROFILE_KEEP:-}" ]] || rm -f "$P/perf.data"
+}
+trap cleanup EXIT
+LS_PORT="$(free_port 24966)"; PG_PORT="$(free_port 35832)"
+localstack_start "$P/localstack" "$LS_PORT"
+pg_start "$P/pg" "$PG_PORT" "sqs_ingest" "shared_buffers = 256MB"
+EP="http://localhost:$LS_PORT"
+Q="$EP/000000000000"
+PSQL=(psql -X -q -A -t -h "$P/pg" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1)
+load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 13 \
+           | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$EP" --queue "$1" >/dev/null 2>&1; }
+"${PSQL[@]}" -d postgres -c "CREATE DATABASE prof" >/dev/null
+"${PSQL[@]}" -d prof -c "CREATE EXTENSION sqs_ingest" -c "SELECT sqs_ingest.rotate_key()" \
+    -c "CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256), masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)" \
+    -c "CREATE TABLE floor_logins (LIKE user_logins)" >/dev/null
+load prof-warm 2000
+for q in prof-quiet prof prof-raw; do load "$q" "$N"; done
+PERF=""
+command -v perf >/dev/null 2>&1 && perf record -e cpu-clock -o /dev/null -- true >/dev/null 2>&1 && PERF=perf
+[[ -n "$PERF" ]] || warn "perf is not installed or not permitted here: no profile, CPU per thread only"
+TICKS="$(getconf CLK_TCK)"
+
+# The session runs in the background; at each `mark K` it waits until this script has taken its measurement.
+mark() { printf "\\\\! sh -c 'touch %s/at.%s; while [ ! -f %s/go.%s ]; do sleep 0.05; done'\n" "$P" "$1" "$P" "$1"; }
+# The SQL floor: B batches of 100 random MessageIds (uuid text, as SQS's), built and then written with the
+# statements ingest uses (what=gen: built only, to subtract).
+floor_loop() {
+    local what="$1" b=$((ROWS / 100)) write=""
+    case "$what" in
+        ledger) write="WITH c AS (INSERT INTO sqs_ingest.ledger (queue_key, message_id, outcome)
+                        SELECT 42, m, o FROM unnest(ids, outs) AS u(m, o) ON CONFLICT DO NOTHING RETURNING message_id)
+                        SELECT pg_catalog.count(*) INTO n FROM c;" ;;
+        target) write="INSERT INTO floor_logins SELECT * FROM unnest(ids, devs, ips, dids, locs, vers, dates);" ;;
+    esac
+    cat <<SQL
+DO \$\$
+DECLARE ids text[]; outs text[]; devs text[]; ips text[]; dids text[]; locs text[]; vers int[]; dates date[]; n int;
+BEGIN
+  FOR b IN 1..$b LOOP
+    SELECT array_agg(gen_random_uuid()::text), array_agg('stored'::text), array_agg('android'::text),
+           array_agg(md5(i::text) || md5(b::text)), array_agg(md5(b::text) || md5(i::text)), array_agg('en_US'::text),
+           array_agg(20300), array_agg(current_date)
+      INTO ids, outs, devs, ips, dids, locs, vers, dates FROM generate_series(1, 100) AS i;
+    $write
+  END LOOP;
+END \$\$;
+SQL
+}
+{
+    echo "SELECT pg_backend_pid() \\g $P/pid"
+    echo "SELECT received FROM sqs_ingest('$Q/prof-warm', 2000) \\g /dev/null"
+    mark 1
+    echo "SELECT received FROM sqs_ingest('$Q/prof-quiet', $N) \\g $P/received.quiet"
+    mark 2
+    echo "SELECT received FROM sqs_ingest('$Q/prof', $N) \\g $P/received.perf"
+    mark 3
+    echo "SELECT received FROM sqs_ingest.bench_raw_drain('$Q/prof-raw', $N) \\g $P/received.raw"
+    mark 4
+    floor_loop gen
+    mark 5
+    floor_loop ledger
+    mark 6
+    floor_loop target
+    mark 7
+} >"$P/session.sql"
+"${PSQL[@]}" -d prof -f "$P/session.sql" >"$P/out" 2>&1 &
+PSQL_PID=$!
+# at K: waits for the session to reach mark K; go K lets it go on.
+at() {
+    until [[ -f "$P/at.$1" ]]; do
+        kill -0 "$PSQL_PID" 2>/dev/null || die "the profiling session stopped before step $1: $(cat "$P/out")"
+        sleep 0.05
+    done
+}
+go() { touch "$P/go.$1"; }
+# ticks: "<main> <net>" utime+stime clock ticks of the backend's main thread and of its network thread.
+ticks() {
+    local pid main net=0 f
+    pid="$(cat "$P/pid")"
+    main="$(awk '{print $14+$15}' "/proc/$pid/task/$pid/stat")"
+    for f in /proc/"$pid"/task/*/stat; do
+        grep -q sqs_ingest-net "$f" && net=$((net + $(awk '{print $14+$15}' "$f")))
+    done
+    echo "$main $net"
+}
+# us A B COUNT: microseconds per item between two tick counts.
+us() { awk -v a="$1" -v b="$2" -v t="$TICKS" -v n="$3" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }'; }
+
+at 1; read -r M1 T1 <<<"$(ticks)"; go 1
+at 2; read -r M2 T2 <<<"$(ticks)"
+if [[ -n "$PERF" ]]; then
+    perf record -e cpu-clock -F 1000 --call-graph dwarf,16384 -p "$(cat "$P/pid")" -o "$P/perf.data" >"$P/perf.log" 2>&1 &
+    PERF_PID=$!
+    sleep 0.5
+fi
+go 2
+at 3; read -r M3 T3 <<<"$(ticks)"
+if [[ -n "$PERF" ]]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; PERF_PID=""; fi
+go 3
+at 4; read -r M4 T4 <<<"$(ticks)"; go 4
+at 5; read -r M5 _ <<<"$(ticks)"; go 5
+at 6; read -r M6 _ <<<"$(ticks)"; go 6
+at 7; read -r M7 _ <<<"$(ticks)"; go 7
+wait "$PSQL_PID" || die "the profiling session failed: $(cat "$P/out")"
+PSQL_PID=""
+
+NQ="$(cat "$P/received.quiet")"; NP="$(cat "$P/received.perf")"; NR="$(cut -d'|' -f1 "$P/received.raw")"
+QM="$(us "$M1" "$M2" "$NQ")"; QN="$(us "$T1" "$T2" "$NQ")"
+RM="$(us "$M3" "$M4" "$NR")"; RN="$(us "$T3" "$T4" "$NR")"
+GEN="$(us "$M4" "$M5" "$ROWS")"
+LEDGER="$(awk -v a="$(us "$M5" "$M6" "$ROWS")" -v g="$GEN" 'BEGIN { printf "%.1f", a - g }')"
+TARGET="$(awk -v a="$(us "$M6" "$M7" "$ROWS")" -v g="$GEN" 'BEGIN { printf "%.1f", a - g }')"
+say "backend CPU per message, one warm sqs_ingest() of $NQ messages (utime+stime from /proc)"
+printf '%-58s %6s us\n' "main thread (SQL, parsing, masking, ledger)" "$QM" "network thread sqs_ingest-net (HTTP to SQS)" "$QN"
+printf '%-58s %6s us\n' "total" "$(awk -v a="$QM" -v b="$QN" 'BEGIN { printf "%.1f", a + b }')"
+if [[ -n "$PERF" ]]; then
+    say "where it goes: perf profile of a second call ($NP messages), scaled to the call above"
+    perf script -i "$P/perf.data" -F comm,tid,period,ip,sym,dso 2>/dev/null \
+        | python3 "$REPO_ROOT/scripts/profile_summary.py" "$NP" --scale-main "$QM" --scale-net "$QN"
+fi
+say "the floor of this design, measured on its own"
+printf '%-58s %6s us  (main %s, network thread %s)\n' "network client, no database (bench_raw_drain, $NR msgs)" \
+    "$(awk -v a="$RM" -v b="$RN" 'BEGIN { printf "%.1f", a + b }')" "$RM" "$RN"
+printf '%-58s %6s us\n' "ledger insert (ON CONFLICT DO NOTHING), plain SQL, per row" "$LEDGER" \
+    "target insert (unnest of 7 arrays), plain SQL, per row" "$TARGET"
+printf '%-58s %6s us  (of %s measured)\n' "floor: the client + the two writes" \
+    "$(awk -v a="$RM" -v b="$RN" -v l="$LEDGER" -v t="$TARGET" 'BEGIN { printf "%.1f", a + b + l + t }')" \
+    "$(awk -v a="$QM" -v b="$QN" 'BEGIN { printf "%.1f", a + b }')"
