@@ -346,6 +346,15 @@ pub fn random_nonce() -> [u8; NONCE_BYTES] {
 mod tests {
     use super::*;
 
+    /// The AES key schedule inside each `Aes256Gcm` of a [`KeyMaterial`] is zeroed on drop (the `zeroize` feature
+    /// of `aes`, set in Cargo.toml): this stops compiling if that feature is lost.
+    #[test]
+    fn aes_key_schedules_are_zeroed_on_drop() {
+        fn zeroed_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroed_on_drop::<aes::Aes256>();
+        zeroed_on_drop::<aes::Aes256Enc>();
+    }
+
     /// Tokens minted by release 0.3.0's code (commit 12c48a8, core built and run on its own) for a fixed key:
     /// every later release must unmask them to the same values and mask those values to the same tokens.
     const TOKENS_0_3_0: [(&str, &str, &str); 5] = [
