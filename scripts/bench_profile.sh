@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Where a backend's CPU goes per message, and the floor under it (issue "throughput", point 4). In one warm
-# session: sqs_ingest(url, N) measured from /proc (main thread: SQL, masking, ledger; network thread
-# sqs_ingest-net: HTTP to SQS), the same call again under `perf record` grouped by scripts/profile_summary.py
-# (its microseconds scaled to the unprofiled call: perf's unwinding slows what it samples), then the two floors
+# session: sqs_ingest(url, N) measured from /proc/<pid>/task/<tid>/schedstat in nanoseconds (main thread: SQL,
+# masking, ledger; network thread sqs_ingest-net: HTTP to SQS), then a like call on another queue under
+# `perf record`, grouped by scripts/profile_summary.py (its shares scaled to the unprofiled call: perf's
+# unwinding slows what it samples), then the two floors
 # of this design measured on their own: the network client with no database (sqs_ingest.bench_raw_drain: the
 # same ReceiveMessage and DeleteMessageBatch calls) and the two writes that make a message stored exactly once
 # (the ledger insert and the target insert, the same statements in a PL/pgSQL loop, no network).
@@ -16,11 +17,14 @@ ROWS="${BENCH_FLOOR_ROWS:-50000}"
 P="$(run_root)/bench-profile"
 rm -rf "$P"; mkdir -p "$P"; chmod 755 "$P"
 PSQL_PID=""; PERF_PID=""
+# (Under set -e: every step may fail without cutting the cleanup short, so LocalStack is never left running.)
 cleanup() {
-    [[ -n "$PERF_PID" ]] && kill -INT "$PERF_PID" 2>/dev/null
-    [[ -n "$PSQL_PID" ]] && kill "$PSQL_PID" 2>/dev/null
-    pg_stop "$P/pg"; localstack_stop "$P/localstack"
-    [[ -n "${PROFILE_KEEP:-}" ]] || rm -f "$P/perf.data"
+    touch "$P"/go.{1..7} 2>/dev/null || true  # releases a session waiting at a mark (its \\! shell too)
+    if [[ -n "$PERF_PID" ]]; then kill -INT "$PERF_PID" 2>/dev/null || true; fi
+    if [[ -n "$PSQL_PID" ]]; then kill "$PSQL_PID" 2>/dev/null || true; fi
+    pg_stop "$P/pg" || true
+    localstack_stop "$P/localstack" || true
+    if [[ -z "${PROFILE_KEEP:-}" ]]; then rm -f "$P/perf.data"; fi
 }
 trap cleanup EXIT
 LS_PORT="$(free_port 24966)"; PG_PORT="$(free_port 35832)"
@@ -40,7 +44,6 @@ for q in prof-quiet prof prof-raw; do load "$q" "$N"; done
 PERF=""
 command -v perf >/dev/null 2>&1 && perf record -e cpu-clock -o /dev/null -- true >/dev/null 2>&1 && PERF=perf
 [[ -n "$PERF" ]] || warn "perf is not installed or not permitted here: no profile, CPU per thread only"
-TICKS="$(getconf CLK_TCK)"
 
 # The session runs in the background; at each `mark K` it waits until this script has taken its measurement.
 mark() { printf "\\\\! sh -c 'touch %s/at.%s; while [ ! -f %s/go.%s ]; do sleep 0.05; done'\n" "$P" "$1" "$P" "$1"; }
@@ -95,34 +98,34 @@ at() {
     done
 }
 go() { touch "$P/go.$1"; }
-# ticks: "<main> <net>" utime+stime clock ticks of the backend's main thread and of its network thread.
-ticks() {
-    local pid main net=0 f
+# cpu: "<main> <net>" nanoseconds on CPU (schedstat) of the backend's main thread and of its network thread(s).
+cpu() {
+    local pid main net=0 t
     pid="$(cat "$P/pid")"
-    main="$(awk '{print $14+$15}' "/proc/$pid/task/$pid/stat")"
-    for f in /proc/"$pid"/task/*/stat; do
-        grep -q sqs_ingest-net "$f" && net=$((net + $(awk '{print $14+$15}' "$f")))
+    main="$(cut -d' ' -f1 "/proc/$pid/task/$pid/schedstat")"
+    for t in /proc/"$pid"/task/*; do
+        if grep -q '^sqs_ingest-net' "$t/comm" 2>/dev/null; then net=$((net + $(cut -d' ' -f1 "$t/schedstat"))); fi
     done
     echo "$main $net"
 }
-# us A B COUNT: microseconds per item between two tick counts.
-us() { awk -v a="$1" -v b="$2" -v t="$TICKS" -v n="$3" 'BEGIN { printf "%.1f", (b - a) * 1e6 / t / n }'; }
+# us A B COUNT: microseconds per item between two nanosecond counts.
+us() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { printf "%.1f", (b - a) / 1e3 / n }'; }
 
-at 1; read -r M1 T1 <<<"$(ticks)"; go 1
-at 2; read -r M2 T2 <<<"$(ticks)"
+at 1; read -r M1 T1 <<<"$(cpu)"; go 1
+at 2; read -r M2 T2 <<<"$(cpu)"
 if [[ -n "$PERF" ]]; then
     perf record -e cpu-clock -F 1000 --call-graph dwarf,16384 -p "$(cat "$P/pid")" -o "$P/perf.data" >"$P/perf.log" 2>&1 &
     PERF_PID=$!
     sleep 0.5
 fi
 go 2
-at 3; read -r M3 T3 <<<"$(ticks)"
-if [[ -n "$PERF" ]]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; PERF_PID=""; fi
+at 3; read -r M3 T3 <<<"$(cpu)"
+if [[ -n "$PERF" ]]; then kill -INT "$PERF_PID" 2>/dev/null || true; wait "$PERF_PID" || true; PERF_PID=""; fi
 go 3
-at 4; read -r M4 T4 <<<"$(ticks)"; go 4
-at 5; read -r M5 _ <<<"$(ticks)"; go 5
-at 6; read -r M6 _ <<<"$(ticks)"; go 6
-at 7; read -r M7 _ <<<"$(ticks)"; go 7
+at 4; read -r M4 T4 <<<"$(cpu)"; go 4
+at 5; read -r M5 _ <<<"$(cpu)"; go 5
+at 6; read -r M6 _ <<<"$(cpu)"; go 6
+at 7; read -r M7 _ <<<"$(cpu)"; go 7
 wait "$PSQL_PID" || die "the profiling session failed: $(cat "$P/out")"
 PSQL_PID=""
 
@@ -132,19 +135,22 @@ RM="$(us "$M3" "$M4" "$NR")"; RN="$(us "$T3" "$T4" "$NR")"
 GEN="$(us "$M4" "$M5" "$ROWS")"
 LEDGER="$(awk -v a="$(us "$M5" "$M6" "$ROWS")" -v g="$GEN" 'BEGIN { printf "%.1f", a - g }')"
 TARGET="$(awk -v a="$(us "$M6" "$M7" "$ROWS")" -v g="$GEN" 'BEGIN { printf "%.1f", a - g }')"
-say "backend CPU per message, one warm sqs_ingest() of $NQ messages (utime+stime from /proc)"
+say "backend CPU per message, one warm sqs_ingest() of $NQ messages (the session's second call; /proc schedstat)"
 printf '%-58s %6s us\n' "main thread (SQL, parsing, masking, ledger)" "$QM" "network thread sqs_ingest-net (HTTP to SQS)" "$QN"
 printf '%-58s %6s us\n' "total" "$(awk -v a="$QM" -v b="$QN" 'BEGIN { printf "%.1f", a + b }')"
 if [[ -n "$PERF" ]]; then
-    say "where it goes: perf profile of a second call ($NP messages), scaled to the call above"
+    say "where it goes: perf profile of the session's third call ($NP messages, another queue), scaled to the call above"
     perf script -i "$P/perf.data" -F comm,tid,period,ip,sym,dso 2>/dev/null \
         | python3 "$REPO_ROOT/scripts/profile_summary.py" "$NP" --scale-main "$QM" --scale-net "$QN"
 fi
 say "the floor of this design, measured on its own"
-printf '%-58s %6s us  (main %s, network thread %s)\n' "network client, no database (bench_raw_drain, $NR msgs)" \
-    "$(awk -v a="$RM" -v b="$RN" 'BEGIN { printf "%.1f", a + b }')" "$RM" "$RN"
 printf '%-58s %6s us\n' "ledger insert (ON CONFLICT DO NOTHING), plain SQL, per row" "$LEDGER" \
     "target insert (unnest of 7 arrays), plain SQL, per row" "$TARGET"
-printf '%-58s %6s us  (of %s measured)\n' "floor: the client + the two writes" \
-    "$(awk -v a="$RM" -v b="$RN" -v l="$LEDGER" -v t="$TARGET" 'BEGIN { printf "%.1f", a + b + l + t }')" \
+# The network side's floor is the network thread itself: hyper, aws-sigv4, serde_json and the kernel's loopback
+# TCP (see its profile above). The same client with no database at all, for comparison, costs this much:
+printf '%-58s %6s us  (main %s, network thread %s: its pollers run on the main thread)\n' \
+    "the same SQS client alone, no database (bench_raw_drain)" "$(awk -v a="$RM" -v b="$RN" 'BEGIN { printf "%.1f", a + b }')" "$RM" "$RN"
+printf '%-58s %6s us  (of %s measured; above it: the main thread less the two writes)\n' \
+    "floor: the network thread + the two writes" \
+    "$(awk -v n="$QN" -v l="$LEDGER" -v t="$TARGET" 'BEGIN { printf "%.1f", n + l + t }')" \
     "$(awk -v a="$QM" -v b="$QN" 'BEGIN { printf "%.1f", a + b }')"
