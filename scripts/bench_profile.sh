@@ -19,7 +19,7 @@ rm -rf "$P"; mkdir -p "$P"; chmod 755 "$P"
 PSQL_PID=""; PERF_PID=""
 # (Under set -e: every step may fail without cutting the cleanup short, so LocalStack is never left running.)
 cleanup() {
-    touch "$P"/go.{1..7} 2>/dev/null || true  # releases a session waiting at a mark (its \\! shell too)
+    touch "$P"/go.{1..8} 2>/dev/null || true  # releases a session waiting at a mark (its \\! shell too)
     if [[ -n "$PERF_PID" ]]; then kill -INT "$PERF_PID" 2>/dev/null || true; fi
     if [[ -n "$PSQL_PID" ]]; then kill "$PSQL_PID" 2>/dev/null || true; fi
     pg_stop "$P/pg" || true
@@ -47,8 +47,9 @@ command -v perf >/dev/null 2>&1 && perf record -e cpu-clock -o /dev/null -- true
 
 # The session runs in the background; at each `mark K` it waits until this script has taken its measurement.
 mark() { printf "\\\\! sh -c 'touch %s/at.%s; while [ ! -f %s/go.%s ]; do sleep 0.05; done'\n" "$P" "$1" "$P" "$1"; }
-# The SQL floor: B batches of 100 random MessageIds (uuid text, as SQS's), built and then written with the
-# statements ingest uses (what=gen: built only, to subtract).
+# The SQL floor: B batches of 100 random MessageIds (uuid text, as SQS's) written with the statements ingest
+# uses. The row arrays are made before the loop, so the loop is the writes and 100 fresh ids per batch;
+# what=gen runs the same loop without the writes (subtracted).
 floor_loop() {
     local what="$1" b=$((ROWS / 100)) write=""
     case "$what" in
@@ -59,13 +60,15 @@ floor_loop() {
     esac
     cat <<SQL
 DO \$\$
-DECLARE ids text[]; outs text[]; devs text[]; ips text[]; dids text[]; locs text[]; vers int[]; dates date[]; n int;
+DECLARE ids text[]; outs text[]; devs text[]; ips text[]; dids text[]; locs text[]; vers int[];
+        dates date[]; n int;
 BEGIN
+  SELECT array_agg('stored'::text), array_agg('android'::text), array_agg(md5(i::text) || md5((i * 7)::text)),
+         array_agg(md5((i * 3)::text) || md5(i::text)), array_agg('en_US'::text), array_agg(20300),
+         array_agg(current_date)
+    INTO outs, devs, ips, dids, locs, vers, dates FROM generate_series(1, 100) AS i;
   FOR b IN 1..$b LOOP
-    SELECT array_agg(gen_random_uuid()::text), array_agg('stored'::text), array_agg('android'::text),
-           array_agg(md5(i::text) || md5(b::text)), array_agg(md5(b::text) || md5(i::text)), array_agg('en_US'::text),
-           array_agg(20300), array_agg(current_date)
-      INTO ids, outs, devs, ips, dids, locs, vers, dates FROM generate_series(1, 100) AS i;
+    SELECT array_agg(gen_random_uuid()::text) INTO ids FROM generate_series(1, 100);
     $write
   END LOOP;
 END \$\$;
@@ -87,6 +90,8 @@ SQL
     mark 6
     floor_loop target
     mark 7
+    floor_loop gen
+    mark 8
 } >"$P/session.sql"
 "${PSQL[@]}" -d prof -f "$P/session.sql" >"$P/out" 2>&1 &
 PSQL_PID=$!
@@ -126,13 +131,15 @@ at 4; read -r M4 T4 <<<"$(cpu)"; go 4
 at 5; read -r M5 _ <<<"$(cpu)"; go 5
 at 6; read -r M6 _ <<<"$(cpu)"; go 6
 at 7; read -r M7 _ <<<"$(cpu)"; go 7
+at 8; read -r M8 _ <<<"$(cpu)"; go 8
 wait "$PSQL_PID" || die "the profiling session failed: $(cat "$P/out")"
 PSQL_PID=""
 
 NQ="$(cat "$P/received.quiet")"; NP="$(cat "$P/received.perf")"; NR="$(cut -d'|' -f1 "$P/received.raw")"
 QM="$(us "$M1" "$M2" "$NQ")"; QN="$(us "$T1" "$T2" "$NQ")"
 RM="$(us "$M3" "$M4" "$NR")"; RN="$(us "$T3" "$T4" "$NR")"
-GEN="$(us "$M4" "$M5" "$ROWS")"
+# The loop without the writes runs before and after the two with them: their mean is subtracted.
+GEN="$(awk -v a="$(us "$M4" "$M5" "$ROWS")" -v b="$(us "$M7" "$M8" "$ROWS")" 'BEGIN { printf "%.1f", (a + b) / 2 }')"
 LEDGER="$(awk -v a="$(us "$M5" "$M6" "$ROWS")" -v g="$GEN" 'BEGIN { printf "%.1f", a - g }')"
 TARGET="$(awk -v a="$(us "$M6" "$M7" "$ROWS")" -v g="$GEN" 'BEGIN { printf "%.1f", a - g }')"
 say "backend CPU per message, one warm sqs_ingest() of $NQ messages (the session's second call; /proc schedstat)"
@@ -144,6 +151,8 @@ if [[ -n "$PERF" ]]; then
         | python3 "$REPO_ROOT/scripts/profile_summary.py" "$NP" --scale-main "$QM" --scale-net "$QN"
 fi
 say "the floor of this design, measured on its own"
+printf '%-58s %6s us  (loops with writes: ledger %s, target %s)\n' "the loop without the writes, plain SQL, per row" "$GEN" \
+    "$(us "$M5" "$M6" "$ROWS")" "$(us "$M6" "$M7" "$ROWS")"
 printf '%-58s %6s us\n' "ledger insert (ON CONFLICT DO NOTHING), plain SQL, per row" "$LEDGER" \
     "target insert (unnest of 7 arrays), plain SQL, per row" "$TARGET"
 # The network side's floor is the network thread itself: hyper, aws-sigv4, serde_json and the kernel's loopback

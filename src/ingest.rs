@@ -569,11 +569,15 @@ impl Run<'_> {
 
     /// Returns whether it stopped because the queue looked empty (rather than at `max_messages` or a stop).
     fn pipeline(&mut self, started: Instant, waited: Option<Waited>) -> Result<bool> {
-        let clock = Instant::now();
+        // One clock for the backend's whole life: a worker's next batch may continue the window in progress.
+        static CLOCK: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let clock = *CLOCK.get_or_init(Instant::now);
         let now = || clock.elapsed().as_secs_f64();
-        let mut control = receive_controller(&self.queue.url, 0.0);
+        let mut control = receive_controller(&self.queue.url, now());
         let start = control.limit();
         let result = self.pipeline_with(started, waited, &mut control, &now);
+        // The call (its last store included) ends here; the time until the next call is not in a carried window.
+        control.pause(now());
         pgrx::debug1!(
             "sqs_ingest: receive concurrency: started at {start}, peak {}, ended at {}",
             control.peak(),

@@ -34,6 +34,10 @@ pub const NETWORK_BOUND: f64 = 0.2;
 /// than the last would otherwise look slower).
 const RECEIVES_PER_SLOT: u32 = 4;
 const MIN_WINDOW_S: f64 = 0.25;
+/// A window in progress goes on into the next call when that call starts within this many seconds of the last
+/// receive (a worker's or the drain procedure's next batch: 100 messages are 10 receives, fewer than one window at
+/// 4 in flight, so windows cut at each call would never end); the time between the calls is not counted.
+pub const CARRY_GAP_S: f64 = 1.0;
 
 #[derive(Debug, Clone)]
 pub struct ReceiveConcurrency {
@@ -46,6 +50,8 @@ pub struct ReceiveConcurrency {
     receives: u32,
     waited_s: f64,
     started_s: f64,
+    /// When the last receive finished (seconds, the caller's clock).
+    last_s: f64,
     /// Rate of the previous window (messages/s); the limit before the grow at its end, if it grew.
     last_rate: Option<f64>,
     grew_from: Option<usize>,
@@ -73,6 +79,7 @@ impl ReceiveConcurrency {
             receives: 0,
             waited_s: 0.0,
             started_s: now_s,
+            last_s: now_s,
             last_rate: None,
             grew_from: None,
             limit_before_grow: limit,
@@ -83,9 +90,12 @@ impl ReceiveConcurrency {
         }
     }
 
-    /// Goes on where an earlier call left off (its rate, its last grow, its probing state) with a fresh window
-    /// starting at `now_s`, within a possibly changed `start` (never below it) and `cap`. A window a call did not
-    /// complete is discarded, so an unmeasured grow is never kept: it is measured in this call's first window.
+    /// Goes on where an earlier call left off (its rate, its last grow, its probing state) within a possibly
+    /// changed `start` (never below it) and `cap`; `now_s` is on the same clock as the earlier call's. A call
+    /// starting within [`CARRY_GAP_S`] of the end of the last one ([`ReceiveConcurrency::pause`]) at the same
+    /// limit continues the window in progress (the gap is not counted); otherwise a fresh window starts at
+    /// `now_s` and only measures (like a new controller's first), discarding what an earlier call did not
+    /// complete. Either way a grow is only ever kept after a whole window measured it.
     pub fn resume(mut self, start: usize, cap: usize, now_s: f64) -> Self {
         let cap = cap.max(1);
         let start = start.clamp(1, cap);
@@ -93,11 +103,27 @@ impl ReceiveConcurrency {
             return Self::new(start, cap, now_s);
         }
         self.fixed = false;
-        self.limit = self.limit.clamp(start, cap);
+        let limit = self.limit.clamp(start, cap);
+        let gap = now_s - self.last_s;
+        if limit == self.limit && (0.0..=CARRY_GAP_S).contains(&gap) {
+            self.started_s += gap;
+            self.last_s = now_s;
+        } else {
+            self.restart(now_s);
+            self.warming = true;
+        }
+        self.limit = limit;
         self.limit_before_grow = self.limit_before_grow.clamp(1, self.limit);
         self.peak = self.limit;
-        self.restart(now_s);
         self
+    }
+
+    /// The call ends at `now_s` (after storing its last batch): the time until the next call's
+    /// [`ReceiveConcurrency::resume`] is the gap a carried window does not count.
+    pub fn pause(&mut self, now_s: f64) {
+        if now_s > self.last_s {
+            self.last_s = now_s;
+        }
     }
 
     /// Receives to keep in flight now.
@@ -119,6 +145,7 @@ impl ReceiveConcurrency {
         if self.fixed {
             return self.limit;
         }
+        self.last_s = now_s;
         self.messages += messages as u64;
         self.receives += 1;
         self.waited_s += waited_s.max(0.0);
@@ -197,6 +224,7 @@ impl ReceiveConcurrency {
         self.receives = 0;
         self.waited_s = 0.0;
         self.started_s = now_s;
+        self.last_s = now_s;
     }
 }
 
@@ -333,6 +361,89 @@ mod tests {
         }
         assert_eq!(&limits[..3], &[4, 8, 4], "measured, doubled, undone: {limits:?}");
         assert!(limits[3..].iter().all(|&l| l <= 5), "{limits:?}");
+    }
+
+    #[test]
+    fn back_to_back_batches_of_ten_receives_still_adapt() {
+        // A worker: each call stores 100 messages (10 receives), commits, and the next call starts 5 ms later.
+        // The endpoint's rate rises with concurrency (a real round trip). Windows span calls, so it grows.
+        let rate = |l: usize| 400.0 * l.min(12) as f64;
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let mut now = 0.0;
+        for _ in 0..60 {
+            c = c.resume(4, 16, now);
+            let per = 10.0 / rate(c.limit());
+            for _ in 0..10 {
+                now += per;
+                c.received(10, per / 2.0, now);
+            }
+            now += 0.002; // storing the batch
+            c.pause(now);
+            now += 0.005; // COMMIT, the next call's start
+        }
+        assert!(c.limit() >= 8, "grew across calls: {}", c.limit());
+        // The same calls a minute apart: each window is cut by the gap, so it never completes and never grows.
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let mut now = 0.0;
+        for _ in 0..60 {
+            c = c.resume(4, 16, now);
+            for _ in 0..10 {
+                now += 0.01;
+                c.received(10, 0.005, now);
+            }
+            now += 60.0;
+        }
+        assert_eq!(c.limit(), 4);
+    }
+
+    #[test]
+    fn the_time_between_calls_is_not_counted_in_a_carried_window() {
+        // Calls of 10 receives at 1,000 msg/s, 0.9 s apart. Counting the gaps, a window at 8 would measure
+        // ~100 msg/s and undo the doubling; not counting them, it measures the rate the endpoint gives.
+        let rate = |l: usize| 250.0 * l.min(12) as f64;
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let mut now = 0.0;
+        let mut limits = Vec::new();
+        for _ in 0..12 {
+            c = c.resume(4, 16, now);
+            let per = 10.0 / rate(c.limit());
+            for _ in 0..10 {
+                now += per;
+                c.received(10, per / 2.0, now);
+            }
+            c.pause(now);
+            limits.push(c.limit());
+            now += 0.9;
+        }
+        assert!(c.limit() >= 8, "the doubling paid and stayed: {limits:?}");
+    }
+
+    #[test]
+    fn a_window_restarts_and_only_measures_when_it_cannot_be_carried() {
+        // The start was raised above the limit between the calls: the window in progress was measured at the old
+        // limit, so it is dropped and the next one only measures.
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        for i in 1..=25 {
+            c.received(10, 0.001, i as f64 * 0.01); // the first window, which only measures, ends at 0.25 s
+        }
+        for i in 26..=28 {
+            c.received(10, 0.001, i as f64 * 0.01);
+        }
+        assert_eq!((c.limit(), c.receives, c.warming), (4, 3, false));
+        let c = c.resume(6, 16, 0.29);
+        assert_eq!((c.limit(), c.receives, c.warming), (6, 0, true), "clamped up: a fresh window");
+        // A clock that went backwards (another clock's times): a fresh window too, never a negative gap.
+        let mut c = ReceiveConcurrency::new(4, 16, 5.0);
+        c.received(10, 0.001, 5.01);
+        let c = c.resume(4, 16, 1.0);
+        assert_eq!((c.receives, c.started_s), (0, 1.0));
+        // Within the gap at the same limit: the window goes on, shifted by the gap.
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        c.received(10, 0.001, 0.1);
+        c.pause(0.2);
+        let c = c.resume(4, 16, 0.7);
+        assert_eq!(c.receives, 1);
+        assert!((c.started_s - 0.5).abs() < 1e-9, "{}", c.started_s);
     }
 
     #[test]
