@@ -3,8 +3,9 @@
 # table created by the call, default settings; beside LocalStack's raw drain with 4 and 8 pollers (the bar is the
 # better of the two), and beside the same call with the receive concurrency fixed at 4 (no adaptation). Then one
 # backend through a proxy adding 10 ms and 30 ms round trips (scripts/delay_proxy.py), printed against the bound
-# in-flight x 10 / RTT. The confirming long poll (sqs_ingest.wait_time, 1 s) is subtracted from the call's wall
-# clock. Called by scripts/bench.sh; runs alone too.
+# in-flight x 10 / RTT, and one background worker (worker_start(), 100-message batches) draining the same number
+# through the proxy, adaptive and fixed at 4. The confirming long poll (sqs_ingest.wait_time, 1 s) is subtracted
+# from the call's wall clock. Called by scripts/bench.sh; runs alone too.
 #   BENCH_USER_N (default 10000) messages per round, BENCH_USER_ROUNDS (default 3), BENCH_DELAY_N (default 5000).
 source "$(dirname "$0")/lib.sh"
 N="${BENCH_USER_N:-10000}"
@@ -89,6 +90,27 @@ for who in user fixed; do
         "$(round_ratios "$U/$who")" "$(awk -v a="$rate" -v b="$BAR" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 done
 
+# worker_drain DB QUEUE_URL [DATABASE_SETTING]: msg/s of one dynamic worker (default 100-message batches)
+# draining DN messages: from worker_start() until the last row is visible (polled every 0.1 s).
+worker_drain() {
+    local db="$1" url="$2" setting="${3:-}" t0 t1 n=0
+    PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+    "${PSQL[@]}" -d "$db" -c "CREATE EXTENSION sqs_ingest" >/dev/null
+    [[ -z "$setting" ]] || "${PSQL[@]}" -d postgres -c "ALTER DATABASE $db SET $setting" >/dev/null
+    t0="$(date +%s.%N)"
+    "${PSQL[@]}" -d "$db" -c "SELECT sqs_ingest.worker_start('$url')" >/dev/null
+    while (( n < DN )); do
+        sleep 0.1
+        n="$("${PSQL[@]}" -d "$db" -c "SELECT CASE WHEN pg_catalog.to_regclass('public.user_logins') IS NULL THEN 0 ELSE (SELECT pg_catalog.count(*) FROM public.user_logins) END")"
+        if awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { exit !(b - a > 300) }'; then
+            echo "the worker stored $n of $DN messages in 300 s" >&2; break
+        fi
+    done
+    t1="$(date +%s.%N)"
+    "${PSQL[@]}" -d "$db" -c "SELECT sqs_ingest.worker_stop()" >/dev/null
+    awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f\n", n / (b - a) }'
+}
+
 # One backend at real-network round trips. The proxy's loopback RTT (~1-3 ms) adds to the delay.
 for rtt in 10 30; do
     port="$(free_port $((24900 + rtt)))"
@@ -105,4 +127,9 @@ for rtt in 10 30; do
     printf 'RTT +%2s ms: sqs_ingest() %5s msg/s, in flight peak %s (bound %s x 10 / %s ms = %s msg/s); fixed at 4: %5s msg/s (bound %s); raw drain, 16 pollers: %s msg/s\n' \
         "$rtt" "$rate" "$peak" "$peak" "$rtt" "$(awk -v k="$peak" -v r="$rtt" 'BEGIN { printf "%.0f", k * 10000 / r }')" \
         "$frate" "$(awk -v r="$rtt" 'BEGIN { printf "%.0f", 40000 / r }')" "$raw"
+    load "worker$rtt" "$DN" "$EP"
+    wrate="$(worker_drain "worker_$rtt" "$DEP/000000000000/worker$rtt")"
+    load "worker$rtt-fixed" "$DN" "$EP"
+    wfixed="$(worker_drain "worker_${rtt}_fixed" "$DEP/000000000000/worker$rtt-fixed" "sqs_ingest.max_receive_concurrency = 4")"
+    printf 'RTT +%2s ms: one worker (100-message batches) %5s msg/s; fixed at 4: %5s msg/s\n' "$rtt" "$wrate" "$wfixed"
 done

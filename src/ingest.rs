@@ -676,6 +676,11 @@ impl Run<'_> {
                 unrequested += f.requested - got.len() as i64;
                 if got.is_empty() {
                     saw_empty = true;
+                    if confirming {
+                        // The long poll's wait was not receiving: a window carried into the next call must not
+                        // count it.
+                        control.skip_window(now());
+                    }
                 } else if confirming {
                     // The queue was not empty after all: resume draining (or hand the batch to a worker's commit).
                     confirming = false;

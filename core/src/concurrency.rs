@@ -102,10 +102,10 @@ impl ReceiveConcurrency {
         if self.cap != cap || start >= cap {
             return Self::new(start, cap, now_s);
         }
-        self.fixed = false;
+        let was_fixed = std::mem::replace(&mut self.fixed, false);
         let limit = self.limit.clamp(start, cap);
         let gap = now_s - self.last_s;
-        if limit == self.limit && (0.0..=CARRY_GAP_S).contains(&gap) {
+        if !was_fixed && limit == self.limit && (0.0..=CARRY_GAP_S).contains(&gap) {
             self.started_s += gap;
             self.last_s = now_s;
         } else {
@@ -113,7 +113,7 @@ impl ReceiveConcurrency {
             self.warming = true;
         }
         self.limit = limit;
-        self.limit_before_grow = self.limit_before_grow.clamp(1, self.limit);
+        self.limit_before_grow = self.limit_before_grow.clamp(start, self.limit);
         self.peak = self.limit;
         self
     }
@@ -155,7 +155,10 @@ impl ReceiveConcurrency {
         }
         let rate = self.messages as f64 / elapsed;
         if std::mem::take(&mut self.warming) {
-            self.last_rate = Some(rate);
+            // A grow still waiting for its verdict is judged against the rate before it, not this cold window.
+            if self.grew_from.is_none() {
+                self.last_rate = Some(rate);
+            }
             self.restart(now_s);
             return self.limit;
         }
@@ -444,6 +447,39 @@ mod tests {
         let c = c.resume(4, 16, 0.7);
         assert_eq!(c.receives, 1);
         assert!((c.started_s - 0.5).abs() < 1e-9, "{}", c.started_s);
+    }
+
+    #[test]
+    fn a_grow_made_at_the_end_of_a_call_is_judged_against_the_rate_before_it() {
+        // An endpoint whose rate rises with concurrency. The first call ends right after the grow to 8; the next
+        // comes 5 s later (no carry: its first window only measures, cold). The grow must still be judged against
+        // the rate at 4, and pay, not against the next call's cold window at 8.
+        let rate = |l: usize| 250.0 * l as f64;
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let mut now = 0.0;
+        while c.limit() == 4 {
+            let per = 10.0 / rate(c.limit());
+            now += per;
+            c.received(10, per / 2.0, now);
+        }
+        assert_eq!(c.limit(), 8);
+        c.pause(now);
+        now += 5.0;
+        c = c.resume(4, 16, now);
+        let mut limits = Vec::new();
+        for _ in 0..3 {
+            let before = (c.limit(), c.receives);
+            loop {
+                let per = 10.0 / rate(c.limit());
+                now += per;
+                c.received(10, per / 2.0, now);
+                if c.receives == 0 || c.limit() != before.0 {
+                    break;
+                }
+            }
+            limits.push(c.limit());
+        }
+        assert_eq!(&limits[..2], &[8, 16], "measured, then the grow to 8 paid and it doubled again: {limits:?}");
     }
 
     #[test]
