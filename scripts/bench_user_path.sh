@@ -90,15 +90,15 @@ for who in user fixed; do
         "$(round_ratios "$U/$who")" "$(awk -v a="$rate" -v b="$BAR" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 done
 
-# worker_drain DB QUEUE_URL [DATABASE_SETTING]: msg/s of one dynamic worker (default 100-message batches)
-# draining DN messages: from worker_start() until the last row is visible (polled every 0.1 s).
+# worker_drain DB QUEUE_URL [DATABASE_SETTING] [BATCH]: msg/s of one dynamic worker (default 100-message
+# batches) draining DN messages: from worker_start() until the last row is visible (polled every 0.1 s).
 worker_drain() {
-    local db="$1" url="$2" setting="${3:-}" t0 t1 n=0
+    local db="$1" url="$2" setting="${3:-}" batch="${4:-NULL}" t0 t1 n=0
     PGOPTIONS="-c client_min_messages=warning" "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
     "${PSQL[@]}" -d "$db" -c "CREATE EXTENSION sqs_ingest" >/dev/null
     [[ -z "$setting" ]] || "${PSQL[@]}" -d postgres -c "ALTER DATABASE $db SET $setting" >/dev/null
     t0="$(date +%s.%N)"
-    "${PSQL[@]}" -d "$db" -c "SELECT sqs_ingest.worker_start('$url')" >/dev/null
+    "${PSQL[@]}" -d "$db" -c "SELECT sqs_ingest.worker_start('$url', $batch)" >/dev/null
     while (( n < DN )); do
         sleep 0.1
         n="$("${PSQL[@]}" -d "$db" -c "SELECT CASE WHEN pg_catalog.to_regclass('public.user_logins') IS NULL THEN 0 ELSE (SELECT pg_catalog.count(*) FROM public.user_logins) END")"
@@ -131,5 +131,8 @@ for rtt in 10 30; do
     wrate="$(worker_drain "worker_$rtt" "$DEP/000000000000/worker$rtt")"
     load "worker$rtt-fixed" "$DN" "$EP"
     wfixed="$(worker_drain "worker_${rtt}_fixed" "$DEP/000000000000/worker$rtt-fixed" "sqs_ingest.max_receive_concurrency = 4")"
-    printf 'RTT +%2s ms: one worker (100-message batches) %5s msg/s; fixed at 4: %5s msg/s\n' "$rtt" "$wrate" "$wfixed"
+    load "worker$rtt-1000" "$DN" "$EP"
+    wbig="$(worker_drain "worker_${rtt}_1000" "$DEP/000000000000/worker$rtt-1000" "" 1000)"
+    printf 'RTT +%2s ms: one worker (100-message batches) %5s msg/s; fixed at 4: %5s msg/s; 1000-message batches: %5s msg/s\n' \
+        "$rtt" "$wrate" "$wfixed" "$wbig"
 done
