@@ -34,8 +34,7 @@ PSQL=(psql -X -q -A -t -h "$B/pg" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1)
 "${PSQL[@]}" -d bench -c "CREATE EXTENSION sqs_ingest; CREATE EXTENSION pgcrypto; SELECT sqs_ingest.rotate_key()" >/dev/null
 K="$("${PSQL[@]}" -d bench -c "SHOW sqs_ingest.receive_concurrency")"
 
-load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 7 \
-           | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$EP" --queue "$1" >/dev/null 2>&1; }
+load() { load_queue "$EP" "$1" "$2" 7; }
 
 echo "== sqs_ingest benchmark: $N messages per round, LocalStack $LOCALSTACK_VERSION on loopback, $(nproc) cores, receive_concurrency=$K"
 ROUNDS="${BENCH_ROUNDS:-3}"
@@ -110,7 +109,6 @@ throughput_round "$((ROUNDS + 3))" direct wide
 # One round with the AWS SDK on the hot path, for comparison (sqs_ingest.sqs_client = sdk).
 throughput_round "$((ROUNDS + 1))" sdk
 cp "$B/rounds.direct" "$B/rounds"
-median() { sort -n | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 printf '%-44s %10s msg/s  (median of %s rounds)\n' "LocalStack raw receive+delete drain (K=$K)" "$(cut -d' ' -f2 "$B/rounds" | median)" "$ROUNDS"
 printf '%-44s %10s msg/s  (median; wall clock incl. commit + deletes)\n' "sqs_ingest() into user_logins" "$(cut -d' ' -f3 "$B/rounds" | median)"
 printf '%-44s %10s  (median of the per-round ratios)\n' "ratio sqs_ingest / raw drain" "$(cut -d' ' -f4 "$B/rounds" | median)"

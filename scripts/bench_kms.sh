@@ -26,7 +26,6 @@ for db in plain kms; do
         -c "ALTER DATABASE bench_kms SET sqs_ingest.kms_endpoint = '$EP'" >/dev/null
     "${PSQL[@]}" -d "bench_$db" -c "CREATE EXTENSION sqs_ingest" -c "SELECT sqs_ingest.rotate_key()" >/dev/null
 done
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 for db in plain kms; do
     : >"$K/first"; : >"$K/second"
     for _ in $(seq "$ROUNDS"); do

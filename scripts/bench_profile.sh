@@ -33,8 +33,7 @@ pg_start "$P/pg" "$PG_PORT" "sqs_ingest" "shared_buffers = 256MB"
 EP="http://localhost:$LS_PORT"
 Q="$EP/000000000000"
 PSQL=(psql -X -q -A -t -h "$P/pg" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1)
-load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 13 \
-           | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$EP" --queue "$1" >/dev/null 2>&1; }
+load() { load_queue "$EP" "$1" "$2" 13; }
 "${PSQL[@]}" -d postgres -c "CREATE DATABASE prof" >/dev/null
 "${PSQL[@]}" -d prof -c "CREATE EXTENSION sqs_ingest" -c "SELECT sqs_ingest.rotate_key()" \
     -c "CREATE TABLE user_logins (user_id varchar(128), device_type varchar(32), masked_ip varchar(256), masked_device_id varchar(256), locale varchar(32), app_version integer, create_date date)" \

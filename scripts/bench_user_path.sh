@@ -26,11 +26,9 @@ pg_start "$U/pg" "$PG_PORT" "sqs_ingest" "shared_buffers = 256MB
 log_min_messages = warning"
 EP="http://localhost:$LS_PORT"
 PSQL=(psql -X -q -A -t -h "$U/pg" -p "$PG_PORT" -U postgres -v ON_ERROR_STOP=1)
-load() { python3 "$REPO_ROOT/scripts/gen_messages.py" "$2" --no-malformed --seed 11 \
-           | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$3" --queue "$1" >/dev/null 2>&1; }
+load() { load_queue "$3" "$1" "$2" 11; }
 "${PSQL[@]}" -d postgres -c "CREATE EXTENSION sqs_ingest" >/dev/null  # for bench_raw_drain
 WAIT_S="$("${PSQL[@]}" -d postgres -c "SELECT setting FROM pg_settings WHERE name = 'sqs_ingest.wait_time'")"  # seconds
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # raw_drain QUEUE_URL POLLERS N: msg/s of the receive+delete drain (no database work).
 raw_drain() {

@@ -125,6 +125,16 @@ localstack_stop() {
     rm -f "$pidfile"
 }
 
+# load_queue ENDPOINT QUEUE N SEED: sends N generated login messages (none malformed) to QUEUE, created if
+# missing (the benchmarks' loader).
+load_queue() {
+    python3 "$REPO_ROOT/scripts/gen_messages.py" "$3" --no-malformed --seed "$4" \
+        | "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/sqs_load.py" --endpoint "$1" --queue "$2" >/dev/null 2>&1
+}
+
+# median: the median of the numbers on standard input, one per line.
+median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
 # ---- Postgres clusters (run as the postgres user; sockets in the cluster dir) -----------------------------
 
 # pg_bin_for DATA_DIR: the bin directory of the installation a cluster belongs to (by its PG_VERSION file);

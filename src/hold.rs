@@ -110,19 +110,25 @@ pub fn overlap_next_commit() {
 }
 
 /// Waits for the deletes an earlier commit left running (each until its own deadline, or until the backend is
-/// told to terminate); their outcomes are recorded for the counters. Returns their total.
-pub fn finish_pending() -> BatchOutcome {
+/// told to terminate); their outcomes are recorded for the counters.
+pub fn finish_pending() {
     finish_pending_with(true)
 }
 
 /// [`finish_pending`] for a background worker that is stopping: its deletes get their deadline although the
 /// worker was asked to stop (they are bounded by it, and otherwise come back as duplicates).
-pub fn finish_pending_at_exit() -> BatchOutcome {
+pub fn finish_pending_at_exit() {
     finish_pending_with(false)
 }
 
-fn finish_pending_with(honour_terminate: bool) -> BatchOutcome {
+fn finish_pending_with(honour_terminate: bool) {
     let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    wait_all(pending, honour_terminate);
+}
+
+/// Waits for each queue's delete task (see [`wait_for_deletes`]), records each outcome for the counters and adds
+/// it to a running drain's total. Returns the total.
+fn wait_all(pending: Vec<Pending>, honour_terminate: bool) -> BatchOutcome {
     let mut total = BatchOutcome::default();
     for Pending { url, n, task, deadline } in pending {
         let outcome = wait_for_deletes(task, n, &url, deadline, honour_terminate);
@@ -332,15 +338,7 @@ fn after_commit() {
         LAST_COMMIT.set(BatchOutcome::default());
         return;
     }
-    let mut total = BatchOutcome::default();
-    for Pending { url, n, task, deadline } in started {
-        let outcome = wait_for_deletes(task, n, &url, deadline, true);
-        total.succeeded += outcome.succeeded;
-        total.failed += outcome.failed;
-        UNREPORTED.with(|u| u.borrow_mut().push(PostCommit { queue_url: url, outcome }));
-    }
-    add_to_drain(total);
-    LAST_COMMIT.set(total);
+    LAST_COMMIT.set(wait_all(started, true));
 }
 
 /// Sets each group's messages visible after the given number of seconds.

@@ -670,25 +670,22 @@ impl Run<'_> {
                     }
                     Err(e) => return Err(e),
                 };
-                if !confirming {
+                if confirming {
+                    // The long poll's wait was not receiving: the window (maybe carried into the next call)
+                    // starts again when it returns.
+                    control.skip_window(now());
+                } else {
                     control.received(got.len(), wait.elapsed().as_secs_f64(), now());
                 }
                 unrequested += f.requested - got.len() as i64;
                 if got.is_empty() {
                     saw_empty = true;
-                    if confirming {
-                        // The long poll's wait was not receiving: a window carried into the next call must not
-                        // count it.
-                        control.skip_window(now());
-                    }
                 } else if confirming {
                     // The queue was not empty after all: resume draining (or hand the batch to a worker's commit).
                     confirming = false;
                     saw_empty = false;
                     confirmed_once = self.opts.return_after_wake;
                     woke = true;
-                    // The long poll's wait was not receiving: the next window starts now.
-                    control.skip_window(now());
                 }
                 pending.messages.extend(got);
             }

@@ -52,10 +52,10 @@ pub struct ReceiveConcurrency {
     started_s: f64,
     /// When the last receive finished (seconds, the caller's clock).
     last_s: f64,
-    /// Rate of the previous window (messages/s); the limit before the grow at its end, if it grew.
+    /// Rate of the previous window (messages/s); the limit before the grow at its end, if it grew (where a grow
+    /// that does not pay goes back to).
     last_rate: Option<f64>,
     grew_from: Option<usize>,
-    limit_before_grow: usize,
     resting: u32,
     /// Doubling (TCP's slow start) until the first grow that does not pay; one at a time after that.
     slow_start: bool,
@@ -82,7 +82,6 @@ impl ReceiveConcurrency {
             last_s: now_s,
             last_rate: None,
             grew_from: None,
-            limit_before_grow: limit,
             resting: 0,
             slow_start: true,
             fixed: start >= cap,
@@ -113,7 +112,7 @@ impl ReceiveConcurrency {
             self.warming = true;
         }
         self.limit = limit;
-        self.limit_before_grow = self.limit_before_grow.clamp(start, self.limit);
+        self.grew_from = self.grew_from.map(|from| from.clamp(start, self.limit));
         self.peak = self.limit;
         self
     }
@@ -164,16 +163,16 @@ impl ReceiveConcurrency {
         }
         let network_bound = self.waited_s >= NETWORK_BOUND * elapsed;
         // A grow from `from` to `limit` could raise the rate by at most (limit - from) / from.
-        let paid = match (self.grew_from.take(), self.last_rate) {
+        let unpaid = match (self.grew_from.take(), self.last_rate) {
             (Some(from), Some(last)) => {
                 let possible = (self.limit - from) as f64 / from as f64;
-                rate > last * (1.0 + GAIN * possible)
+                (rate <= last * (1.0 + GAIN * possible)).then_some(from)
             }
-            _ => true,
+            _ => None,
         };
-        if !paid {
+        if let Some(from) = unpaid {
             // The last grow did not raise the rate: back to where it was, one at a time from now on, and rest.
-            self.limit = self.limit_before_grow;
+            self.limit = from;
             self.slow_start = false;
             self.resting = REST;
         } else if !network_bound {
@@ -187,7 +186,6 @@ impl ReceiveConcurrency {
             self.limit = if self.slow_start { (from * 2).min(self.cap) } else { from + 1 };
             self.peak = self.peak.max(self.limit);
             self.grew_from = Some(from);
-            self.limit_before_grow = from;
         }
         self.last_rate = Some(rate);
         self.restart(now_s);
