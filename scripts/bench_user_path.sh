@@ -6,10 +6,11 @@
 # in-flight x 10 / RTT, and one background worker (worker_start(), 100-message batches) draining the same number
 # through the proxy, adaptive and fixed at 4. The confirming long poll (sqs_ingest.wait_time, 1 s) is subtracted
 # from the call's wall clock. Called by scripts/bench.sh; runs alone too.
-#   BENCH_USER_N (default 10000) messages per round, BENCH_USER_ROUNDS (default 3), BENCH_DELAY_N (default 5000).
+#   BENCH_USER_N (default 10000) messages per round, BENCH_USER_ROUNDS (default 5), BENCH_DELAY_N (default 5000),
+#   BENCH_USER_RTTS (default "10 30": the added round trips in ms; empty for the loopback rounds alone).
 source "$(dirname "$0")/lib.sh"
 N="${BENCH_USER_N:-10000}"
-ROUNDS="${BENCH_USER_ROUNDS:-3}"
+ROUNDS="${BENCH_USER_ROUNDS:-5}"
 DN="${BENCH_DELAY_N:-5000}"
 U="$(run_root)/bench-user"
 rm -rf "$U"; mkdir -p "$U"; chmod 755 "$U"
@@ -58,35 +59,62 @@ SQL
         'BEGIN { s = ms / 1000 - w; if (s <= 0) s = ms / 1000; printf "%.0f %s\n", n / s, c }'
 }
 
+# ls_cpu_ms: CPU time LocalStack's process has used so far (all its threads, user + system), in ms.
+LS_PID="$(cat "$U/localstack/localstack.pid")"; TICKS="$(getconf CLK_TCK)"
+ls_cpu_ms() { sed 's/.*) //' "/proc/$LS_PID/stat" | awk -v hz="$TICKS" '{ printf "%.0f\n", ($12 + $13) * 1000 / hz }'; }
+
 echo "== user's path: $ROUNDS rounds of $N messages, LocalStack $LOCALSTACK_VERSION on loopback, $(nproc) cores"
+# Each round runs the four drains on queues loaded alike, in the opposite order every other round (drift in
+# LocalStack's speed within a round then favours neither side), and records each one's msg/s (with the call's
+# peak and final in flight) and, last on the line, LocalStack's CPU time per 1,000 messages (ms).
 : >"$U/raw4"; : >"$U/raw8"; : >"$U/user"; : >"$U/fixed"
 for r in $(seq "$ROUNDS"); do
-    load "raw4-$r" "$N" "$EP"; raw_drain "$EP/000000000000/raw4-$r" 4 "$N" >>"$U/raw4"
-    load "raw8-$r" "$N" "$EP"; raw_drain "$EP/000000000000/raw8-$r" 8 "$N" >>"$U/raw8"
-    load "user-$r" "$N" "$EP"; user_call "user_$r" "$EP/000000000000/user-$r" >>"$U/user"
-    load "fixed-$r" "$N" "$EP"
-    user_call "fixed_$r" "$EP/000000000000/fixed-$r" "SET sqs_ingest.max_receive_concurrency = 4;" >>"$U/fixed"
-    printf 'round %s: raw drain 4 pollers %s, 8 pollers %s msg/s; sqs_ingest() %s msg/s (in flight peak %s, end %s); fixed at 4: %s msg/s\n' \
-        "$r" "$(tail -1 "$U/raw4")" "$(tail -1 "$U/raw8")" $(tail -1 "$U/user") "$(tail -1 "$U/fixed" | cut -d' ' -f1)"
+    order="raw4 raw8 user fixed"; (( r % 2 )) || order="fixed user raw8 raw4"
+    for who in $order; do
+        load "$who-$r" "$N" "$EP"
+        url="$EP/000000000000/$who-$r"; cpu0="$(ls_cpu_ms)"
+        case "$who" in
+            raw4) out="$(raw_drain "$url" 4 "$N")" ;;
+            raw8) out="$(raw_drain "$url" 8 "$N")" ;;
+            user) out="$(user_call "user_$r" "$url")" ;;
+            fixed) out="$(user_call "fixed_$r" "$url" "SET sqs_ingest.max_receive_concurrency = 4;")" ;;
+        esac
+        echo "$out $(awk -v a="$cpu0" -v b="$(ls_cpu_ms)" -v n="$N" 'BEGIN { printf "%.0f", (b - a) * 1000 / n }')" >>"$U/$who"
+    done
+    printf 'round %s (%s): raw drain 4 pollers %s, 8 pollers %s msg/s; sqs_ingest() %s msg/s (in flight peak %s, end %s); fixed at 4: %s msg/s\n' \
+        "$r" "${order// /, }" "$(tail -1 "$U/raw4" | cut -d' ' -f1)" "$(tail -1 "$U/raw8" | cut -d' ' -f1)" \
+        $(tail -1 "$U/user" | cut -d' ' -f1-3) "$(tail -1 "$U/fixed" | cut -d' ' -f1)"
 done
-R4="$(median <"$U/raw4")"; R8="$(median <"$U/raw8")"
-BAR="$(awk -v a="$R4" -v b="$R8" 'BEGIN { print (a > b ? a : b) }')"
-USER="$(cut -d' ' -f1 "$U/user" | median)"; FIXED="$(cut -d' ' -f1 "$U/fixed" | median)"
-printf '%-52s %8s msg/s (4 pollers %s, 8 pollers %s; medians)\n' "raw drain, the better of 4 and 8 pollers" "$BAR" "$R4" "$R8"
-# Each round's call against the better raw drain of the same round (run minutes apart, while LocalStack's own
-# speed drifts between rounds): the median of those ratios, as scripts/bench.sh reports its own, beside the
-# ratio of the medians. round_ratios FILE: "<median of the per-round ratios> (rounds <each round's>)".
+rates() { cut -d' ' -f1 "$U/$1"; }
+R4="$(rates raw4 | median)"; R8="$(rates raw8 | median)"
+# The bar is the raw drain with the better median over the rounds, compared round by round with the call of the
+# same round. (Not the better of the two in each round: the larger of two noisy figures overstates the drain.)
+BEST=raw4; BAR="$R4"; awk -v a="$R4" -v b="$R8" 'BEGIN { exit !(b > a) }' && { BEST=raw8; BAR="$R8"; }
+printf '%-52s %8s msg/s (%s pollers; 4 pollers %s, 8 pollers %s: medians)\n' "raw drain, the better median of 4 and 8 pollers" \
+    "$BAR" "${BEST#raw}" "$R4" "$R8"
+# round_ratios WHO: "<median of the per-round ratios> (rounds <each round's>)", each round's call against the
+# bar's drain of the same round (rounds minutes apart, while LocalStack's own speed drifts between them).
 round_ratios() {
-    paste -d' ' "$U/raw4" "$U/raw8" <(cut -d' ' -f1 "$1") \
-        | awk '{ bar = ($1 > $2 ? $1 : $2); if (bar > 0) printf "%.2f\n", $3 / bar; else print "0" }' >"$1.ratios"
-    printf '%s (rounds %s)' "$(median <"$1.ratios")" "$(paste -sd/ "$1.ratios")"
+    paste -d' ' <(rates "$BEST") <(rates "$1") \
+        | awk '{ if ($1 > 0) printf "%.2f\n", $2 / $1; else print "0" }' >"$U/$1.ratios"
+    printf '%.2f (rounds %s)' "$(median <"$U/$1.ratios")" "$(paste -sd/ "$U/$1.ratios")"
 }
 for who in user fixed; do
-    label="sqs_ingest(), user's path, default settings"; rate="$USER"
-    [[ "$who" == fixed ]] && { label="the same, receive concurrency fixed at 4"; rate="$FIXED"; }
+    label="sqs_ingest(), user's path, default settings"
+    [[ "$who" == fixed ]] && label="the same, receive concurrency fixed at 4"
+    rate="$(rates "$who" | median)"
     printf '%-52s %8s msg/s; to the raw drain: per-round median %s, ratio of medians %s\n' "$label" "$rate" \
-        "$(round_ratios "$U/$who")" "$(awk -v a="$rate" -v b="$BAR" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
+        "$(round_ratios "$who")" "$(awk -v a="$rate" -v b="$BAR" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
 done
+# LocalStack runs its requests on one core (one Python process): where it is the bottleneck, what a drain costs
+# it per message sets the drain's rate, whatever the client does beside it.
+# Its busy share (CPU ms per message x msg/s, in cores) shows whether it was the bottleneck: about 1.0.
+lscpu() { awk '{ print $NF }' "$U/$1" | median; }
+busy() { awk '{ printf "%.2f\n", $NF * $1 / 1e6 }' "$U/$1" | median; }
+printf '%-52s raw drain 4 pollers %s, 8 pollers %s; sqs_ingest() %s; fixed at 4: %s (medians)\n' \
+    "LocalStack CPU per 1,000 messages, ms" "$(lscpu raw4)" "$(lscpu raw8)" "$(lscpu user)" "$(lscpu fixed)"
+printf '%-52s raw drain 4 pollers %s, 8 pollers %s; sqs_ingest() %s; fixed at 4: %s (medians)\n' \
+    "LocalStack busy during each, cores" "$(busy raw4)" "$(busy raw8)" "$(busy user)" "$(busy fixed)"
 
 # worker_drain DB QUEUE_URL [DATABASE_SETTING] [BATCH]: msg/s of one dynamic worker (default 100-message
 # batches) draining DN messages: from worker_start() until the last row is visible (polled every 0.1 s).
@@ -110,7 +138,7 @@ worker_drain() {
 }
 
 # One backend at real-network round trips. The proxy's loopback RTT (~1-3 ms) adds to the delay.
-for rtt in 10 30; do
+for rtt in ${BENCH_USER_RTTS-10 30}; do
     port="$(free_port $((24900 + rtt)))"
     "$LOCALSTACK_VENV/bin/python" "$REPO_ROOT/scripts/delay_proxy.py" "$port" "$LS_PORT" "$rtt" >"$U/proxy$rtt.log" 2>&1 &
     PROXY_PIDS+=($!)

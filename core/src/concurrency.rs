@@ -481,6 +481,43 @@ mod tests {
     }
 
     #[test]
+    fn a_fixed_number_is_never_carried_into_an_adaptive_call() {
+        // A call with start = cap (fixed) counts no window; the next call, adaptive under the same cap, starts
+        // within the carry gap. Carrying would measure its first window from the fixed call's start (a rate far
+        // too low, against which the next grow would look paid): it must start a fresh window that only measures.
+        let mut c = ReceiveConcurrency::new(8, 8, 0.0);
+        for i in 1..=100 {
+            c.received(10, 0.001, i as f64 * 0.1);
+        }
+        c.pause(10.0);
+        let c = c.resume(4, 8, 10.5);
+        assert_eq!((c.limit(), c.receives, c.warming), (8, 0, true));
+        assert_eq!(c.started_s, 10.5);
+    }
+
+    #[test]
+    fn an_undone_grow_never_goes_below_a_raised_start() {
+        // Grown from 4 to 8, then the start is raised to 6 before the grow is judged. On a flat endpoint the grow
+        // does not pay: it goes back to 6, the new start, not to 4.
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let per = 10.0 / 1000.0;
+        let mut now = 0.0;
+        while c.limit() == 4 {
+            now += per;
+            c.received(10, per / 2.0, now);
+        }
+        assert_eq!(c.limit(), 8);
+        c.pause(now);
+        now += 0.1;
+        c = c.resume(6, 16, now);
+        while c.limit() == 8 && now < 60.0 {
+            now += per;
+            c.received(10, per / 2.0, now);
+        }
+        assert_eq!(c.limit(), 6);
+    }
+
+    #[test]
     fn equal_start_and_cap_is_a_fixed_number_except_under_throttling() {
         let mut c = ReceiveConcurrency::new(4, 4, 0.0);
         let limits = simulate(&mut c, 10, |_| 1000.0, |_| false);
