@@ -6,11 +6,12 @@
 # in-flight x 10 / RTT, and one background worker (worker_start(), 100-message batches) draining the same number
 # through the proxy, adaptive and fixed at 4. The confirming long poll (sqs_ingest.wait_time, 1 s) is subtracted
 # from the call's wall clock. Called by scripts/bench.sh; runs alone too.
-#   BENCH_USER_N (default 10000) messages per round, BENCH_USER_ROUNDS (default 5), BENCH_DELAY_N (default 5000),
+#   BENCH_USER_N (default 10000) messages per round, BENCH_USER_ROUNDS (default 6: an even number,
+#   as many rounds in each order), BENCH_DELAY_N (default 5000),
 #   BENCH_USER_RTTS (default "10 30": the added round trips in ms; empty for the loopback rounds alone).
 source "$(dirname "$0")/lib.sh"
 N="${BENCH_USER_N:-10000}"
-ROUNDS="${BENCH_USER_ROUNDS:-5}"
+ROUNDS="${BENCH_USER_ROUNDS:-6}"
 DN="${BENCH_DELAY_N:-5000}"
 U="$(run_root)/bench-user"
 rm -rf "$U"; mkdir -p "$U"; chmod 755 "$U"
@@ -54,7 +55,11 @@ SQL
     ms="$(sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' <<<"$out" | tail -1)"
     received="$(grep -E '^[0-9]+$' <<<"$out" | tail -1)"
     conc="$(sed -n 's/.*receive concurrency: started at [0-9]*, peak \([0-9]*\), ended at \([0-9]*\).*/\1 \2/p' <<<"$out" | tail -1)"
-    [[ -n "$received" && -n "$ms" ]] || { echo "the call failed: $out" >&2; echo "0 ? ?"; return; }
+    # A failed call, or one with a WARNING (deletes after COMMIT stopped at sqs_ingest.post_commit_timeout would
+    # end it early and overstate its rate), is no measurement: the caller stops the benchmark.
+    if [[ -z "$received" || -z "$ms" ]] || grep -q WARNING <<<"$out"; then
+        echo "the call failed or warned: $(grep -E 'ERROR|WARNING' <<<"$out" | head -3)" >&2; echo "failed"; return
+    fi
     awk -v n="$received" -v ms="$ms" -v w="$WAIT_S" -v c="${conc:-? ?}" \
         'BEGIN { s = ms / 1000 - w; if (s <= 0) s = ms / 1000; printf "%.0f %s\n", n / s, c }'
 }
@@ -79,11 +84,13 @@ for r in $(seq "$ROUNDS"); do
             user) out="$(user_call "user_$r" "$url")" ;;
             fixed) out="$(user_call "fixed_$r" "$url" "SET sqs_ingest.max_receive_concurrency = 4;")" ;;
         esac
+        [[ "$out" != failed ]] || die "$who in round $r did not give a measurement"
         echo "$out $(awk -v a="$cpu0" -v b="$(ls_cpu_ms)" -v n="$N" 'BEGIN { printf "%.0f", (b - a) * 1000 / n }')" >>"$U/$who"
     done
+    read -r rate peak end _ < <(tail -1 "$U/user")
     printf 'round %s (%s): raw drain 4 pollers %s, 8 pollers %s msg/s; sqs_ingest() %s msg/s (in flight peak %s, end %s); fixed at 4: %s msg/s\n' \
         "$r" "${order// /, }" "$(tail -1 "$U/raw4" | cut -d' ' -f1)" "$(tail -1 "$U/raw8" | cut -d' ' -f1)" \
-        $(tail -1 "$U/user" | cut -d' ' -f1-3) "$(tail -1 "$U/fixed" | cut -d' ' -f1)"
+        "$rate" "$peak" "$end" "$(tail -1 "$U/fixed" | cut -d' ' -f1)"
 done
 rates() { cut -d' ' -f1 "$U/$1"; }
 R4="$(rates raw4 | median)"; R8="$(rates raw8 | median)"
@@ -96,8 +103,8 @@ printf '%-52s %8s msg/s (%s pollers; 4 pollers %s, 8 pollers %s: medians)\n' "ra
 # bar's drain of the same round (rounds minutes apart, while LocalStack's own speed drifts between them).
 round_ratios() {
     paste -d' ' <(rates "$BEST") <(rates "$1") \
-        | awk '{ if ($1 > 0) printf "%.2f\n", $2 / $1; else print "0" }' >"$U/$1.ratios"
-    printf '%.2f (rounds %s)' "$(median <"$U/$1.ratios")" "$(paste -sd/ "$U/$1.ratios")"
+        | awk '{ if ($1 > 0) printf "%.3f\n", $2 / $1; else print "0" }' >"$U/$1.ratios"
+    printf '%.3f (rounds %s)' "$(median <"$U/$1.ratios")" "$(paste -sd/ "$U/$1.ratios")"
 }
 for who in user fixed; do
     label="sqs_ingest(), user's path, default settings"
@@ -109,10 +116,10 @@ done
 # LocalStack runs its requests on one core (one Python process): where it is the bottleneck, what a drain costs
 # it per message sets the drain's rate, whatever the client does beside it.
 # Its busy share (CPU ms per message x msg/s, in cores) shows whether it was the bottleneck: about 1.0.
-lscpu() { awk '{ print $NF }' "$U/$1" | median; }
+ls_cpu_per_1000() { awk '{ print $NF }' "$U/$1" | median; }
 busy() { awk '{ printf "%.2f\n", $NF * $1 / 1e6 }' "$U/$1" | median; }
 printf '%-52s raw drain 4 pollers %s, 8 pollers %s; sqs_ingest() %s; fixed at 4: %s (medians)\n' \
-    "LocalStack CPU per 1,000 messages, ms" "$(lscpu raw4)" "$(lscpu raw8)" "$(lscpu user)" "$(lscpu fixed)"
+    "LocalStack CPU per 1,000 messages, ms" "$(ls_cpu_per_1000 raw4)" "$(ls_cpu_per_1000 raw8)" "$(ls_cpu_per_1000 user)" "$(ls_cpu_per_1000 fixed)"
 printf '%-52s raw drain 4 pollers %s, 8 pollers %s; sqs_ingest() %s; fixed at 4: %s (medians)\n' \
     "LocalStack busy during each, cores" "$(busy raw4)" "$(busy raw8)" "$(busy user)" "$(busy fixed)"
 
