@@ -18,6 +18,9 @@
 //!
 //! The first window of a new controller only measures: it pays for new connections, plans and the call's first
 //! statements, so a grow judged against it would look paid on an endpoint that more receives do not speed up.
+//! Likewise the window that judges a grow starts only after one round of receives at the new limit: until each
+//! added receive has answered once, the new slots were still opening their connections (a TLS handshake is two
+//! or three round trips against real SQS), so a grow judged over that round would look unpaid where it pays.
 //!
 //! Pure: the caller passes each finished receive and elapsed seconds, so every rule is unit-tested without a clock.
 
@@ -64,6 +67,9 @@ pub struct ReceiveConcurrency {
     /// The first window of a new controller only measures: it pays for new connections, plans and the call's
     /// first statements, so a grow compared against it would look paid when it was not.
     warming: bool,
+    /// Receives still to finish after a grow before the window that judges it starts (one round at the new
+    /// limit: the added receives open their connections meanwhile).
+    settling: u32,
 }
 
 impl ReceiveConcurrency {
@@ -86,6 +92,7 @@ impl ReceiveConcurrency {
             slow_start: true,
             fixed: start >= cap,
             warming: true,
+            settling: 0,
         }
     }
 
@@ -110,6 +117,7 @@ impl ReceiveConcurrency {
         } else {
             self.restart(now_s);
             self.warming = true;
+            self.settling = 0;
         }
         self.limit = limit;
         self.grew_from = self.grew_from.map(|from| from.clamp(start, self.limit));
@@ -145,6 +153,13 @@ impl ReceiveConcurrency {
             return self.limit;
         }
         self.last_s = now_s;
+        if self.settling > 0 {
+            self.settling -= 1;
+            if self.settling == 0 {
+                self.restart(now_s);
+            }
+            return self.limit;
+        }
         self.messages += messages as u64;
         self.receives += 1;
         self.waited_s += waited_s.max(0.0);
@@ -186,6 +201,7 @@ impl ReceiveConcurrency {
             self.limit = if self.slow_start { (from * 2).min(self.cap) } else { from + 1 };
             self.peak = self.peak.max(self.limit);
             self.grew_from = Some(from);
+            self.settling = self.limit as u32;
         }
         self.last_rate = Some(rate);
         self.restart(now_s);
@@ -214,6 +230,7 @@ impl ReceiveConcurrency {
     fn halve(&mut self, now_s: f64) -> usize {
         self.limit = (self.limit / 2).max(1);
         self.grew_from = None;
+        self.settling = 0;
         self.slow_start = false;
         self.last_rate = None;
         self.restart(now_s);
@@ -248,10 +265,11 @@ mod tests {
             let per_receive = 10.0 / rate(limit);
             loop {
                 now += per_receive;
-                let before = c.limit();
+                let (before, settling) = (c.limit(), c.settling);
                 let waited = if network_bound(limit) { per_receive / 2.0 } else { 0.0 };
                 let after = c.received(10, waited, now);
-                if after != before || c.receives == 0 {
+                // A window ended (not the round that settles a grow).
+                if after != before || (c.receives == 0 && settling == 0) {
                     break;
                 }
             }
@@ -353,8 +371,9 @@ mod tests {
             let per_receive = 10.0 / if window == 0 { 400.0 } else { 1000.0 };
             loop {
                 now += per_receive;
+                let settling = c.settling;
                 c.received(10, per_receive / 2.0, now);
-                if c.limit() != before || c.receives == 0 {
+                if c.limit() != before || (c.receives == 0 && settling == 0) {
                     break;
                 }
             }
@@ -362,6 +381,36 @@ mod tests {
         }
         assert_eq!(&limits[..3], &[4, 8, 4], "measured, doubled, undone: {limits:?}");
         assert!(limits[3..].iter().all(|&l| l <= 5), "{limits:?}");
+    }
+
+    #[test]
+    fn a_grow_is_judged_after_its_new_receives_have_answered_once() {
+        // A real round trip: the rate rises with concurrency (250 msg/s per receive in flight, to a knee at 12),
+        // but after each grow the added receives open new connections first, so the first round at the new
+        // limit comes at 70 % of the old rate. Judged over that round, the doubling to 8 looks unpaid (about
+        // 1,400 msg/s where 1,500 is asked) and is undone; judged after it, it pays.
+        let rate = |l: usize| 250.0 * l.min(12) as f64;
+        let mut c = ReceiveConcurrency::new(4, 16, 0.0);
+        let mut now = 0.0;
+        // (limit, the limit before the last grow, receives of the opening round still to come)
+        let (mut limit, mut from, mut opening) = (c.limit(), c.limit(), 0usize);
+        let mut limits = Vec::new();
+        for _ in 0..3000 {
+            let per = if opening > 0 { 10.0 / (0.7 * rate(from)) } else { 10.0 / rate(limit) };
+            opening = opening.saturating_sub(1);
+            now += per;
+            c.received(10, per / 2.0, now);
+            if c.limit() != limit {
+                if c.limit() > limit {
+                    (from, opening) = (limit, c.limit());
+                }
+                limit = c.limit();
+                limits.push(limit);
+            }
+        }
+        assert_eq!(&limits[..2], &[8, 16], "doubled twice: {limits:?}");
+        // 16 is past the knee and is undone; single probes then find the knee and stay near it.
+        assert!((11..=13).contains(&c.limit()), "settled at the knee: {limits:?}");
     }
 
     #[test]
