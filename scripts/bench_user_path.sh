@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Throughput as a user sees it (issue "throughput on the user's path"): a fresh session, no max_messages, the
 # table created by the call, default settings; beside LocalStack's raw drain with 4 and 8 pollers (the bar is the
-# better of the two), and beside the same call with the receive concurrency fixed at 4 (no adaptation). Then one
+# one with the better median, compared round by round), and beside the same call with the receive concurrency fixed at 4 (no adaptation). Then one
 # backend through a proxy adding 10 ms and 30 ms round trips (scripts/delay_proxy.py), printed against the bound
 # in-flight x 10 / RTT, and one background worker (worker_start(), 100-message batches) draining the same number
 # through the proxy, adaptive and fixed at 4. The confirming long poll (sqs_ingest.wait_time, 1 s) is subtracted

@@ -262,23 +262,41 @@ mod tests {
         network_bound: impl Fn(usize) -> bool,
     ) -> Vec<usize> {
         let mut now = 0.0;
-        let mut seen = Vec::new();
-        for _ in 0..windows {
-            let limit = c.limit();
-            let per_receive = 10.0 / rate(limit);
-            loop {
-                now += per_receive;
-                let (before, settling) = (c.limit(), c.settling);
-                let waited = if network_bound(limit) { per_receive / 2.0 } else { 0.0 };
-                let after = c.received(10, waited, now);
-                // A window ended (not the round that settles a grow).
-                if after != before || (c.receives == 0 && settling == 0) {
-                    break;
-                }
+        (0..windows)
+            .map(|_| {
+                let per_receive = 10.0 / rate(c.limit());
+                let waited = if network_bound(c.limit()) { per_receive / 2.0 } else { 0.0 };
+                one_window(c, &mut now, per_receive, waited)
+            })
+            .collect()
+    }
+
+    /// Feeds full receives of 10, `per_receive` seconds apart (the main thread waiting `waited` of each), until a
+    /// window ends (not the round that settles a grow) or the limit moves. Returns the limit.
+    fn one_window(c: &mut ReceiveConcurrency, now: &mut f64, per_receive: f64, waited: f64) -> usize {
+        let before = c.limit();
+        loop {
+            *now += per_receive;
+            let settling = c.settling;
+            c.received(10, waited, *now);
+            if c.limit() != before || (c.receives == 0 && settling == 0) {
+                return c.limit();
             }
-            seen.push(c.limit());
         }
-        seen
+    }
+
+    /// Feeds full receives at `rate(limit)` messages/s (the main thread waiting half of each) until the limit
+    /// moves (at most 100,000 receives). Returns the limit.
+    fn until_the_limit_moves(c: &mut ReceiveConcurrency, now: &mut f64, rate: impl Fn(usize) -> f64) -> usize {
+        let before = c.limit();
+        for _ in 0..100_000 {
+            let per = 10.0 / rate(c.limit());
+            *now += per;
+            if c.received(10, per / 2.0, *now) != before {
+                break;
+            }
+        }
+        c.limit()
     }
 
     #[test]
@@ -370,17 +388,8 @@ mod tests {
         let mut now = 0.0;
         let mut limits = Vec::new();
         for window in 0..8 {
-            let before = c.limit();
             let per_receive = 10.0 / if window == 0 { 400.0 } else { 1000.0 };
-            loop {
-                now += per_receive;
-                let settling = c.settling;
-                c.received(10, per_receive / 2.0, now);
-                if c.limit() != before || (c.receives == 0 && settling == 0) {
-                    break;
-                }
-            }
-            limits.push(c.limit());
+            limits.push(one_window(&mut c, &mut now, per_receive, per_receive / 2.0));
         }
         assert_eq!(&limits[..3], &[4, 8, 4], "measured, doubled, undone: {limits:?}");
         assert!(limits[3..].iter().all(|&l| l <= 5), "{limits:?}");
@@ -507,28 +516,14 @@ mod tests {
         let rate = |l: usize| 250.0 * l as f64;
         let mut c = ReceiveConcurrency::new(4, 16, 0.0);
         let mut now = 0.0;
-        while c.limit() == 4 {
-            let per = 10.0 / rate(c.limit());
-            now += per;
-            c.received(10, per / 2.0, now);
-        }
-        assert_eq!(c.limit(), 8);
+        assert_eq!(until_the_limit_moves(&mut c, &mut now, rate), 8);
         c.pause(now);
         now += 5.0;
         c = c.resume(4, 16, now);
         let mut limits = Vec::new();
         for _ in 0..3 {
-            let before = (c.limit(), c.receives);
-            loop {
-                let per = 10.0 / rate(c.limit());
-                now += per;
-                let settling = c.settling;
-                c.received(10, per / 2.0, now);
-                if (c.receives == 0 && settling == 0) || c.limit() != before.0 {
-                    break;
-                }
-            }
-            limits.push(c.limit());
+            let per = 10.0 / rate(c.limit());
+            limits.push(one_window(&mut c, &mut now, per, per / 2.0));
         }
         assert_eq!(&limits[..2], &[8, 16], "measured, then the grow to 8 paid and it doubled again: {limits:?}");
     }
@@ -553,21 +548,12 @@ mod tests {
         // Grown from 4 to 8, then the start is raised to 6 before the grow is judged. On a flat endpoint the grow
         // does not pay: it goes back to 6, the new start, not to 4.
         let mut c = ReceiveConcurrency::new(4, 16, 0.0);
-        let per = 10.0 / 1000.0;
         let mut now = 0.0;
-        while c.limit() == 4 {
-            now += per;
-            c.received(10, per / 2.0, now);
-        }
-        assert_eq!(c.limit(), 8);
+        assert_eq!(until_the_limit_moves(&mut c, &mut now, |_| 1000.0), 8);
         c.pause(now);
         now += 0.1;
         c = c.resume(6, 16, now);
-        while c.limit() == 8 && now < 60.0 {
-            now += per;
-            c.received(10, per / 2.0, now);
-        }
-        assert_eq!(c.limit(), 6);
+        assert_eq!(until_the_limit_moves(&mut c, &mut now, |_| 1000.0), 6);
     }
 
     #[test]
