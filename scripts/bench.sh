@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench: throughput against LocalStack's raw drain, backend CPU per message, masking speed beside
-# pgcrypto, the background worker's send -> visible latency, KMS first use (scripts/bench_kms.sh), and the
+# pgcrypto, the background worker's send -> visible latency, what durability costs a call (the flush at COMMIT and
+# a standby's confirmation, scripts/bench_durability.sh), KMS first use (scripts/bench_kms.sh), and the
 # user's path at loopback and at 10/30 ms round trips (scripts/bench_user_path.sh), and where the CPU per message
 # goes with the floor under it (scripts/bench_profile.sh). Numbers, not pass/fail.
 #   BENCH_N (default 10000) messages per throughput round, BENCH_ROUNDS (default 3) rounds; BENCH_MASK_N (default
@@ -186,6 +187,8 @@ SELECT format('%-44s %10s ms', 'worker send -> visible latency p50', round(perce
   FROM lat;
 SQL
 
+# What durability costs a call: the flush at COMMIT, and the wait for a standby on loopback (clusters of its own).
+EP="$EP" B="$B" bash "$REPO_ROOT/scripts/bench_durability.sh"
 # Keys under AWS KMS: what the first use of a key in a backend costs (its own LocalStack and cluster).
 cleanup; trap - EXIT
 bash "$REPO_ROOT/scripts/bench_kms.sh"

@@ -197,6 +197,9 @@ CREATE TABLE sqs_ingest.counters (
     batches           bigint NOT NULL DEFAULT 0,
     batch_seconds     double precision NOT NULL DEFAULT 0,
     oldest_sent_at    timestamptz,
+    deletes_deferred  bigint NOT NULL DEFAULT 0,
+    deferred_lsn      pg_lsn,
+    deferred_at       timestamptz,
     PRIMARY KEY (queue_url, worker, backend_pid, hour, pipeline)
 );
 REVOKE ALL ON sqs_ingest.counters FROM PUBLIC;
@@ -207,6 +210,9 @@ COMMENT ON COLUMN sqs_ingest.counters.pipeline IS 'The declared pipeline counted
 COMMENT ON COLUMN sqs_ingest.counters.batches IS 'Ingest calls (transactions) that received messages. Since 0.7.0';
 COMMENT ON COLUMN sqs_ingest.counters.batch_seconds IS 'Their wall-clock time in seconds, summed. Since 0.7.0';
 COMMENT ON COLUMN sqs_ingest.counters.oldest_sent_at IS 'The oldest SentTimestamp among the messages of the last such call. Since 0.7.0';
+COMMENT ON COLUMN sqs_ingest.counters.deletes_deferred IS 'Messages left in the queue after COMMIT because the standbys sqs_ingest.delete_after names did not confirm the commit in time; they come back and are recognised as duplicates. Since 0.9.0';
+COMMENT ON COLUMN sqs_ingest.counters.deferred_lsn IS 'End of the WAL of the oldest deferred commit counted here that was not yet confirmed when it was counted. Since 0.9.0';
+COMMENT ON COLUMN sqs_ingest.counters.deferred_at IS 'When that commit happened. Since 0.9.0';
 
 -- The view sqs_ingest.stats is created in finalize.sql (it keys a queue by sqs_ingest.queue_arn()).
 

@@ -127,8 +127,11 @@ SELECT (pg_catalog.array_agg(c.queue_url ORDER BY c.hour DESC))[1] AS queue_url,
        pg_catalog.sum(c.batches)::bigint         AS batches,
        pg_catalog.sum(c.batch_seconds)           AS batch_seconds,
        (pg_catalog.array_agg(c.oldest_sent_at ORDER BY c.last_success_at DESC NULLS LAST)
-            FILTER (WHERE c.oldest_sent_at IS NOT NULL))[1] AS oldest_sent_at
+            FILTER (WHERE c.oldest_sent_at IS NOT NULL))[1] AS oldest_sent_at,
+       pg_catalog.sum(c.deletes_deferred)::bigint AS deletes_deferred,
+       pg_catalog.min(c.deferred_at) FILTER (WHERE c.deferred_lsn OPERATOR(pg_catalog.>) w.confirmed) AS unconfirmed_since
   FROM c LEFT JOIN depth d ON d.queue = c.queue
+       CROSS JOIN (SELECT sqs_ingest.confirmed_lsn() AS confirmed) w
  GROUP BY c.queue, c.worker, c.pipeline;
 REVOKE ALL ON sqs_ingest.stats FROM PUBLIC;
 GRANT SELECT ON sqs_ingest.stats TO sqs_ingest_operator;
@@ -142,6 +145,8 @@ COMMENT ON COLUMN sqs_ingest.stats.filtered IS 'Messages a pipeline''s filter di
 COMMENT ON COLUMN sqs_ingest.stats.batches IS 'Ingest calls (transactions) that received messages. Since 0.7.0';
 COMMENT ON COLUMN sqs_ingest.stats.batch_seconds IS 'Their wall-clock seconds, summed (batch_seconds / batches: the mean batch duration). Since 0.7.0';
 COMMENT ON COLUMN sqs_ingest.stats.oldest_sent_at IS 'The oldest SentTimestamp among the messages of the latest batch (now() minus it: the lag). Since 0.7.0';
+COMMENT ON COLUMN sqs_ingest.stats.deletes_deferred IS 'Messages left in the queue after COMMIT because the standbys sqs_ingest.delete_after names did not confirm the commit within sqs_ingest.standby_wait_timeout; they come back after their visibility timeout and are recognised as duplicates. Since 0.9.0';
+COMMENT ON COLUMN sqs_ingest.stats.unconfirmed_since IS 'When the oldest deferred commit that is still beyond sqs_ingest.confirmed_lsn() happened (NULL: none); now() minus it is how long the standbys have been behind. Since 0.9.0';
 
 -- Metrics (0.7.0): what a Prometheus exporter reads (prometheus/sqs_ingest_queries.yaml), per queue (by ARN) and
 -- pipeline: counts, durations, ages and depths only; no queue contents, no PII, no secret.
@@ -161,10 +166,13 @@ SELECT s.queue_arn                                 AS queue,
        EXTRACT(EPOCH FROM pg_catalog.max(s.last_success_at))::float8 AS last_success_time,
        EXTRACT(EPOCH FROM pg_catalog.now() OPERATOR(pg_catalog.-)
                (pg_catalog.array_agg(s.oldest_sent_at ORDER BY s.last_success_at DESC NULLS LAST)
-                    FILTER (WHERE s.oldest_sent_at IS NOT NULL))[1])::float8 AS lag_seconds
+                    FILTER (WHERE s.oldest_sent_at IS NOT NULL))[1])::float8 AS lag_seconds,
+       pg_catalog.sum(s.deletes_deferred)::bigint  AS deletes_deferred,
+       EXTRACT(EPOCH FROM pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.min(s.unconfirmed_since))::float8
+                                                   AS unconfirmed_seconds
   FROM sqs_ingest.stats s
  GROUP BY s.queue_arn, s.pipeline;
-COMMENT ON VIEW sqs_ingest.metrics_queues IS 'Per queue (ARN) and pipeline: message counters, batches (ingest calls that received messages) and their seconds, depth at the last ingest, last success (Unix time) and lag (seconds since the oldest SentTimestamp of the latest batch). For prometheus-postgres-exporter; readable by sqs_ingest_monitor. Since 0.7.0';
+COMMENT ON VIEW sqs_ingest.metrics_queues IS 'Per queue (ARN) and pipeline: message counters, batches (ingest calls that received messages) and their seconds, depth at the last ingest, last success (Unix time), lag (seconds since the oldest SentTimestamp of the latest batch), deferred deletes (0.9.0) and how long the oldest deferred commit has been unconfirmed by the standbys (seconds, NULL when none; 0.9.0). For prometheus-postgres-exporter; readable by sqs_ingest_monitor. Since 0.7.0';
 
 CREATE VIEW sqs_ingest.metrics_unmask AS
 SELECT CASE WHEN a.succeeded THEN 'succeeded' ELSE 'refused' END AS result, pg_catalog.count(*) AS calls
@@ -202,6 +210,7 @@ GRANT EXECUTE ON FUNCTION sqs_ingest.drain_batch(text, bigint, text) TO sqs_inge
 GRANT EXECUTE ON FUNCTION sqs_ingest.flush_stats() TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.redrive(text, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.queue_depth(text) TO sqs_ingest_operator;
+GRANT EXECUTE ON FUNCTION sqs_ingest.confirmed_lsn() TO sqs_ingest_operator, sqs_ingest_monitor;
 
 COMMENT ON FUNCTION sqs_ingest(text, bigint, text) IS 'Drain an SQS queue into the target table (sqs_ingest.target_table) in this transaction; messages are deleted from SQS after COMMIT';
 COMMENT ON PROCEDURE sqs_ingest_drain(text, bigint, text, integer, bigint, bigint, bigint, bigint, bigint, bigint, double precision) IS 'Drain a queue committing every batch_messages messages (for large queues); CALL it outside an explicit transaction block';
@@ -222,6 +231,7 @@ COMMENT ON FUNCTION sqs_ingest.flush_stats() IS 'Write this session''s post-comm
 COMMENT ON FUNCTION sqs_ingest.queue_send(text, text[]) IS 'Send message bodies to a queue (operations and tests); superuser only by default';
 COMMENT ON FUNCTION sqs_ingest.queue_create(text, integer) IS 'Create the queue named by a queue URL at its endpoint; superuser only by default';
 COMMENT ON FUNCTION sqs_ingest.queue_depth(text) IS 'Approximate visible, in-flight and delayed message counts of a queue';
+COMMENT ON FUNCTION sqs_ingest.confirmed_lsn() IS 'pg_lsn: the WAL position up to which every commit is as durable as sqs_ingest.delete_after requires (flushed locally, and by the standbys it names: physical replication slots and slot-less streaming standbys). Commits beyond it have their deletes waiting or deferred. Since 0.9.0';
 COMMENT ON FUNCTION sqs_ingest.bench_raw_drain(text, bigint) IS 'Benchmark baseline: receive and DISCARD messages without touching tables; superuser only';
 GRANT EXECUTE ON FUNCTION sqs_ingest.worker_start(text, integer, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.worker_stop(text) TO sqs_ingest_operator;

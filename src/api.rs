@@ -185,6 +185,14 @@ pub mod sqs_ingest {
         Ok(TableIterator::new(crate::worker::status()?))
     }
 
+    /// The WAL position up to which every commit is as durable as `sqs_ingest.delete_after` requires: flushed
+    /// locally and by the standbys it names (see `crate::replication`). Messages of commits beyond it are not
+    /// deleted yet. Since 0.9.0.
+    #[pg_extern(volatile, parallel_safe)]
+    fn confirmed_lsn() -> crate::replication::Lsn {
+        crate::replication::Lsn(crate::replication::confirmed_lsn())
+    }
+
     /// Records counters for a queue (used by sqs_ingest_drain to add post-commit delete outcomes).
     #[pg_extern(volatile, parallel_unsafe)]
     fn flush_stats() -> std::result::Result<(), ErrorReport> {

@@ -317,11 +317,57 @@ pub fn save_errors(errors: Vec<UnreportedError>) {
     }
 }
 
-fn decode_error(line: &str) -> Option<UnreportedError> {
+/// Deferred deletes of one queue, on their way to `sqs_ingest.stats.deletes_deferred` (see
+/// [`crate::bookkeeping::add_deferred`]).
+struct DeferredLine {
+    queue_url: String,
+    worker: String,
+    pipeline: String,
+    messages: i64,
+    lsn: u64,
+    at_ms: i64,
+}
+
+/// Deletes a commit's standbys did not confirm (messages left in the queue): written to `sqs_ingest.stats` by the
+/// audit worker at once, like the errors of calls that rolled back. Called after COMMIT; never raises.
+pub fn save_deferred(worker: &str, pipeline: &str, deferred: Vec<crate::hold::Deferred>) {
     use base64::Engine;
-    let text = |t: &str| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).ok().and_then(|b| String::from_utf8(b).ok())
-    };
+    if deferred.is_empty() {
+        return;
+    }
+    let b64 = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t.as_bytes());
+    // SAFETY: plain reads of backend-local globals on the main thread.
+    let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
+    let lines = deferred.iter().map(|d| {
+        format!("d1|{}|{}|{}|{}|{}|{}", b64(&d.queue_url), b64(worker), b64(pipeline), d.messages, d.lsn, d.at_ms)
+    });
+    match write_lines(database, pid, lines) {
+        Ok(()) => launch(database),
+        Err(e) => warning!("sqs_ingest: deferred deletes could not be saved for sqs_ingest.stats ({e})"),
+    }
+}
+
+/// A field of a spool line: base64 (URL-safe, unpadded) of UTF-8 text.
+fn text(field: &str) -> Option<String> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(field).ok().and_then(|b| String::from_utf8(b).ok())
+}
+
+fn decode_deferred(line: &str) -> Option<DeferredLine> {
+    match line.split('|').collect::<Vec<_>>().as_slice() {
+        ["d1", url, worker, pipeline, messages, lsn, at_ms] => Some(DeferredLine {
+            queue_url: text(url)?,
+            worker: text(worker)?,
+            pipeline: text(pipeline)?,
+            messages: messages.parse().ok()?,
+            lsn: lsn.parse().ok()?,
+            at_ms: at_ms.parse().ok()?,
+        }),
+        _ => None,
+    }
+}
+
+fn decode_error(line: &str) -> Option<UnreportedError> {
     let f: Vec<&str> = line.split('|').collect();
     match f.as_slice() {
         // e1: written by 0.5.0 (no pipeline); e2: since 0.6.0.
@@ -769,11 +815,12 @@ fn hold_running_file(database: u32) -> bool {
 }
 
 fn write_files(files: &[PathBuf]) {
-    let (mut records, mut errors) = (Vec::new(), Vec::new());
+    let (mut records, mut errors, mut deferred) = (Vec::new(), Vec::new(), Vec::new());
     for path in files {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         records.extend(text.lines().filter_map(Record::decode));
         errors.extend(text.lines().filter_map(decode_error));
+        deferred.extend(text.lines().filter_map(decode_deferred));
     }
     let written = BackgroundWorker::transaction(|| -> Result<bool> {
         let present =
@@ -786,6 +833,9 @@ fn write_files(files: &[PathBuf]) {
             for e in &errors {
                 let none = crate::bookkeeping::Counters::default();
                 crate::bookkeeping::add_counters(&e.queue_url, &e.worker, &e.pipeline, none, None, Some(&e.text))?;
+            }
+            for d in &deferred {
+                crate::bookkeeping::add_deferred(&d.queue_url, &d.worker, &d.pipeline, d.messages, d.lsn, d.at_ms)?;
             }
             Ok(true)
         })

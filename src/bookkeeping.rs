@@ -119,6 +119,8 @@ pub struct Schema {
     pub keys_wrapped: bool,
     /// `counters.batches`, `batch_seconds` and `oldest_sent_at`, for the metrics (0.7.0).
     pub counters_batches: bool,
+    /// `counters.deletes_deferred`, `deferred_lsn` and `deferred_at`: deletes the standbys did not confirm (0.9.0).
+    pub counters_deferred: bool,
 }
 
 thread_local! {
@@ -151,6 +153,7 @@ impl Schema {
             counters_pipeline: has("sqs_ingest.counters", "pipeline")?,
             keys_wrapped: has("sqs_ingest.keys", "wrapped")?,
             counters_batches: has("sqs_ingest.counters", "batches")?,
+            counters_deferred: has("sqs_ingest.counters", "deletes_deferred")?,
         };
         SCHEMA.set(Some((lxid, schema)));
         Ok(schema)
@@ -325,6 +328,36 @@ pub struct Counters {
 /// Adds to this backend's counter row for the current hour. Rows are keyed by backend pid, so concurrent
 /// sessions never wait on each other's counter rows.
 /// `pipeline`: the declared pipeline the counts are of ("" for the login pipeline, and in a schema before 0.6.0).
+/// Counts messages whose deletes were deferred (their commit not confirmed by its standbys, see
+/// `crate::replication`): `deletes_deferred`, and the oldest such commit not yet confirmed (its WAL end and time),
+/// which `sqs_ingest.stats.unconfirmed_since` shows until `sqs_ingest.confirmed_lsn()` passes it. Written by the
+/// audit worker; nothing on a schema before 0.9.0.
+pub fn add_deferred(queue_url: &str, worker: &str, pipeline: &str, messages: i64, lsn: u64, at_ms: i64) -> Result<()> {
+    if !Schema::detect()?.counters_deferred {
+        return Ok(());
+    }
+    let lsn = format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff);
+    crate::plans::run(
+        "INSERT INTO sqs_ingest.counters AS k
+            (queue_url, worker, backend_pid, hour, pipeline, deletes_deferred, deferred_lsn, deferred_at)
+         VALUES ($1::text, $2::text, pg_catalog.pg_backend_pid(), pg_catalog.date_trunc('hour', pg_catalog.now()),
+                 $3::text, $4::int8, $5::text::pg_catalog.pg_lsn,
+                 pg_catalog.to_timestamp($6::int8::pg_catalog.float8 OPERATOR(pg_catalog./) 1000))
+         ON CONFLICT (queue_url, worker, backend_pid, hour, pipeline) DO UPDATE SET
+            deletes_deferred = k.deletes_deferred OPERATOR(pg_catalog.+) EXCLUDED.deletes_deferred,
+            -- The older deferral stays while it is unconfirmed; a confirmed one gives way to the new one.
+            deferred_lsn = CASE WHEN k.deferred_lsn IS NULL
+                                  OR k.deferred_lsn OPERATOR(pg_catalog.<=) sqs_ingest.confirmed_lsn()
+                                THEN EXCLUDED.deferred_lsn ELSE k.deferred_lsn END,
+            deferred_at = CASE WHEN k.deferred_lsn IS NULL
+                                 OR k.deferred_lsn OPERATOR(pg_catalog.<=) sqs_ingest.confirmed_lsn()
+                               THEN EXCLUDED.deferred_at ELSE k.deferred_at END",
+        &[queue_url.into(), worker.into(), pipeline.into(), messages.into(), lsn.into(), at_ms.into()],
+        |_| (),
+    )
+    .map_err(|e| Error::Internal(format!("counter update failed: {e}")))
+}
+
 pub fn add_counters(
     queue_url: &str,
     worker: &str,

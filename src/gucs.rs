@@ -36,6 +36,10 @@ static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"*.amazonaws.com, *.amazonaws.com.cn, localhost, 127.0.0.1, ::1"));
 /// Bound on the deletes after a COMMIT (the transaction's locks are held until they end).
 static POST_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+/// Which standbys must have flushed a commit before its messages are deleted from SQS (see core::durability).
+static DELETE_AFTER: GucSetting<DeleteAfter> = GucSetting::<DeleteAfter>::new(DeleteAfter::AllStandbys);
+/// Most time a commit's deletes wait for its standbys' confirmation before they are deferred.
+static STANDBY_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2_000);
 /// Receives after which a message not yet stored becomes a dead letter (0: never).
 static MAX_RECEIVE_COUNT: GucSetting<i32> = GucSetting::<i32>::new(10);
 /// Most dynamic workers (`worker_start()`) running at once in one database.
@@ -142,6 +146,33 @@ pub enum SqsClient {
     /// The AWS SDK for Rust.
     #[name = c"sdk"]
     Sdk,
+}
+
+/// Values of `sqs_ingest.delete_after`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum DeleteAfter {
+    /// The commit is flushed to the local WAL.
+    #[name = c"local"]
+    Local,
+    /// ... and at least one standby the primary knows has flushed it.
+    #[name = c"any_standby"]
+    AnyStandby,
+    /// ... and every standby the primary knows has flushed it.
+    #[name = c"all_standbys"]
+    AllStandbys,
+}
+
+/// `sqs_ingest.delete_after`, as the pure rule takes it.
+pub fn delete_after() -> sqs_ingest_core::durability::DeleteAfter {
+    use sqs_ingest_core::durability::DeleteAfter as Rule;
+    match DELETE_AFTER.get() {
+        DeleteAfter::Local => Rule::Local,
+        DeleteAfter::AnyStandby => Rule::AnyStandby,
+        DeleteAfter::AllStandbys => Rule::AllStandbys,
+    }
+}
+pub fn standby_wait_timeout_ms() -> u64 {
+    STANDBY_WAIT_TIMEOUT_MS.get() as u64
 }
 
 pub fn sqs_client() -> SqsClient {
@@ -349,6 +380,24 @@ pub fn init() {
         100,
         600_000,
         GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_enum_guc(
+        c"sqs_ingest.delete_after",
+        c"How durable a commit must be before its messages are deleted from SQS: local, any_standby or all_standbys.",
+        c"Default all_standbys. The commit is always flushed to the local WAL first, whatever synchronous_commit is at COMMIT; any_standby and all_standbys also wait until one or every standby the primary knows (its physical replication slots, and physical standbys streaming without a slot) has flushed it. A commit not confirmed within sqs_ingest.standby_wait_timeout (or at once, when no standby that could confirm it is connected) leaves its messages in the queue: they come back after their visibility timeout and are recognised as duplicates. Superuser-only.",
+        &DELETE_AFTER,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"sqs_ingest.standby_wait_timeout",
+        c"Most time a commit's deletes wait for the standbys sqs_ingest.delete_after names to flush it.",
+        c"Default 2000 ms; superuser-only. Within sqs_ingest.post_commit_timeout. A commit not confirmed in time leaves its messages in the queue (counted in sqs_ingest.stats.deletes_deferred); they come back after their visibility timeout and are recognised as duplicates.",
+        &STANDBY_WAIT_TIMEOUT_MS,
+        0,
+        600_000,
+        GucContext::Suset,
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(

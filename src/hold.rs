@@ -7,6 +7,9 @@
 //! transient reason (a serialization failure, deadlock, lock timeout, lack of disk or memory: see
 //! [`back_off_on_abort`]), when each message comes back after a backoff that grows with its
 //! `ApproximateReceiveCount` (2, 4, 8, ... seconds, at most 256), so a database in trouble is not hammered.
+//! Before any delete, the commit is made durable as `sqs_ingest.delete_after` requires (see
+//! [`crate::replication`]): flushed locally, and flushed by the standbys the setting names; a commit they do not
+//! confirm in time leaves its messages in the queue (deferred: they come back and are recognised as duplicates).
 //! Nothing here may raise after commit: failures become WARNINGs and counters.
 
 use crate::sqs::{self, BatchOutcome};
@@ -48,6 +51,25 @@ pub struct PostCommit {
     pub outcome: BatchOutcome,
 }
 
+/// Messages of a commit whose standbys did not confirm it: left in the queue (see [`crate::replication`]).
+#[derive(Debug, Clone, Default)]
+pub struct Deferred {
+    pub queue_url: String,
+    pub messages: u64,
+    /// The end of the commit's WAL that was not confirmed.
+    pub lsn: u64,
+    /// When the commit happened (ms since the Unix epoch).
+    pub at_ms: i64,
+}
+
+/// What one queue's delete task of a commit did.
+#[derive(Debug, Clone, Copy, Default)]
+struct Done {
+    outcome: BatchOutcome,
+    /// Messages not deleted because the commit was not confirmed by its standbys.
+    deferred: u64,
+}
+
 thread_local! {
     static HOLD: RefCell<Option<Hold>> = const { RefCell::new(None) };
     static LAST_COMMIT: Cell<BatchOutcome> = const { Cell::new(BatchOutcome { succeeded: 0, failed: 0 }) };
@@ -60,6 +82,10 @@ thread_local! {
     static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
     /// While `sqs_ingest_drain` runs (see [`drain_deletes`]): the delete outcomes of its commits so far.
     static DRAIN: Cell<Option<BatchOutcome>> = const { Cell::new(None) };
+    /// `XactLastCommitEnd` before this transaction's COMMIT (see [`crate::replication::commit_lsn`]).
+    static COMMIT_END_BEFORE: Cell<u64> = const { Cell::new(0) };
+    /// Deferred deletes not yet saved for `sqs_ingest.stats` (taken by [`take_deferred`]).
+    static DEFERRED: RefCell<Vec<Deferred>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `sqs_ingest.drain_deletes(start)`, called by `sqs_ingest_drain` before its first batch (`start`) and after its
@@ -94,9 +120,12 @@ fn add_to_drain(outcome: BatchOutcome) {
 struct Pending {
     url: String,
     n: u64,
-    task: tokio::task::JoinHandle<BatchOutcome>,
+    task: tokio::task::JoinHandle<Done>,
     /// Its commit's `sqs_ingest.post_commit_timeout`.
     deadline: std::time::Instant,
+    /// The end of its commit's WAL, and when it committed (ms since the Unix epoch).
+    lsn: u64,
+    at_ms: i64,
 }
 
 /// Lets the next commit of this backend leave its deletes running on the network thread while the caller receives
@@ -130,10 +159,16 @@ fn finish_pending_with(honour_terminate: bool) {
 /// it to a running drain's total. Returns the total.
 fn wait_all(pending: Vec<Pending>, honour_terminate: bool) -> BatchOutcome {
     let mut total = BatchOutcome::default();
-    for Pending { url, n, task, deadline } in pending {
-        let outcome = wait_for_deletes(task, n, &url, deadline, honour_terminate);
+    for Pending { url, n, task, deadline, lsn, at_ms } in pending {
+        let Done { outcome, deferred } = wait_for_deletes(task, n, &url, deadline, honour_terminate);
         total.succeeded += outcome.succeeded;
         total.failed += outcome.failed;
+        if deferred > 0 {
+            pgrx::warning!(
+                "sqs_ingest: {deferred} messages stored by the committed transaction were left in {url}: its standbys did not confirm the commit in time (sqs_ingest.delete_after); they will be redelivered and recognised as duplicates"
+            );
+            DEFERRED.with(|d| d.borrow_mut().push(Deferred { queue_url: url.clone(), messages: deferred, lsn, at_ms }));
+        }
         UNREPORTED.with(|u| u.borrow_mut().push(PostCommit { queue_url: url, outcome }));
     }
     add_to_drain(total);
@@ -143,30 +178,26 @@ fn wait_all(pending: Vec<Pending>, honour_terminate: bool) -> BatchOutcome {
 /// Waits for one queue's delete task until `deadline` (or, with `honour_terminate`, until the backend is told to
 /// terminate); warns (never raises) about what was not deleted.
 fn wait_for_deletes(
-    task: tokio::task::JoinHandle<BatchOutcome>,
+    task: tokio::task::JoinHandle<Done>,
     n: u64,
     url: &str,
     deadline: std::time::Instant,
     honour_terminate: bool,
-) -> BatchOutcome {
+) -> Done {
     let abort = task.abort_handle();
-    let waited = if honour_terminate {
-        crate::runtime::block_on_until(task, deadline)
-    } else {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        crate::runtime::block_on_uninterruptible(async { tokio::time::timeout(left, task).await.ok() })
-    };
-    let outcome = match waited {
-        Some(Ok(outcome)) => outcome,
-        Some(Err(_)) => BatchOutcome { succeeded: 0, failed: n },
+    let waited = crate::runtime::block_on_until(task, deadline, honour_terminate);
+    let done = match waited {
+        Some(Ok(done)) => done,
+        Some(Err(_)) => Done { outcome: BatchOutcome { succeeded: 0, failed: n }, deferred: 0 },
         None => {
             abort.abort();
             pgrx::warning!(
                 "sqs_ingest: deletes after COMMIT stopped (sqs_ingest.post_commit_timeout passed, or the backend is terminating); {n} messages from {url} may be redelivered and will be recognised as duplicates"
             );
-            BatchOutcome { succeeded: 0, failed: n }
+            Done { outcome: BatchOutcome { succeeded: 0, failed: n }, deferred: 0 }
         }
     };
+    let outcome = done.outcome;
     if outcome.failed > 0 {
         pgrx::warning!(
             "sqs_ingest: {} of {} messages stored by the committed transaction could not be deleted from {url}; they will be redelivered and recognised as duplicates",
@@ -174,7 +205,7 @@ fn wait_for_deletes(
             n
         );
     }
-    outcome
+    done
 }
 
 /// Marks the current transaction as failing for a transient reason (the caller is about to raise): when it aborts,
@@ -314,7 +345,14 @@ fn after_commit() {
     let Some((groups, released, heartbeat)) = take() else { return };
     heartbeat.abort();
     release_after(released);
-    let deadline = std::time::Instant::now() + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
+    // Durable before deleted: flushed locally whatever synchronous_commit was at COMMIT (usually already done),
+    // then confirmed by the standbys sqs_ingest.delete_after names, within standby_wait_timeout.
+    let lsn = crate::replication::commit_lsn(COMMIT_END_BEFORE.get());
+    crate::replication::flush_locally(lsn);
+    let now = std::time::Instant::now();
+    let deadline = now + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
+    let confirm_by = deadline.min(now + Duration::from_millis(crate::gucs::standby_wait_timeout_ms()));
+    let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     // DeleteMessageBatch calls in flight: twice as many as receives may be (at a real round trip the deletes of a
     // large transaction are a phase of their own, 1,000 calls per 10,000 messages, and the transaction holds its
     // locks while they run).
@@ -327,9 +365,14 @@ fn after_commit() {
             // On the network thread, beside the connections: the main thread only waits for the total.
             let n = receipts.len() as u64;
             let task_url = url.clone();
-            let task = crate::runtime::runtime()
-                .spawn(async move { sqs::delete(&client, &task_url, &receipts, concurrency).await });
-            Pending { url, n, task, deadline }
+            let gate = crate::replication::gate(lsn, confirm_by);
+            let task = crate::runtime::runtime().spawn(async move {
+                if !gate.passed().await {
+                    return Done { outcome: BatchOutcome::default(), deferred: n };
+                }
+                Done { outcome: sqs::delete(&client, &task_url, &receipts, concurrency).await, deferred: 0 }
+            });
+            Pending { url, n, task, deadline, lsn, at_ms }
         })
         .collect();
     finish_pending();
@@ -410,6 +453,11 @@ fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransac
     });
 }
 
+/// Before COMMIT: remembers where the backend's last commit record ended, to tell whether this COMMIT writes one.
+fn before_commit() {
+    COMMIT_END_BEFORE.set(crate::replication::last_commit_end());
+}
+
 /// Refuses PREPARE TRANSACTION while the transaction holds messages: they are deleted from SQS by the session
 /// that commits, and a prepared transaction is committed (or not) later, maybe by another session.
 fn before_prepare() {
@@ -434,6 +482,7 @@ fn before_prepare() {
 pub fn xact_hooks() -> crate::xact::Hooks {
     crate::xact::Hooks {
         pre_prepare: Some(before_prepare),
+        pre_commit: Some(before_commit),
         commit: Some(after_commit),
         abort: Some(after_abort),
         subxact_abort: Some(after_subxact_abort),
@@ -445,6 +494,11 @@ pub fn xact_hooks() -> crate::xact::Hooks {
 /// Outcome of the deletes after this backend's last commit that held messages.
 pub fn last_commit() -> BatchOutcome {
     LAST_COMMIT.get()
+}
+
+/// Deferred deletes not yet saved for the counters (taken, so each is saved once).
+pub fn take_deferred() -> Vec<Deferred> {
+    DEFERRED.with(|d| std::mem::take(&mut *d.borrow_mut()))
 }
 
 /// Post-commit delete outcomes not yet written to the counters (taken, so each is written once).

@@ -181,6 +181,8 @@ thread_local! {
     /// Receives in flight per queue as this backend last adapted them (see core::concurrency): a drain's or a
     /// worker's next batch starts where the last one ended.
     static RECEIVE_LIMIT: RefCell<HashMap<String, ReceiveConcurrency>> = RefCell::new(HashMap::new());
+    /// The worker label and pipeline of this backend's last call (its deferred deletes are counted under them).
+    static LAST_LABEL: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
 }
 
 /// The receive-concurrency controller for a queue: where this backend left it (its number, its last measured
@@ -264,9 +266,26 @@ pub fn after_abort() {
     crate::audit::save_errors(errors);
 }
 
+/// Transaction hook after COMMIT (it runs after [`hold`]'s, which deletes or defers): deletes the standbys did not
+/// confirm go to the audit worker, which counts them in `sqs_ingest.stats` at once. Never raises.
+pub fn after_commit() {
+    save_deferred();
+}
+
+/// Saves this backend's deferred deletes for `sqs_ingest.stats` (through the audit worker: no transaction is
+/// needed, and the session may end right after). Never raises.
+pub fn save_deferred() {
+    let deferred = hold::take_deferred();
+    if deferred.is_empty() {
+        return;
+    }
+    let (worker, pipeline) = LAST_LABEL.with(|l| l.borrow().clone());
+    crate::audit::save_deferred(&worker, &pipeline, deferred);
+}
+
 /// This module's transaction hooks.
 pub fn xact_hooks() -> crate::xact::Hooks {
-    crate::xact::Hooks { abort: Some(after_abort), ..Default::default() }
+    crate::xact::Hooks { abort: Some(after_abort), commit: Some(after_commit), ..Default::default() }
 }
 
 /// Writes what earlier transactions of this backend could not: post-commit delete outcomes and errors.
@@ -304,9 +323,8 @@ fn ingest_from(queue: &QueueUrl, opts: &Options, waited: Option<Waited>) -> Resu
     let client = sqs::client(queue)?;
     // Connectivity, existence and protocol are checked before anything is written.
     let info = probe(&client, queue, opts.reuse_probe_for)?;
-    // Messages are deleted right after COMMIT, so the commit must be durable first: with
-    // synchronous_commit = off a crash could lose a committed batch whose messages are already gone.
-    durable_commit();
+    // Durability before the deletes is the commit hook's (crate::replication): flushed locally whatever
+    // synchronous_commit is at COMMIT, and confirmed by the standbys sqs_ingest.delete_after names.
     // The target is the caller's to name, so it is resolved with the caller's search_path; every other
     // statement runs with a pinned one (see crate::privilege).
     let (target, layout) = match &opts.shape {
@@ -332,6 +350,7 @@ fn ingest_into(
     waited: Option<Waited>,
 ) -> Result<Summary> {
     let owner = extension_owner();
+    LAST_LABEL.with(|l| *l.borrow_mut() = (opts.worker.clone(), opts.shape.pipeline_name().to_string()));
     as_owner(owner, || flush_unreported(&opts.worker))?;
     let key = keys::active_material(true)?;
     let ledger_queue = as_owner(owner, || LedgerQueue::of(&queue.url))?;
@@ -394,25 +413,6 @@ fn ingest_into(
     let mut summary = s;
     summary.elapsed_ms = (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0;
     Ok(summary)
-}
-
-/// `SET LOCAL synchronous_commit = local` when it is `off` (the SQL-level equivalent, without running SQL).
-fn durable_commit() {
-    // SAFETY: reads and sets a GUC on the main thread inside a transaction; GUC_ACTION_LOCAL reverts at its end.
-    unsafe {
-        if pg_sys::synchronous_commit == pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32 {
-            pg_sys::set_config_option(
-                c"synchronous_commit".as_ptr(),
-                c"local".as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                0,
-                false,
-            );
-        }
-    }
 }
 
 /// GetQueueAttributes, or the answer of one made less than `reuse_for` ago (workers call ingest per batch).

@@ -29,6 +29,7 @@ mod plans;
 mod privilege;
 mod redrive;
 mod rekey;
+mod replication;
 mod rows;
 mod runtime;
 mod sqs;

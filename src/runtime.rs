@@ -68,6 +68,8 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
     let rt = runtime();
     let mut fut = Box::pin(fut);
+    // Commits whose deletes wait for their standbys are settled from every wait of the main thread.
+    crate::replication::poll();
     // Already done (a prefetched receive usually is): take it without arming the interrupt timer.
     {
         let _context = rt.enter();
@@ -79,9 +81,11 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
         let step = rt.block_on(async {
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             tick.tick().await;
+            let mut gates = tokio::time::interval(GATE_POLL);
             loop {
                 tokio::select! {
                     out = &mut fut => return Some(out),
+                    _ = gates.tick(), if crate::replication::waiting() => crate::replication::poll(),
                     _ = tick.tick() => {
                         // SAFETY: a sig_atomic_t flag set by signal handlers; read on the main thread.
                         if unsafe { pg_sys::InterruptPending } != 0 || worker_signalled() {
@@ -104,19 +108,27 @@ pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
     }
 }
 
-/// Runs a future until it completes, `deadline` passes, or the backend is told to terminate (checked every
-/// 100 ms; never raises: used after commit). `None` when it did not complete.
-pub fn block_on_until<F: Future>(fut: F, deadline: std::time::Instant) -> Option<F::Output> {
+/// How often a wait settles the commits whose deletes wait for their standbys ([`crate::replication::poll`]).
+const GATE_POLL: Duration = Duration::from_millis(2);
+
+/// Runs a future until it completes, `deadline` passes, or (with `honour_terminate`) the backend is told to
+/// terminate or a worker to stop (checked every 100 ms; never raises: used after commit). `None` when it did not
+/// complete.
+pub fn block_on_until<F: Future>(fut: F, deadline: std::time::Instant, honour_terminate: bool) -> Option<F::Output> {
+    crate::replication::poll();
     runtime().block_on(async {
         let mut fut = std::pin::pin!(fut);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut gates = tokio::time::interval(GATE_POLL);
         loop {
             tokio::select! {
                 biased;
                 out = &mut fut => return Some(out),
+                _ = gates.tick(), if crate::replication::waiting() => crate::replication::poll(),
                 _ = tick.tick() => {
                     // SAFETY: sig_atomic_t flags set by signal handlers; read on the main thread.
-                    let terminating = unsafe { pg_sys::ProcDiePending != 0 || pg_sys::ShutdownRequestPending != 0 };
+                    let terminating = honour_terminate
+                        && unsafe { pg_sys::ProcDiePending != 0 || pg_sys::ShutdownRequestPending != 0 };
                     if terminating || std::time::Instant::now() >= deadline {
                         return None;
                     }

@@ -5,6 +5,7 @@
 //! plain `cargo test -p sqs_ingest_core`.
 
 pub mod concurrency;
+pub mod durability;
 pub mod event;
 pub mod mask;
 pub mod pipeline;

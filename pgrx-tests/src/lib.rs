@@ -225,6 +225,65 @@ impl PrivateCluster {
         PrivateCluster { dir, port, bin }
     }
 
+    /// A streaming standby of `primary` (pg_basebackup -R), started with `conf` appended: asynchronous unless the
+    /// primary names it in synchronous_standby_names (its application_name is `name`). With `slot`, it streams
+    /// through that physical replication slot, which this creates on the primary first.
+    pub fn standby_of(primary: &PrivateCluster, name: &str, slot: Option<&str>, conf: &str) -> PrivateCluster {
+        let bin = primary.bin.clone();
+        let shared = std::env::var("SQS_INGEST_PGDATA").expect("SQS_INGEST_PGDATA");
+        let dir = format!("{shared}/../../{name}");
+        let data = format!("{dir}/data");
+        let pg_ctl = format!("{bin}/pg_ctl");
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &pg_ctl, "-D", &data, "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::process::Command::new("chown").args(["postgres:postgres", &dir]).status().unwrap();
+        if let Some(slot) = slot {
+            primary
+                .connect("postgres", "postgres")
+                .execute("SELECT pg_create_physical_replication_slot($1, true)", &[&slot])
+                .unwrap();
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .env_remove("RUST_BACKTRACE")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let primary_port = primary.port.to_string();
+        run(&[&format!("{bin}/pg_basebackup"), "-D", &data, "-h", &primary.dir, "-p", &primary_port]);
+        let slot_line = slot.map(|s| format!("primary_slot_name = '{s}'\n")).unwrap_or_default();
+        let conf = format!(
+            "port = {port}\nunix_socket_directories = '{dir}'\nprimary_conninfo = 'host={} port={} user=postgres application_name={name}'\n{slot_line}{conf}\n",
+            primary.dir, primary.port
+        );
+        let mut file = std::fs::OpenOptions::new().append(true).open(format!("{data}/postgresql.conf")).unwrap();
+        file.write_all(conf.as_bytes()).unwrap();
+        std::fs::write(format!("{data}/standby.signal"), "").unwrap();
+        std::process::Command::new("chown")
+            .args(["postgres:postgres", &format!("{data}/standby.signal")])
+            .status()
+            .unwrap();
+        run(&[&pg_ctl, "-D", &data, "-l", &format!("{dir}/postgres.log"), "-w", "-t", "60", "start"]);
+        PrivateCluster { dir, port, bin }
+    }
+
+    /// Promotes a standby (`pg_ctl promote -w`): it replays the WAL it has, then accepts writes.
+    pub fn promote(&self) {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{}/pg_ctl", self.bin), "-D", &format!("{}/data", self.dir)])
+            .args(["-w", "-t", "60", "promote"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "promote failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// Stops the cluster with `pg_ctl -m <mode> -w -t <timeout_s> stop`; whether pg_ctl succeeded in time.
     pub fn stop(&self, mode: &str, timeout_s: u32) -> bool {
         std::process::Command::new("runuser")

@@ -133,6 +133,8 @@ fn the_exporter_serves_the_stats_numbers_without_pii() {
     assert_eq!(value(&samples, "sqs_ingest_queue_deleted_total", &q), stats.get::<_, i64>(6) as f64);
     assert_eq!(value(&samples, "sqs_ingest_queue_delete_failures_total", &q), stats.get::<_, i64>(7) as f64);
     assert_eq!(value(&samples, "sqs_ingest_queue_batches_total", &q), stats.get::<_, i64>(8) as f64);
+    // No standby is attached: nothing deferred (tests/durability.rs defers with one and checks the stats).
+    assert_eq!(value(&samples, "sqs_ingest_queue_deletes_deferred_total", &q), 0.0);
     assert_eq!(value(&samples, "sqs_ingest_queue_batches_total", &q), 2.0, "two calls received messages");
     assert!(value(&samples, "sqs_ingest_queue_batch_seconds_total", &q) > 0.0);
     assert_eq!(value(&samples, "sqs_ingest_queue_depth", &q), stats.get::<_, Option<i64>>(9).unwrap() as f64);
