@@ -211,8 +211,8 @@ COMMENT ON COLUMN sqs_ingest.counters.batches IS 'Ingest calls (transactions) th
 COMMENT ON COLUMN sqs_ingest.counters.batch_seconds IS 'Their wall-clock time in seconds, summed. Since 0.7.0';
 COMMENT ON COLUMN sqs_ingest.counters.oldest_sent_at IS 'The oldest SentTimestamp among the messages of the last such call. Since 0.7.0';
 COMMENT ON COLUMN sqs_ingest.counters.deletes_deferred IS 'Messages left in the queue after COMMIT because the standbys sqs_ingest.delete_after names did not confirm the commit in time; they come back and are recognised as duplicates. Since 0.9.0';
-COMMENT ON COLUMN sqs_ingest.counters.deferred_lsn IS 'End of the WAL of the oldest deferred commit counted here that was not yet confirmed when it was counted. Since 0.9.0';
-COMMENT ON COLUMN sqs_ingest.counters.deferred_at IS 'When that commit happened. Since 0.9.0';
+COMMENT ON COLUMN sqs_ingest.counters.deferred_lsn IS 'End of the WAL of the newest deferred commit counted here since the row was last fully confirmed (sqs_ingest.confirmed_lsn() past it). Since 0.9.0';
+COMMENT ON COLUMN sqs_ingest.counters.deferred_at IS 'When the oldest deferred commit counted here since then happened. Since 0.9.0';
 
 -- The view sqs_ingest.stats is created in finalize.sql (it keys a queue by sqs_ingest.queue_arn()).
 

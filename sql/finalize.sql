@@ -231,7 +231,7 @@ COMMENT ON FUNCTION sqs_ingest.flush_stats() IS 'Write this session''s post-comm
 COMMENT ON FUNCTION sqs_ingest.queue_send(text, text[]) IS 'Send message bodies to a queue (operations and tests); superuser only by default';
 COMMENT ON FUNCTION sqs_ingest.queue_create(text, integer) IS 'Create the queue named by a queue URL at its endpoint; superuser only by default';
 COMMENT ON FUNCTION sqs_ingest.queue_depth(text) IS 'Approximate visible, in-flight and delayed message counts of a queue';
-COMMENT ON FUNCTION sqs_ingest.confirmed_lsn() IS 'pg_lsn: the WAL position up to which every commit is as durable as sqs_ingest.delete_after requires (flushed locally, and by the standbys it names: physical replication slots and slot-less streaming standbys). Commits beyond it have their deletes waiting or deferred. Since 0.9.0';
+COMMENT ON FUNCTION sqs_ingest.confirmed_lsn() IS 'pg_lsn: the WAL position up to which every commit is as durable as sqs_ingest.delete_after requires (flushed locally, and by the standbys it names: physical replication slots and slot-less streaming standbys). Commits beyond it have their deletes waiting or deferred. NULL on a standby. Since 0.9.0';
 COMMENT ON FUNCTION sqs_ingest.bench_raw_drain(text, bigint) IS 'Benchmark baseline: receive and DISCARD messages without touching tables; superuser only';
 GRANT EXECUTE ON FUNCTION sqs_ingest.worker_start(text, integer, text) TO sqs_ingest_operator;
 GRANT EXECUTE ON FUNCTION sqs_ingest.worker_stop(text) TO sqs_ingest_operator;

@@ -8,8 +8,8 @@ ALTER TABLE sqs_ingest.counters
     ADD COLUMN deferred_lsn pg_lsn,
     ADD COLUMN deferred_at timestamptz;
 COMMENT ON COLUMN sqs_ingest.counters.deletes_deferred IS 'Messages left in the queue after COMMIT because the standbys sqs_ingest.delete_after names did not confirm the commit in time; they come back and are recognised as duplicates. Since 0.9.0';
-COMMENT ON COLUMN sqs_ingest.counters.deferred_lsn IS 'End of the WAL of the oldest deferred commit counted here that was not yet confirmed when it was counted. Since 0.9.0';
-COMMENT ON COLUMN sqs_ingest.counters.deferred_at IS 'When that commit happened. Since 0.9.0';
+COMMENT ON COLUMN sqs_ingest.counters.deferred_lsn IS 'End of the WAL of the newest deferred commit counted here since the row was last fully confirmed (sqs_ingest.confirmed_lsn() past it). Since 0.9.0';
+COMMENT ON COLUMN sqs_ingest.counters.deferred_at IS 'When the oldest deferred commit counted here since then happened. Since 0.9.0';
 
 CREATE FUNCTION sqs_ingest."confirmed_lsn"() RETURNS pg_lsn
 STRICT VOLATILE PARALLEL SAFE
@@ -79,4 +79,4 @@ COMMENT ON COLUMN sqs_ingest.stats.deletes_deferred IS 'Messages left in the que
 COMMENT ON COLUMN sqs_ingest.stats.unconfirmed_since IS 'When the oldest deferred commit that is still beyond sqs_ingest.confirmed_lsn() happened (NULL: none); now() minus it is how long the standbys have been behind. Since 0.9.0';
 COMMENT ON VIEW sqs_ingest.metrics_queues IS 'Per queue (ARN) and pipeline: message counters, batches (ingest calls that received messages) and their seconds, depth at the last ingest, last success (Unix time), lag (seconds since the oldest SentTimestamp of the latest batch), deferred deletes (0.9.0) and how long the oldest deferred commit has been unconfirmed by the standbys (seconds, NULL when none; 0.9.0). For prometheus-postgres-exporter; readable by sqs_ingest_monitor. Since 0.7.0';
 GRANT EXECUTE ON FUNCTION sqs_ingest.confirmed_lsn() TO sqs_ingest_operator, sqs_ingest_monitor;
-COMMENT ON FUNCTION sqs_ingest.confirmed_lsn() IS 'pg_lsn: the WAL position up to which every commit is as durable as sqs_ingest.delete_after requires (flushed locally, and by the standbys it names: physical replication slots and slot-less streaming standbys). Commits beyond it have their deletes waiting or deferred. Since 0.9.0';
+COMMENT ON FUNCTION sqs_ingest.confirmed_lsn() IS 'pg_lsn: the WAL position up to which every commit is as durable as sqs_ingest.delete_after requires (flushed locally, and by the standbys it names: physical replication slots and slot-less streaming standbys). Commits beyond it have their deletes waiting or deferred. NULL on a standby. Since 0.9.0';

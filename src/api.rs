@@ -187,10 +187,10 @@ pub mod sqs_ingest {
 
     /// The WAL position up to which every commit is as durable as `sqs_ingest.delete_after` requires: flushed
     /// locally and by the standbys it names (see `crate::replication`). Messages of commits beyond it are not
-    /// deleted yet. Since 0.9.0.
+    /// deleted yet. NULL on a standby. Since 0.9.0.
     #[pg_extern(volatile, parallel_safe)]
-    fn confirmed_lsn() -> crate::replication::Lsn {
-        crate::replication::Lsn(crate::replication::confirmed_lsn())
+    fn confirmed_lsn() -> Option<crate::replication::Lsn> {
+        crate::replication::confirmed_lsn().map(crate::replication::Lsn)
     }
 
     /// Records counters for a queue (used by sqs_ingest_drain to add post-commit delete outcomes).

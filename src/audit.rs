@@ -330,7 +330,7 @@ struct DeferredLine {
 
 /// Deletes a commit's standbys did not confirm (messages left in the queue): written to `sqs_ingest.stats` by the
 /// audit worker at once, like the errors of calls that rolled back. Called after COMMIT; never raises.
-pub fn save_deferred(worker: &str, pipeline: &str, deferred: Vec<crate::hold::Deferred>) {
+pub fn save_deferred(deferred: Vec<crate::hold::Deferred>) {
     use base64::Engine;
     if deferred.is_empty() {
         return;
@@ -339,7 +339,8 @@ pub fn save_deferred(worker: &str, pipeline: &str, deferred: Vec<crate::hold::De
     // SAFETY: plain reads of backend-local globals on the main thread.
     let (database, pid) = unsafe { (pg_sys::MyDatabaseId.to_u32(), pg_sys::MyProcPid) };
     let lines = deferred.iter().map(|d| {
-        format!("d1|{}|{}|{}|{}|{}|{}", b64(&d.queue_url), b64(worker), b64(pipeline), d.messages, d.lsn, d.at_ms)
+        let (url, worker, pipeline) = (b64(&d.queue_url), b64(&d.worker), b64(&d.pipeline));
+        format!("d1|{url}|{worker}|{pipeline}|{}|{}|{}", d.messages, d.lsn, d.at_ms)
     });
     match write_lines(database, pid, lines) {
         Ok(()) => launch(database),

@@ -329,7 +329,8 @@ pub struct Counters {
 /// sessions never wait on each other's counter rows.
 /// `pipeline`: the declared pipeline the counts are of ("" for the login pipeline, and in a schema before 0.6.0).
 /// Counts messages whose deletes were deferred (their commit not confirmed by its standbys, see
-/// `crate::replication`): `deletes_deferred`, and the oldest such commit not yet confirmed (its WAL end and time),
+/// `crate::replication`): `deletes_deferred`, and since when the row has held an unconfirmed deferral (the time of
+/// the oldest, and the WAL end of the newest, deferred commit counted in it since it was last fully confirmed),
 /// which `sqs_ingest.stats.unconfirmed_since` shows until `sqs_ingest.confirmed_lsn()` passes it. Written by the
 /// audit worker; nothing on a schema before 0.9.0.
 pub fn add_deferred(queue_url: &str, worker: &str, pipeline: &str, messages: i64, lsn: u64, at_ms: i64) -> Result<()> {
@@ -345,13 +346,17 @@ pub fn add_deferred(queue_url: &str, worker: &str, pipeline: &str, messages: i64
                  pg_catalog.to_timestamp($6::int8::pg_catalog.float8 OPERATOR(pg_catalog./) 1000))
          ON CONFLICT (queue_url, worker, backend_pid, hour, pipeline) DO UPDATE SET
             deletes_deferred = k.deletes_deferred OPERATOR(pg_catalog.+) EXCLUDED.deletes_deferred,
-            -- The older deferral stays while it is unconfirmed; a confirmed one gives way to the new one.
+            -- While the row's newest deferral is unconfirmed, its oldest time stays and the newest LSN is kept (so
+            -- the row shows unconfirmed until every deferral counted in it is confirmed); once confirmed, a new
+            -- deferral starts afresh.
             deferred_lsn = CASE WHEN k.deferred_lsn IS NULL
                                   OR k.deferred_lsn OPERATOR(pg_catalog.<=) sqs_ingest.confirmed_lsn()
-                                THEN EXCLUDED.deferred_lsn ELSE k.deferred_lsn END,
+                                THEN EXCLUDED.deferred_lsn
+                                ELSE pg_catalog.pg_lsn_larger(k.deferred_lsn, EXCLUDED.deferred_lsn) END,
             deferred_at = CASE WHEN k.deferred_lsn IS NULL
                                  OR k.deferred_lsn OPERATOR(pg_catalog.<=) sqs_ingest.confirmed_lsn()
-                               THEN EXCLUDED.deferred_at ELSE k.deferred_at END",
+                               THEN EXCLUDED.deferred_at
+                               ELSE pg_catalog.timestamptz_smaller(k.deferred_at, EXCLUDED.deferred_at) END",
         &[queue_url.into(), worker.into(), pipeline.into(), messages.into(), lsn.into(), at_ms.into()],
         |_| (),
     )

@@ -38,6 +38,8 @@ static ALLOWED_ENDPOINTS: GucSetting<Option<CString>> =
 static POST_COMMIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 /// Which standbys must have flushed a commit before its messages are deleted from SQS (see core::durability).
 static DELETE_AFTER: GucSetting<DeleteAfter> = GucSetting::<DeleteAfter>::new(DeleteAfter::AllStandbys);
+/// The physical replication slots whose standbys count for `sqs_ingest.delete_after` (empty: every standby).
+static STANDBY_SLOTS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Most time a commit's deletes wait for its standbys' confirmation before they are deferred.
 static STANDBY_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2_000);
 /// Receives after which a message not yet stored becomes a dead letter (0: never).
@@ -170,6 +172,12 @@ pub fn delete_after() -> sqs_ingest_core::durability::DeleteAfter {
         DeleteAfter::AnyStandby => Rule::AnyStandby,
         DeleteAfter::AllStandbys => Rule::AllStandbys,
     }
+}
+/// `sqs_ingest.standby_slots`: slot names (empty: every standby the primary knows counts).
+pub fn standby_slots() -> Vec<String> {
+    string(&STANDBY_SLOTS)
+        .map(|s| s.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect())
+        .unwrap_or_default()
 }
 pub fn standby_wait_timeout_ms() -> u64 {
     STANDBY_WAIT_TIMEOUT_MS.get() as u64
@@ -390,10 +398,18 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    define_string(
+        c"sqs_ingest.standby_slots",
+        c"Physical replication slots whose standbys sqs_ingest.delete_after waits for (comma-separated names).",
+        c"Default empty: every physical slot that holds WAL for a standby, and every physical standby streaming without a slot. Set, only the persistent physical slots it names count (standbys on temporary slots or without one do not), and a named slot that is missing or unusable holds every commit back, as PostgreSQL 17's synchronized_standby_slots does. Set it to leave out WAL archivers (pg_receivewal, Barman) that report their flush only per segment. Superuser-only.",
+        &STANDBY_SLOTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"sqs_ingest.standby_wait_timeout",
         c"Most time a commit's deletes wait for the standbys sqs_ingest.delete_after names to flush it.",
-        c"Default 2000 ms; superuser-only. Within sqs_ingest.post_commit_timeout. A commit not confirmed in time leaves its messages in the queue (counted in sqs_ingest.stats.deletes_deferred); they come back after their visibility timeout and are recognised as duplicates.",
+        c"Default 2000 ms; superuser-only. At most three quarters of sqs_ingest.post_commit_timeout; 0 never waits (a commit the standbys have not confirmed already is deferred). A commit not confirmed in time leaves its messages in the queue (counted in sqs_ingest.stats.deletes_deferred); they come back after their visibility timeout and are recognised as duplicates.",
         &STANDBY_WAIT_TIMEOUT_MS,
         0,
         600_000,

@@ -55,6 +55,9 @@ pub struct PostCommit {
 #[derive(Debug, Clone, Default)]
 pub struct Deferred {
     pub queue_url: String,
+    /// The worker label and pipeline of the call that committed them (see [`label`]).
+    pub worker: String,
+    pub pipeline: String,
     pub messages: u64,
     /// The end of the commit's WAL that was not confirmed.
     pub lsn: u64,
@@ -86,6 +89,8 @@ thread_local! {
     static COMMIT_END_BEFORE: Cell<u64> = const { Cell::new(0) };
     /// Deferred deletes not yet saved for `sqs_ingest.stats` (taken by [`take_deferred`]).
     static DEFERRED: RefCell<Vec<Deferred>> = const { RefCell::new(Vec::new()) };
+    /// The worker label and pipeline of the current call (see [`label`]).
+    static LABEL: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
 }
 
 /// `sqs_ingest.drain_deletes(start)`, called by `sqs_ingest_drain` before its first batch (`start`) and after its
@@ -123,9 +128,10 @@ struct Pending {
     task: tokio::task::JoinHandle<Done>,
     /// Its commit's `sqs_ingest.post_commit_timeout`.
     deadline: std::time::Instant,
-    /// The end of its commit's WAL, and when it committed (ms since the Unix epoch).
+    /// The end of its commit's WAL, when it committed (ms since the Unix epoch), and the call's label.
     lsn: u64,
     at_ms: i64,
+    label: (String, String),
 }
 
 /// Lets the next commit of this backend leave its deletes running on the network thread while the caller receives
@@ -159,7 +165,7 @@ fn finish_pending_with(honour_terminate: bool) {
 /// it to a running drain's total. Returns the total.
 fn wait_all(pending: Vec<Pending>, honour_terminate: bool) -> BatchOutcome {
     let mut total = BatchOutcome::default();
-    for Pending { url, n, task, deadline, lsn, at_ms } in pending {
+    for Pending { url, n, task, deadline, lsn, at_ms, label } in pending {
         let Done { outcome, deferred } = wait_for_deletes(task, n, &url, deadline, honour_terminate);
         total.succeeded += outcome.succeeded;
         total.failed += outcome.failed;
@@ -167,7 +173,9 @@ fn wait_all(pending: Vec<Pending>, honour_terminate: bool) -> BatchOutcome {
             pgrx::warning!(
                 "sqs_ingest: {deferred} messages stored by the committed transaction were left in {url}: its standbys did not confirm the commit in time (sqs_ingest.delete_after); they will be redelivered and recognised as duplicates"
             );
-            DEFERRED.with(|d| d.borrow_mut().push(Deferred { queue_url: url.clone(), messages: deferred, lsn, at_ms }));
+            let (worker, pipeline) = label;
+            let d = Deferred { queue_url: url.clone(), worker, pipeline, messages: deferred, lsn, at_ms };
+            DEFERRED.with(|all| all.borrow_mut().push(d));
         }
         UNREPORTED.with(|u| u.borrow_mut().push(PostCommit { queue_url: url, outcome }));
     }
@@ -348,10 +356,16 @@ fn after_commit() {
     // Durable before deleted: flushed locally whatever synchronous_commit was at COMMIT (usually already done),
     // then confirmed by the standbys sqs_ingest.delete_after names, within standby_wait_timeout.
     let lsn = crate::replication::commit_lsn(COMMIT_END_BEFORE.get());
-    crate::replication::flush_locally(lsn);
+    if let Some(lsn) = lsn {
+        crate::replication::flush_locally(lsn);
+    }
     let now = std::time::Instant::now();
-    let deadline = now + Duration::from_millis(crate::gucs::post_commit_timeout_ms());
-    let confirm_by = deadline.min(now + Duration::from_millis(crate::gucs::standby_wait_timeout_ms()));
+    let post_commit_ms = crate::gucs::post_commit_timeout_ms();
+    let deadline = now + Duration::from_millis(post_commit_ms);
+    // The standbys' wait leaves a quarter of the phase to the deletes, so a gate settled at its deadline is counted
+    // as deferred, not as a delete stopped by post_commit_timeout.
+    let confirm_by = now + Duration::from_millis(crate::gucs::standby_wait_timeout_ms().min(post_commit_ms * 3 / 4));
+    let label = LABEL.with(|l| l.borrow().clone());
     let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     // DeleteMessageBatch calls in flight: twice as many as receives may be (at a real round trip the deletes of a
     // large transaction are a phase of their own, 1,000 calls per 10,000 messages, and the transaction holds its
@@ -365,14 +379,18 @@ fn after_commit() {
             // On the network thread, beside the connections: the main thread only waits for the total.
             let n = receipts.len() as u64;
             let task_url = url.clone();
-            let gate = crate::replication::gate(lsn, confirm_by);
+            // No commit record to confirm (never, for a transaction holding messages): leave them in the queue.
+            let gate = match lsn {
+                Some(lsn) => crate::replication::gate(lsn, confirm_by),
+                None => crate::replication::Gate::Deferred,
+            };
             let task = crate::runtime::runtime().spawn(async move {
                 if !gate.passed().await {
                     return Done { outcome: BatchOutcome::default(), deferred: n };
                 }
                 Done { outcome: sqs::delete(&client, &task_url, &receipts, concurrency).await, deferred: 0 }
             });
-            Pending { url, n, task, deadline, lsn, at_ms }
+            Pending { url, n, task, deadline, lsn: lsn.unwrap_or(0), at_ms, label: label.clone() }
         })
         .collect();
     finish_pending();
@@ -453,8 +471,13 @@ fn after_subxact_commit(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransac
     });
 }
 
-/// Before COMMIT: remembers where the backend's last commit record ended, to tell whether this COMMIT writes one.
+/// Before COMMIT: a transaction holding messages gets a transaction id (so it writes a commit record), and where
+/// the backend's last commit record ended is remembered, to find this one's end after COMMIT.
 fn before_commit() {
+    if held_count() > 0 {
+        // Its COMMIT then writes a commit record, whose end is what the deletes wait to be durable.
+        crate::replication::assign_transaction_id();
+    }
     COMMIT_END_BEFORE.set(crate::replication::last_commit_end());
 }
 
@@ -494,6 +517,12 @@ pub fn xact_hooks() -> crate::xact::Hooks {
 /// Outcome of the deletes after this backend's last commit that held messages.
 pub fn last_commit() -> BatchOutcome {
     LAST_COMMIT.get()
+}
+
+/// Names the current call (its worker label and pipeline, "" for the login pipeline): deferred deletes of its
+/// commits are counted under them.
+pub fn label(worker: &str, pipeline: &str) {
+    LABEL.with(|l| *l.borrow_mut() = (worker.to_string(), pipeline.to_string()));
 }
 
 /// Deferred deletes not yet saved for the counters (taken, so each is saved once).

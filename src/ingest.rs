@@ -181,8 +181,6 @@ thread_local! {
     /// Receives in flight per queue as this backend last adapted them (see core::concurrency): a drain's or a
     /// worker's next batch starts where the last one ended.
     static RECEIVE_LIMIT: RefCell<HashMap<String, ReceiveConcurrency>> = RefCell::new(HashMap::new());
-    /// The worker label and pipeline of this backend's last call (its deferred deletes are counted under them).
-    static LAST_LABEL: RefCell<(String, String)> = const { RefCell::new((String::new(), String::new())) };
 }
 
 /// The receive-concurrency controller for a queue: where this backend left it (its number, its last measured
@@ -279,8 +277,7 @@ pub fn save_deferred() {
     if deferred.is_empty() {
         return;
     }
-    let (worker, pipeline) = LAST_LABEL.with(|l| l.borrow().clone());
-    crate::audit::save_deferred(&worker, &pipeline, deferred);
+    crate::audit::save_deferred(deferred);
 }
 
 /// This module's transaction hooks.
@@ -350,7 +347,7 @@ fn ingest_into(
     waited: Option<Waited>,
 ) -> Result<Summary> {
     let owner = extension_owner();
-    LAST_LABEL.with(|l| *l.borrow_mut() = (opts.worker.clone(), opts.shape.pipeline_name().to_string()));
+    hold::label(&opts.worker, opts.shape.pipeline_name());
     as_owner(owner, || flush_unreported(&opts.worker))?;
     let key = keys::active_material(true)?;
     let ledger_queue = as_owner(owner, || LedgerQueue::of(&queue.url))?;
@@ -726,6 +723,9 @@ impl Run<'_> {
     }
 
     fn store(&mut self, mut batch: Vec<Received>) -> Result<()> {
+        // The deletes an earlier batch left running may be waiting for its standbys: settled here too, not only
+        // from the waits on the network (a batch may spend its time in the database).
+        crate::replication::poll();
         let limits = self.target.limits;
         // For the lag metric; a SentTimestamp outside years 2000..9999 (a faulty endpoint) is ignored.
         let plausible = |ms: &i64| (946_684_800_000..253_402_300_799_000).contains(ms);

@@ -15,20 +15,15 @@ use std::cell::RefCell;
 use std::time::Instant;
 use tokio::sync::watch;
 
-/// The end of the WAL a committed transaction's deletes depend on. Its own commit record, if it wrote one
-/// (`XactLastCommitEnd` moved since `commit_end_before`, read before COMMIT); otherwise (every message a
-/// duplicate, or filtered, and nothing else written) the WAL inserted so far, which covers the commits that stored
-/// the messages it recognised: they committed before its statements saw them.
-pub fn commit_lsn(commit_end_before: u64) -> u64 {
-    // SAFETY: backend-local global and a spinlock-protected read of the insert position, on the main thread.
-    unsafe {
-        let end = pg_sys::XactLastCommitEnd;
-        if end != commit_end_before && end != 0 {
-            end
-        } else {
-            pg_sys::GetXLogInsertRecPtr()
-        }
-    }
+/// The end of a committed transaction's commit record: what its deletes depend on. `None` when this COMMIT wrote
+/// none (`XactLastCommitEnd` did not move since `commit_end_before`, read before COMMIT); the commit hook never
+/// lets that happen for a transaction holding messages (see [`crate::hold`], which assigns it a transaction id
+/// before COMMIT), and defers the deletes if it does. A transaction's commit record comes after every commit its
+/// statements saw, so it also covers the commits that stored the messages it recognised as duplicates.
+pub fn commit_lsn(commit_end_before: u64) -> Option<u64> {
+    // SAFETY: a backend-local global, on the main thread.
+    let end = unsafe { pg_sys::XactLastCommitEnd };
+    (end != commit_end_before && end != 0).then_some(end)
 }
 
 /// `XactLastCommitEnd` now (read before COMMIT, for [`commit_lsn`]).
@@ -37,19 +32,54 @@ pub fn last_commit_end() -> u64 {
     unsafe { pg_sys::XactLastCommitEnd }
 }
 
+/// Makes sure the current transaction has a transaction id, so its COMMIT writes a commit record (called before
+/// COMMIT by a transaction that holds messages; one that stored or recognised any already has one).
+pub fn assign_transaction_id() {
+    // SAFETY: inside a transaction on the main thread, before COMMIT; a primary (a standby holds no messages).
+    unsafe {
+        pg_sys::GetTopTransactionId();
+    }
+}
+
 /// Flushes the local WAL up to `lsn` (returns at once when it is already flushed: the usual case with
 /// `synchronous_commit` on). A failure to write WAL is a PANIC in Postgres itself.
 pub fn flush_locally(lsn: u64) {
-    // SAFETY: XLogFlush may be called outside a transaction (Postgres' own commit path and checkpointer do).
+    // SAFETY: XLogFlush may be called outside a transaction (Postgres' own commit path and checkpointer do); `lsn`
+    // is the end of a commit record already inserted.
     unsafe { pg_sys::XLogFlush(lsn) }
 }
 
-/// The standbys this primary knows: each physical replication slot (its `restart_lsn` is the position its standby
-/// last reported flushed; connected while a WAL sender holds it) and each WAL sender streaming to a physical standby
-/// without a slot. Logical slots and their senders, temporary slots (pg_basebackup's) and base-backup senders are
-/// not standbys.
-pub fn standbys() -> Vec<Standby> {
-    let mut out = Vec::new();
+/// Whether a slot was invalidated (it can never serve its standby again).
+///
+/// # Safety
+/// `slot` points to a copy of a replication slot's persistent data.
+unsafe fn invalidated(slot: &pg_sys::ReplicationSlotPersistentData) -> bool {
+    #[cfg(feature = "pg15")]
+    {
+        slot.invalidated_at != 0
+    }
+    #[cfg(not(feature = "pg15"))]
+    {
+        slot.invalidated != pg_sys::ReplicationSlotInvalidationCause::RS_INVAL_NONE
+    }
+}
+
+/// The standbys this primary knows, and how many of them are known only while they are connected (slot-less
+/// standbys and standbys streaming through a temporary slot, `wal_receiver_create_temp_slot`).
+///
+/// * Each physical replication slot that holds WAL for a standby: its `restart_lsn` is the position its standby
+///   last reported flushed; connected while a WAL sender holds it. With `sqs_ingest.standby_slots` set, only the
+///   slots it names. Not standbys: logical slots, slots never reserved or invalidated (no standby can stream
+///   from them), `pg_basebackup`'s temporary slots.
+/// * Unless `sqs_ingest.standby_slots` is set, each WAL sender streaming to a physical standby without a slot,
+///   but not one that reports writes and never a flush (`pg_receivewal` without `--synchronous`).
+/// * A slot `sqs_ingest.standby_slots` names that is missing or cannot serve a standby counts as a standby that is
+///   down (it holds every commit back, as PostgreSQL's `synchronized_standby_slots` does): a typo never turns the
+///   protection off.
+pub fn standbys() -> (Vec<Standby>, usize) {
+    let named = crate::gucs::standby_slots();
+    let mut found = vec![false; named.len()];
+    let (mut out, mut ephemeral) = (Vec::new(), 0);
     let mut slot_holders = Vec::new();
     // SAFETY: the shared arrays Postgres sizes by max_replication_slots and max_wal_senders, read on the main thread
     // with each entry's spinlock held, as pg_get_replication_slots() and pg_stat_get_wal_senders() do.
@@ -63,13 +93,7 @@ pub fn standbys() -> Vec<Standby> {
                     continue;
                 }
                 pg_sys::SpinLockAcquire(&mut (*slot).mutex);
-                let (in_use, holder, database, persistency, restart) = (
-                    (*slot).in_use,
-                    (*slot).active_pid,
-                    (*slot).data.database,
-                    (*slot).data.persistency,
-                    (*slot).data.restart_lsn,
-                );
+                let (in_use, holder, data) = ((*slot).in_use, (*slot).active_pid, (*slot).data);
                 pg_sys::SpinLockRelease(&mut (*slot).mutex);
                 if !in_use {
                     continue;
@@ -77,37 +101,63 @@ pub fn standbys() -> Vec<Standby> {
                 if holder != 0 {
                     slot_holders.push(holder);
                 }
-                let physical = database == pg_sys::InvalidOid;
-                if physical && persistency == pg_sys::ReplicationSlotPersistency::RS_PERSISTENT {
-                    out.push(Standby { flush: restart, connected: holder != 0 });
+                let name = std::ffi::CStr::from_ptr(data.name.data.as_ptr()).to_string_lossy();
+                let temporary = data.persistency == pg_sys::ReplicationSlotPersistency::RS_TEMPORARY;
+                let persistent = data.persistency == pg_sys::ReplicationSlotPersistency::RS_PERSISTENT;
+                let physical = data.database == pg_sys::InvalidOid;
+                if !physical
+                    || data.restart_lsn == 0
+                    || invalidated(&data)
+                    || !(persistent || temporary)
+                    || (temporary && name.starts_with("pg_basebackup_"))
+                {
+                    continue;
                 }
+                if !named.is_empty() {
+                    match named.iter().position(|n| *n == name) {
+                        Some(i) if persistent => found[i] = true,
+                        _ => continue,
+                    }
+                }
+                ephemeral += usize::from(temporary);
+                out.push(Standby { flush: data.restart_lsn, connected: holder != 0 });
             }
         }
         let senders = pg_sys::WalSndCtl;
-        if !senders.is_null() {
+        if !senders.is_null() && named.is_empty() {
             let base = (*senders).walsnds.as_mut_ptr();
             for i in 0..pg_sys::max_wal_senders.max(0) as usize {
                 let sender = base.add(i);
                 pg_sys::SpinLockAcquire(&mut (*sender).mutex);
-                let (pid, state, flush) = ((*sender).pid, (*sender).state, (*sender).flush);
+                let (pid, state, write, flush) = ((*sender).pid, (*sender).state, (*sender).write, (*sender).flush);
                 pg_sys::SpinLockRelease(&mut (*sender).mutex);
                 use pg_sys::WalSndState::{WALSNDSTATE_CATCHUP, WALSNDSTATE_STREAMING};
                 let streaming = state == WALSNDSTATE_STREAMING || state == WALSNDSTATE_CATCHUP;
-                // A sender holding a slot is counted by its slot (a logical one is no standby).
-                if pid != 0 && streaming && !slot_holders.contains(&pid) {
+                // A sender holding a slot is counted by its slot (a logical one is no standby); a receiver that
+                // reports writes but no flush keeps no WAL a standby could be promoted with.
+                let never_flushes = write != 0 && flush == 0;
+                if pid != 0 && streaming && !never_flushes && !slot_holders.contains(&pid) {
+                    ephemeral += 1;
                     out.push(Standby { flush, connected: true });
                 }
             }
         }
     }
-    out
+    out.extend(found.iter().filter(|f| !**f).map(|_| Standby { flush: 0, connected: false }));
+    (out, ephemeral)
 }
 
-/// The WAL position up to which every commit is durable as `sqs_ingest.delete_after` requires now.
-pub fn confirmed_lsn() -> u64 {
-    // SAFETY: reads the flush position (spinlock-protected inside); on the main thread.
-    let local = unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) };
-    durability::confirmed(local, crate::gucs::delete_after(), &standbys())
+/// The WAL position up to which every commit is durable as `sqs_ingest.delete_after` requires now; `None` on a
+/// standby (it cannot know what its primary's standbys have).
+pub fn confirmed_lsn() -> Option<u64> {
+    // SAFETY: plain reads of shared state (spinlock-protected inside); on the main thread.
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            return None;
+        }
+        let local = pg_sys::GetFlushRecPtr(std::ptr::null_mut());
+        Some(durability::confirmed(local, crate::gucs::delete_after(), &standbys().0))
+    }
 }
 
 /// A WAL position, as SQL's `pg_lsn` (a pass-by-value 64-bit integer).
@@ -127,6 +177,8 @@ pgrx::impl_sql_translatable!(Lsn, "pg_lsn");
 struct Open {
     lsn: u64,
     rule: DeleteAfter,
+    /// Standbys known only while connected when the gate opened: one that disconnects cannot confirm any more.
+    ephemeral: usize,
     deadline: Instant,
     settle: watch::Sender<Option<bool>>,
 }
@@ -164,13 +216,14 @@ impl Gate {
 /// `sqs_ingest.delete_after`, waiting at most until `deadline`.
 pub fn gate(lsn: u64, deadline: Instant) -> Gate {
     let rule = crate::gucs::delete_after();
-    match durability::judge(lsn, rule, &standbys()) {
+    let (standbys, ephemeral) = standbys();
+    match durability::judge(lsn, rule, &standbys) {
         Verdict::Durable => Gate::Passed,
         Verdict::Defer => Gate::Deferred,
         Verdict::Wait if Instant::now() >= deadline => Gate::Deferred,
         Verdict::Wait => {
             let (settle, rx) = watch::channel(None);
-            OPEN.with(|o| o.borrow_mut().push(Open { lsn, rule, deadline, settle }));
+            OPEN.with(|o| o.borrow_mut().push(Open { lsn, rule, ephemeral, deadline, settle }));
             Gate::Waiting(rx)
         }
     }
@@ -187,13 +240,19 @@ pub fn poll() {
     if !waiting() {
         return;
     }
-    let standbys = standbys();
+    let (standbys, ephemeral) = standbys();
     let now = Instant::now();
     // SAFETY: a sig_atomic_t flag set by the signal handler; read on the main thread.
     let terminating = unsafe { pg_sys::ProcDiePending != 0 };
     OPEN.with(|o| {
         o.borrow_mut().retain(|g| {
+            // A standby known only while connected went away while the gate waited: it had not confirmed (the gate
+            // would be settled), and it may be the one promoted. Not judged on the standbys that are left.
+            let vanished = ephemeral < g.ephemeral;
             let verdict = match durability::judge(g.lsn, g.rule, &standbys) {
+                Verdict::Durable if vanished && (g.rule == DeleteAfter::AllStandbys || standbys.is_empty()) => {
+                    Verdict::Defer
+                }
                 Verdict::Wait if terminating || now >= g.deadline => Verdict::Defer,
                 v => v,
             };

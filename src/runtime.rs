@@ -119,6 +119,8 @@ pub fn block_on_until<F: Future>(fut: F, deadline: std::time::Instant, honour_te
     runtime().block_on(async {
         let mut fut = std::pin::pin!(fut);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // Not at once: a task whose gate the poll above just settled gets its turn before any deadline is judged.
+        tick.tick().await;
         let mut gates = tokio::time::interval(GATE_POLL);
         loop {
             tokio::select! {

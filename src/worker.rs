@@ -314,6 +314,7 @@ fn run(source: Source, label: String, connection: Connection) {
         }
     }
     hold::finish_pending_at_exit();
+    ingest::save_deferred();
     log!("sqs_ingest {label} stopped");
 }
 
@@ -350,6 +351,7 @@ fn batch(url: &str, label: &str, plan: &Plan, checked: &mut std::collections::Ha
         // Idle (or failing): the deletes the last batch left running have had the whole wait; they are waited
         // for now (their failures are written with the next batch's counters) rather than at the next commit.
         hold::finish_pending();
+        ingest::save_deferred();
     }
     let waited = waited?;
     if waited.is_empty() {
@@ -487,6 +489,20 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
     ingest::parse_args(queue_url, batch_messages.map(i64::from), method)?;
     // SAFETY: plain reads of the current role and database on the main thread.
     let (role, database) = unsafe { (pg_sys::GetUserId(), pg_sys::MyDatabaseId) };
+    // A worker's batch is one transaction holding that many messages: only a superuser goes beyond the size a
+    // superuser set for the static workers.
+    let most = gucs::worker_batch_messages();
+    // SAFETY: a catalog lookup of the current role on the main thread, inside a transaction.
+    if batch_messages.is_some_and(|b| i64::from(b) > most) && !unsafe { pg_sys::superuser() } {
+        return Err(Error::Postgres {
+            code: pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            message: format!(
+                "batch_messages {} is more than sqs_ingest.worker_batch_messages ({most}), the most a non-superuser may ask for",
+                batch_messages.unwrap_or_default()
+            ),
+            hint: Some("Pass a smaller batch_messages (or none), or have a superuser raise sqs_ingest.worker_batch_messages.".into()),
+        });
+    }
     if !pinned(|| crate::privilege::can_login(role)) {
         return Err(Error::NotAllowed(format!(
             "role \"{}\" cannot log in, so a worker cannot connect as it",
@@ -532,7 +548,10 @@ pub fn start_dynamic(queue_url: &str, batch_messages: Option<i32>, method: Optio
             )
         })
         .map_err(|e| Error::Internal(e.to_string()))?;
-        let running = rows.iter().filter(|(id, live)| *live || durable::exists(database.to_u32(), *id)).count() as i64;
+        // Workers this transaction started count too: they start at its COMMIT, all at once.
+        let starting = PENDING_STARTS.with(|p| p.borrow().iter().filter(|(_, (_, db, _))| *db == database).count());
+        let running = (rows.iter().filter(|(id, live)| *live || durable::exists(database.to_u32(), *id)).count()
+            + starting) as i64;
         if running >= cap {
             return Err(Error::Limit(format!(
                 "this database already has {running} dynamic sqs_ingest worker(s) started and not stopped, the most sqs_ingest.max_dynamic_workers ({cap}) allows"

@@ -166,6 +166,17 @@ pub fn server_log() -> String {
     std::fs::read_to_string(format!("{data}/../postgres.log")).unwrap_or_default()
 }
 
+/// Runs a command as the `postgres` user; panics with its stderr when it fails.
+fn as_postgres(args: &[&str]) {
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A Postgres cluster of a test's own (for settings the shared cluster must not get: a hostile database, a
 /// tiny max_worker_processes), with the library preloaded; stopped when dropped.
 pub struct PrivateCluster {
@@ -195,23 +206,14 @@ impl PrivateCluster {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .env_remove("RUST_BACKTRACE")
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
         std::process::Command::new("chown").args(["postgres:postgres", &dir]).status().unwrap();
-        run(&[&format!("{bin}/initdb"), "-D", &format!("{dir}/data"), "-U", "postgres", "--auth=trust"]);
+        as_postgres(&[&format!("{bin}/initdb"), "-D", &format!("{dir}/data"), "-U", "postgres", "--auth=trust"]);
         let conf = format!(
             "listen_addresses = ''\nport = {port}\nunix_socket_directories = '{dir}'\nlog_min_messages = warning\n{conf}\n"
         );
         let mut file = std::fs::OpenOptions::new().append(true).open(format!("{dir}/data/postgresql.conf")).unwrap();
         file.write_all(conf.as_bytes()).unwrap();
-        run(&[
+        as_postgres(&[
             &format!("{bin}/pg_ctl"),
             "-D",
             &format!("{dir}/data"),
@@ -247,17 +249,8 @@ impl PrivateCluster {
                 .unwrap();
         }
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .env_remove("RUST_BACKTRACE")
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
         let primary_port = primary.port.to_string();
-        run(&[&format!("{bin}/pg_basebackup"), "-D", &data, "-h", &primary.dir, "-p", &primary_port]);
+        as_postgres(&[&format!("{bin}/pg_basebackup"), "-D", &data, "-h", &primary.dir, "-p", &primary_port]);
         let slot_line = slot.map(|s| format!("primary_slot_name = '{s}'\n")).unwrap_or_default();
         let conf = format!(
             "port = {port}\nunix_socket_directories = '{dir}'\nprimary_conninfo = 'host={} port={} user=postgres application_name={name}'\n{slot_line}{conf}\n",
@@ -270,7 +263,7 @@ impl PrivateCluster {
             .args(["postgres:postgres", &format!("{data}/standby.signal")])
             .status()
             .unwrap();
-        run(&[&pg_ctl, "-D", &data, "-l", &format!("{dir}/postgres.log"), "-w", "-t", "60", "start"]);
+        as_postgres(&[&pg_ctl, "-D", &data, "-l", &format!("{dir}/postgres.log"), "-w", "-t", "60", "start"]);
         PrivateCluster { dir, port, bin }
     }
 

@@ -60,6 +60,11 @@ fn finish_exactly_once(c: &mut Client, url: &str, n: i64) {
     assert_eq!(count(c, "SELECT count(DISTINCT user_id) FROM user_logins"), n);
 }
 
+/// A session as `postgres` in database `d` of the cluster whose socket is in `dir` (for another thread).
+fn session(dir: &str, port: u16) -> Client {
+    postgres::Config::new().host_path(dir).port(port).user("postgres").dbname("d").connect(postgres::NoTls).unwrap()
+}
+
 fn logins(n: usize) -> Vec<String> {
     (0..n).map(login).collect()
 }
@@ -247,13 +252,7 @@ fn a_frozen_standby_defers_after_the_wait_and_a_disconnecting_one_at_once() {
     h.send(&mut c, &url2, &logins(100));
     let host = (primary.dir.clone(), primary.port, url2.clone());
     let call = std::thread::spawn(move || {
-        let mut c = postgres::Config::new()
-            .host_path(&host.0)
-            .port(host.1)
-            .user("postgres")
-            .dbname("d")
-            .connect(postgres::NoTls)
-            .unwrap();
+        let mut c = session(&host.0, host.1);
         c.batch_execute("SET sqs_ingest.target_table = 'user_logins_2'").unwrap();
         c.query_one("SELECT inserted FROM sqs_ingest($1)", &[&host.2]).unwrap().get::<_, i64>(0)
     });
@@ -296,7 +295,7 @@ fn workers_and_the_drain_finish_the_queue_exactly_once_across_a_promotion() {
     let workers = format!(
         "sqs_ingest.worker_enabled = on\nsqs_ingest.worker_count = 1\nsqs_ingest.worker_queue_urls = '{url}'\nsqs_ingest.worker_database = 'd'\n\
          sqs_ingest.worker_role = 'postgres'\nsqs_ingest.worker_wait_time = 1\nsqs_ingest.worker_restart_delay = 1\n\
-         sqs_ingest.worker_batch_messages = 100"
+         sqs_ingest.worker_batch_messages = 100\nsqs_ingest.standby_wait_timeout = 500"
     );
     let (primary, mut c) = cluster("durable_promotion_primary", &workers);
     let standby = PrivateCluster::standby_of(&primary, "durable_promotion_standby", Some("standby1"), "");
@@ -308,13 +307,7 @@ fn workers_and_the_drain_finish_the_queue_exactly_once_across_a_promotion() {
     h.send(&mut c, &url, &logins(3000));
     let host = (primary.dir.clone(), primary.port, drained.clone());
     let drain = std::thread::spawn(move || {
-        let mut c = postgres::Config::new()
-            .host_path(&host.0)
-            .port(host.1)
-            .user("postgres")
-            .dbname("d")
-            .connect(postgres::NoTls)
-            .unwrap();
+        let mut c = session(&host.0, host.1);
         c.batch_execute("SET sqs_ingest.target_table = 'drained'").unwrap();
         // Ends with an error when the primary crashes under it.
         let _ = c.execute("CALL sqs_ingest_drain($1, batch_messages => 100)", &[&host.2]);
@@ -324,9 +317,25 @@ fn workers_and_the_drain_finish_the_queue_exactly_once_across_a_promotion() {
             && count(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'drained'") == 1
             && count(&mut c, "SELECT count(*) FROM drained") >= 300
     });
+    // The standby stops receiving (its WAL receiver frozen, its slot held): from now on the primary's commits are
+    // not on the standby, so their deletes are deferred, and the promoted standby must ingest them again.
+    let frozen = Stopped::new(wal_receiver_pid(&standby));
+    let before = count(&mut c, "SELECT count(*) FROM drained");
+    eventually("more drain batches committed after the freeze", Duration::from_secs(60), || {
+        count(&mut c, "SELECT count(*) FROM drained") >= before + 200
+    });
+    eventually("their deletes were deferred", Duration::from_secs(30), || deferred(&mut c).0 > 0);
+    // Only the drain procedure writes `drained` (the worker writes user_logins), and only the test runs it.
+    let on_primary = count(&mut c, "SELECT count(*) FROM drained");
+    // The receiver is killed, not thawed: WAL still queued towards it never reaches the standby.
+    signal(frozen.0, "-KILL");
     assert!(primary.stop("immediate", 60));
+    drop(frozen);
     drain.join().unwrap();
     standby.promote();
+    let mut check = standby.connect("d", "postgres");
+    let on_standby = count(&mut check, "SELECT count(*) FROM drained");
+    assert!(on_standby < on_primary, "the standby misses the last commits ({on_standby} of {on_primary} rows)");
 
     // The new primary's static worker starts once recovery has finished, and finishes the first queue.
     let mut c = standby.connect("d", "postgres");
@@ -342,4 +351,96 @@ fn workers_and_the_drain_finish_the_queue_exactly_once_across_a_promotion() {
     });
     assert_eq!(count(&mut c, "SELECT count(DISTINCT user_id) FROM drained"), 3000);
     assert_eq!(count(&mut c, "SELECT count(*) FROM drained"), 3000);
+}
+
+#[test]
+fn the_standbys_that_count_are_the_ones_that_can_be_promoted() {
+    // confirmed_lsn() is the position every commit up to which may have its messages deleted. Each case commits a
+    // row (synchronous_commit on: flushed locally) and asks whether that commit is confirmed.
+    let (primary, mut c) = cluster("durable_which", "sqs_ingest.worker_count = 0");
+    c.batch_execute("CREATE TABLE wal (i int)").unwrap();
+    let commit = |c: &mut Client| -> String {
+        c.batch_execute("INSERT INTO wal VALUES (1)").unwrap();
+        c.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0)
+    };
+    let confirmed_past = |c: &mut Client, lsn: &str| -> bool {
+        c.query_one("SELECT sqs_ingest.confirmed_lsn() >= $1::text::pg_lsn", &[&lsn]).unwrap().get(0)
+    };
+    let confirmed =
+        |c: &mut Client| -> String { c.query_one("SELECT sqs_ingest.confirmed_lsn()::text", &[]).unwrap().get(0) };
+    // No standby: the local flush.
+    let lsn = commit(&mut c);
+    assert!(confirmed_past(&mut c, &lsn));
+    // A slot never reserved (no standby ever streamed from it) is no standby.
+    c.batch_execute("SELECT pg_create_physical_replication_slot('never_used')").unwrap();
+    let lsn = commit(&mut c);
+    assert!(confirmed_past(&mut c, &lsn));
+    // A slot holding WAL with no one streaming from it is a standby that is down: it holds confirmation back.
+    c.batch_execute("SELECT pg_create_physical_replication_slot('archiver', true)").unwrap();
+    let held: String = c
+        .query_one("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'archiver'", &[])
+        .unwrap()
+        .get(0);
+    let lsn = commit(&mut c);
+    assert!(!confirmed_past(&mut c, &lsn));
+    assert_eq!(confirmed(&mut c), held);
+    // sqs_ingest.standby_slots names the slots that count; a named slot that does not exist holds everything back
+    // (a typo never turns the protection off); `local` ignores them all.
+    c.batch_execute("SET sqs_ingest.standby_slots = 'archiver'").unwrap();
+    assert_eq!(confirmed(&mut c), held);
+    c.batch_execute("SELECT pg_create_physical_replication_slot('other', true)").unwrap();
+    c.batch_execute("SET sqs_ingest.standby_slots = 'other'").unwrap();
+    let other: String = c
+        .query_one("SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'other'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(confirmed(&mut c), other, "archiver, not named, does not count");
+    c.batch_execute("SELECT pg_drop_replication_slot('other')").unwrap();
+    c.batch_execute("SET sqs_ingest.standby_slots = 'no_such_slot'").unwrap();
+    assert_eq!(confirmed(&mut c), "0/0");
+    c.batch_execute("RESET sqs_ingest.standby_slots").unwrap();
+    c.batch_execute("SET sqs_ingest.delete_after = local").unwrap();
+    let lsn = commit(&mut c);
+    assert!(confirmed_past(&mut c, &lsn));
+    c.batch_execute("RESET sqs_ingest.delete_after").unwrap();
+    // An operator cannot lower the bar.
+    c.batch_execute("CREATE ROLE durable_operator LOGIN; GRANT sqs_ingest_operator TO durable_operator").unwrap();
+    let mut op = primary.connect("d", "durable_operator");
+    for setting in
+        ["sqs_ingest.delete_after = local", "sqs_ingest.standby_slots = 'x'", "sqs_ingest.standby_wait_timeout = 0"]
+    {
+        let e = op.batch_execute(&format!("SET {setting}")).unwrap_err();
+        assert_eq!(sqlstate(&e), "42501", "{setting}: {e}");
+    }
+    c.batch_execute("SELECT pg_drop_replication_slot('archiver')").unwrap();
+    let lsn = commit(&mut c);
+    assert!(confirmed_past(&mut c, &lsn));
+
+    // A standby streaming through a temporary slot (wal_receiver_create_temp_slot) counts while it streams.
+    let standby =
+        PrivateCluster::standby_of(&primary, "durable_which_standby", None, "wal_receiver_create_temp_slot = on");
+    caught_up(&mut c, &standby);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_replication_slots WHERE temporary AND slot_name LIKE 'pg_walreceiver_%'"
+        ),
+        1
+    );
+    let lsn = commit(&mut c);
+    eventually("the streaming standby confirms a commit", Duration::from_secs(30), || confirmed_past(&mut c, &lsn));
+    let frozen = Stopped::new(wal_receiver_pid(&standby));
+    let lsn = commit(&mut c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!confirmed_past(&mut c, &lsn), "the frozen standby holds confirmation back");
+    // any_standby: one standby that has it is enough; the only one is frozen.
+    c.batch_execute("SET sqs_ingest.delete_after = any_standby").unwrap();
+    assert!(!confirmed_past(&mut c, &lsn));
+    c.batch_execute("RESET sqs_ingest.delete_after").unwrap();
+    drop(frozen);
+    eventually("the thawed standby confirms", Duration::from_secs(30), || confirmed_past(&mut c, &lsn));
+    // On a standby the position is unknown.
+    let on_standby: Option<String> =
+        standby.connect("d", "postgres").query_one("SELECT sqs_ingest.confirmed_lsn()::text", &[]).unwrap().get(0);
+    assert_eq!(on_standby, None);
 }

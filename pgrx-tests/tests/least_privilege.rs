@@ -343,3 +343,36 @@ fn a_role_without_privileges_cannot_block_the_first_ingest() {
     assert_eq!(sqlstate(&e), "42501", "{e:?}");
     c.batch_execute("ROLLBACK").unwrap();
 }
+
+#[test]
+fn an_operator_cannot_start_more_workers_in_one_transaction_or_bigger_batches_than_allowed() {
+    // The cap counts the workers this very transaction starts (they all start at its COMMIT), and an operator's
+    // batch is no bigger than the superuser's sqs_ingest.worker_batch_messages (default 100).
+    let h = harness();
+    let op = "e2e_lp_capper";
+    let mut su = operator_db(&h, "e2e_lp_caps", op);
+    let url = h.fresh_queue(&mut su, "e2e-lp-caps", 30);
+    let mut c = h.connect_as("e2e_lp_caps", op);
+    c.batch_execute("BEGIN").unwrap();
+    let e = c.query_one("SELECT count(sqs_ingest.worker_start($1)) FROM generate_series(1, 12)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "53400", "{e}");
+    c.batch_execute("ROLLBACK").unwrap();
+    // One statement at a time, in one transaction: the fifth is refused too.
+    c.batch_execute("BEGIN").unwrap();
+    for _ in 0..4 {
+        c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap();
+    }
+    let e = c.query_one("SELECT sqs_ingest.worker_start($1)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "53400", "{e}");
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(count(&mut su, "SELECT count(*) FROM sqs_ingest.workers"), 0, "nothing was started");
+    // A batch bigger than the superuser's setting: refused to the operator before anything is written.
+    let e = c.query_one("SELECT sqs_ingest.worker_start($1, 100000)", &[&url]).unwrap_err();
+    assert_eq!(sqlstate(&e), "42501", "{e}");
+    assert!(e.as_db_error().and_then(|d| d.hint()).is_some_and(|h| h.contains("worker_batch_messages")), "{e}");
+    assert_eq!(count(&mut su, "SELECT count(*) FROM sqs_ingest.workers"), 0);
+    // Up to it is fine (rolled back: nothing starts).
+    c.batch_execute("BEGIN").unwrap();
+    c.query_one("SELECT sqs_ingest.worker_start($1, 100)", &[&url]).unwrap();
+    c.batch_execute("ROLLBACK").unwrap();
+}
