@@ -444,3 +444,37 @@ fn the_standbys_that_count_are_the_ones_that_can_be_promoted() {
         standby.connect("d", "postgres").query_one("SELECT sqs_ingest.confirmed_lsn()::text", &[]).unwrap().get(0);
     assert_eq!(on_standby, None);
 }
+
+#[test]
+fn a_standby_known_only_while_connected_that_leaves_mid_wait_defers_the_commit() {
+    // A standby on a temporary slot is forgotten when it goes: a commit waiting for it must not then pass as if
+    // there were no standby at all.
+    let h = harness();
+    let (primary, mut c) = cluster(
+        "durable_vanish_primary",
+        "sqs_ingest.worker_count = 0\nsqs_ingest.standby_wait_timeout = 60000\nsqs_ingest.post_commit_timeout = 90000",
+    );
+    let url = h.fresh_queue(&mut c, &queue_name("vanish"), 5);
+    let standby =
+        PrivateCluster::standby_of(&primary, "durable_vanish_standby", None, "wal_receiver_create_temp_slot = on");
+    caught_up(&mut c, &standby);
+    let receiver = Stopped::new(wal_receiver_pid(&standby));
+    h.send(&mut c, &url, &logins(100));
+    let host = (primary.dir.clone(), primary.port, url.clone());
+    let call = std::thread::spawn(move || {
+        let mut c = session(&host.0, host.1);
+        c.query_one("SELECT inserted FROM sqs_ingest($1)", &[&host.2]).unwrap().get::<_, i64>(0)
+    });
+    eventually("the call's commit waits for the standby", Duration::from_secs(30), || {
+        count(&mut c, "SELECT count(*) FROM user_logins") == 100
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!call.is_finished(), "the call waits while the standby is connected");
+    signal(receiver.0, "-KILL");
+    assert!(standby.stop("immediate", 60));
+    eventually("the call returns well before its 60 s wait", Duration::from_secs(20), || call.is_finished());
+    assert_eq!(call.join().unwrap(), 100);
+    let (visible, in_flight) = depth(&mut c, &url);
+    assert_eq!(visible + in_flight, 100, "deferred, not deleted");
+    eventually("the deferral is in the stats", Duration::from_secs(30), || deferred(&mut c).0 == 100);
+}
