@@ -67,7 +67,7 @@ COMMENT ON COLUMN sqs_ingest.key_events.by_role IS 'Role that caused it';
 
 -- Ledger of ingested MessageIds ---------------------------------------------------------------------------
 -- Keyed by a 64-bit digest of the queue URL rather than the URL itself: the index tuples stay small and compare
--- as integers, which roughly halves the cost of the per-message ledger insert (see README, "Measured figures").
+-- as integers, which roughly halves the cost of the per-message ledger insert (see CHANGELOG.md, "Measurements by release").
 CREATE FUNCTION sqs_ingest.queue_key(queue_url text) RETURNS int8
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN ('x' || pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(queue_url, 'UTF8')), 'hex'), 16))::pg_catalog.bit(64)::pg_catalog.int8;

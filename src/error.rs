@@ -102,7 +102,7 @@ impl Error {
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT => "List the pipelines with SELECT name FROM sqs_ingest.pipelines; a queue URL (with ://) runs the built-in login pipeline.",
                 PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT => "Pass replace => true to redeclare it (as its owner), or choose another name.",
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE => "Only the role that declared a pipeline (or a superuser) may replace or drop it.",
-                _ => "See \"Pipelines\" in the README: every column maps a source (a JSON path $.x, body, attribute:<name>, sqs:<attribute>, envelope:$.x) with optional mask, transform, required, default and json_type.",
+                _ => "See docs/pipelines.md: every column maps a source (a JSON path $.x, body, attribute:<name>, sqs:<attribute>, envelope:$.x) with optional mask, transform, required, default and json_type.",
             },
             Error::QueueUrl { .. } => "Pass the queue URL as SQS returns it, e.g. http://localhost:4566/000000000000/login-queue or https://sqs.us-east-1.amazonaws.com/123456789012/login-queue.",
             Error::Sqs { class, .. } => class.hint(),

@@ -2,7 +2,7 @@
 //! masking `ip` and `device_id` inside the database, transactionally with deleting the messages.
 //!
 //! Layout: `sqs_ingest_core` (pure Rust) decides; this crate is glue, in floors that import only downwards
-//! (README, "Architecture"): surfaces (`api`, `mask`, `bench`, `worker`, this file) → domain (`ingest`, `rekey`,
+//! (docs/architecture.md): surfaces (`api`, `mask`, `bench`, `worker`, this file) → domain (`ingest`, `rekey`,
 //! `redrive`) → state (`rows`, `hold`, `audit`, `bookkeeping`, `target`, `keys`) → network (`sqs`) → ground
 //! (`runtime`, `xact`, `subxact`, `privilege`, `plans`, `gucs`, `error`).
 // SQL functions return `Result<_, ErrorReport>` (spelled out: pgrx's SQL generation reads the `Result`): pgrx

@@ -15,7 +15,7 @@
 //! Each 256-bit master key is expanded into independent subkeys by HMAC-SHA256 with distinct labels, so the
 //! `hmac` method never reveals the `enc` nonce of the same value.
 //!
-//! Why `enc` is sound (the README's "Deterministic encryption" gives the same argument for users): it follows the
+//! Why `enc` is sound (docs/security.md, "Deterministic encryption", gives the same argument for users): it follows the
 //! SIV pattern of Rogaway and Shrimpton (deterministic authenticated encryption, EUROCRYPT 2006) with HMAC-SHA256
 //! as the PRF that derives the IV and AES-256-GCM as the IV-based encryption, under independent subkeys. A
 //! nonce repeats for two *different* values of one key only on a 96-bit PRF collision (birthday bound
